@@ -1,0 +1,252 @@
+"""Components: the weights ``V`` of a weight-refined LLC, as named slices of parameters.
+
+A component is the ``V`` in the product decomposition ``W = U x V`` (paper, section 3.2): a set of
+slices of a model's parameters that SGLD may move while everything else stays at ``w*``.
+Components may overlap; each one is its own refinement.
+
+A component names parameters by their ``named_parameters()`` name and records each parameter's
+shape, so it applies to any model with the same architecture (every checkpoint of a training
+run) and is refused by a model that lacks those parameters.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+Index = Tuple[Union[int, slice], ...]
+
+
+@dataclass(frozen=True)
+class ParamSlice:
+    """One slice ``model.<param>[index]`` of a parameter of shape ``param_shape``."""
+
+    param: str
+    index: Index
+    param_shape: Tuple[int, ...]
+
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The slice of ``tensor`` (a view when ``tensor`` is the parameter itself)."""
+        return tensor[self.index] if self.index else tensor
+
+    @property
+    def numel(self) -> int:
+        return self.view(torch.empty(self.param_shape, device="meta")).numel()
+
+    def describe(self) -> str:
+        if not self.index:
+            return self.param
+        parts = [str(i) if isinstance(i, int) else _slice_str(i) for i in self.index]
+        return f"{self.param}[{', '.join(parts)}]"
+
+
+@dataclass(frozen=True)
+class Component:
+    """A named set of parameter slices; ``numel`` is the dimension of ``V``."""
+
+    name: str
+    slices: Tuple[ParamSlice, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(s.numel for s in self.slices)
+
+    @property
+    def param_names(self) -> List[str]:
+        return sorted({s.param for s in self.slices})
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ValueError unless every slice names a parameter of ``model`` with its shape."""
+        params = dict(model.named_parameters())
+        for s in self.slices:
+            if s.param not in params:
+                raise ValueError(
+                    f"component {self.name!r} refers to parameter {s.param!r}, which this model "
+                    "does not have: the component was built from another model; rebuild it from "
+                    "this one (e.g. heads(model))"
+                )
+            if tuple(params[s.param].shape) != s.param_shape:
+                raise ValueError(
+                    f"component {self.name!r}: parameter {s.param!r} has shape "
+                    f"{tuple(params[s.param].shape)} in this model but {s.param_shape} in the model "
+                    "the component was built from; rebuild the component from this model"
+                )
+
+    def __repr__(self) -> str:
+        return f"Component({self.name!r}, numel={self.numel}, slices=[{', '.join(s.describe() for s in self.slices)}])"
+
+
+def make_component(model: nn.Module, name: str, slices: Iterable[Tuple[str, Index]]) -> Component:
+    """Build a component from ``(param_name, index)`` pairs, refusing slices that do not exist."""
+    params = dict(model.named_parameters())
+    built = []
+    for param_name, index in slices:
+        if param_name not in params:
+            raise ValueError(f"component {name!r}: the model has no parameter named {param_name!r}")
+        index = tuple(index) if isinstance(index, (tuple, list)) else (index,)
+        shape = tuple(params[param_name].shape)
+        _check_index(name, param_name, index, shape)
+        built.append(ParamSlice(param_name, index, shape))
+    if not built:
+        raise ValueError(f"component {name!r} has no parameter slices")
+    comp = Component(name, tuple(built))
+    if comp.numel == 0:
+        raise ValueError(f"component {name!r} selects no weights (all slices are empty)")
+    return comp
+
+
+def _check_index(name: str, param_name: str, index: Index, shape: Tuple[int, ...]) -> None:
+    if len(index) > len(shape):
+        raise ValueError(
+            f"component {name!r}: index {index} has more dimensions than {param_name} {shape}"
+        )
+    for dim, (i, size) in enumerate(zip(index, shape)):
+        if isinstance(i, bool) or not isinstance(i, (int, slice)):
+            raise TypeError(f"component {name!r}: index {i!r} of {param_name} must be an int or slice")
+        if isinstance(i, int) and not -size <= i < size:
+            raise ValueError(
+                f"component {name!r}: index {i} is out of range for dimension {dim} of "
+                f"{param_name} (size {size})"
+            )
+
+
+def _slice_str(s: slice) -> str:
+    start = "" if s.start is None else s.start
+    stop = "" if s.stop is None else s.stop
+    return f"{start}:{stop}" if s.step is None else f"{start}:{stop}:{s.step}"
+
+
+def _tl_config(model: nn.Module):
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not hasattr(cfg, "n_heads") or not hasattr(cfg, "n_layers"):
+        raise TypeError(
+            "heads() and layer() need a TransformerLens HookedTransformer (a model with .cfg "
+            "n_layers/n_heads); use from_params(model, ...) for other models"
+        )
+    return cfg
+
+
+HEAD_PARAMS = ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V", "W_O")
+
+
+def head(model: nn.Module, layer_index: int, head_index: int) -> Component:
+    """Attention head ``layer_index:head_index`` of a TransformerLens model.
+
+    Slices ``W_Q[h], W_K[h], W_V[h], b_Q[h], b_K[h], b_V[h], W_O[h]`` of block ``layer_index``.
+    The output bias ``b_O`` is shared by all heads of a layer and belongs to no head.
+    """
+    cfg = _tl_config(model)
+    if not 0 <= layer_index < cfg.n_layers:
+        raise ValueError(f"layer index {layer_index} out of range: the model has {cfg.n_layers} layers")
+    if not 0 <= head_index < cfg.n_heads:
+        raise ValueError(f"head index {head_index} out of range: the model has {cfg.n_heads} heads")
+    params = dict(model.named_parameters())
+    prefix = f"blocks.{layer_index}.attn."
+    slices = []
+    for p in HEAD_PARAMS:
+        name = prefix + p
+        if name not in params:
+            alt = prefix + "_" + p  # grouped-query attention stores W_K/W_V as _W_K/_W_V
+            if alt in params:
+                raise NotImplementedError(
+                    "heads() does not support grouped-query attention; build components with from_params"
+                )
+            if p.startswith("b_"):
+                continue  # models without attention biases
+            raise ValueError(f"the model has no parameter {name!r}")
+        slices.append((name, (head_index,)))
+    return make_component(model, f"{layer_index}:{head_index}", slices)
+
+
+def heads(model: nn.Module) -> Dict[str, Component]:
+    """Every attention head of a TransformerLens model, keyed ``"l:h"`` (e.g. ``"1:6"``).
+
+    Each head is ``W_Q[h], W_K[h], W_V[h], b_Q[h], b_K[h], b_V[h], W_O[h]`` of its layer
+    (``d_model*d_head*4 + 3*d_head`` weights: 32,864 for the paper's model). The attention output
+    bias ``b_O`` is shared by the heads of a layer and is in no head's component.
+    """
+    cfg = _tl_config(model)
+    return {
+        f"{l}:{h}": head(model, l, h) for l in range(cfg.n_layers) for h in range(cfg.n_heads)
+    }
+
+
+def layer(model: nn.Module, layer_index: int) -> Component:
+    """Every parameter of transformer block ``layer_index`` (attention, MLP, norms), named ``"L<l>"``."""
+    cfg = _tl_config(model)
+    if not 0 <= layer_index < cfg.n_layers:
+        raise ValueError(f"layer index {layer_index} out of range: the model has {cfg.n_layers} layers")
+    prefix = f"blocks.{layer_index}."
+    names = [n for n, _ in model.named_parameters() if n.startswith(prefix)]
+    return make_component(model, f"L{layer_index}", [(n, ()) for n in names])
+
+
+def layers(model: nn.Module) -> Dict[str, Component]:
+    """Every transformer block of a TransformerLens model, keyed ``"L<l>"``."""
+    cfg = _tl_config(model)
+    return {f"L{l}": layer(model, l) for l in range(cfg.n_layers)}
+
+
+def whole(model: nn.Module) -> Component:
+    """All parameters of ``model``: the unrefined LLC. Named ``"whole"``."""
+    return make_component(model, "whole", [(n, ()) for n, _ in model.named_parameters()])
+
+
+def from_params(
+    model: nn.Module, names_or_regex: Union[str, Sequence[str]], name: str | None = None
+) -> Component:
+    """A component of whole parameters of any ``nn.Module``.
+
+    ``names_or_regex`` is a list of parameter names (each must exist) or one regular expression
+    matched with ``re.fullmatch`` against ``named_parameters()`` names (it must match at least one).
+    """
+    all_names = [n for n, _ in model.named_parameters()]
+    if isinstance(names_or_regex, str):
+        pattern = re.compile(names_or_regex)
+        chosen = [n for n in all_names if pattern.fullmatch(n)]
+        if not chosen:
+            raise ValueError(
+                f"regex {names_or_regex!r} matches no parameter; the model has: {', '.join(all_names[:20])}"
+                + (" ..." if len(all_names) > 20 else "")
+            )
+        label = name or names_or_regex
+    else:
+        chosen = list(names_or_regex)
+        missing = [n for n in chosen if n not in all_names]
+        if missing:
+            raise ValueError(f"the model has no parameter(s) {missing}; it has: {', '.join(all_names[:20])}")
+        label = name or "+".join(chosen)
+    return make_component(model, label, [(n, ()) for n in chosen])
+
+
+def as_component_dict(model: nn.Module, components) -> Dict[str, Component]:
+    """Normalise ``components`` (None, a Component, a dict or a list) to ``{name: Component}``."""
+    if components is None:
+        comps = {"whole": whole(model)}
+    elif isinstance(components, Component):
+        comps = {components.name: components}
+    elif isinstance(components, dict):
+        comps = dict(components)
+    elif isinstance(components, (list, tuple)):
+        comps = {}
+        for c in components:
+            if not isinstance(c, Component):
+                raise TypeError(f"components must hold Component objects, got {type(c).__name__}")
+            if c.name in comps:
+                raise ValueError(f"two components are named {c.name!r}; names must be unique")
+            comps[c.name] = c
+    else:
+        raise TypeError(
+            "components must be None (whole model), a Component, a dict {name: Component} or a list "
+            f"of Components, not {type(components).__name__}"
+        )
+    if not comps:
+        raise ValueError("components is empty; pass None for the whole model")
+    for key, c in comps.items():
+        if not isinstance(c, Component):
+            raise TypeError(f"components[{key!r}] is a {type(c).__name__}, not a Component")
+        c.check_model(model)
+    return comps

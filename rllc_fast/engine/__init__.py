@@ -1,0 +1,1 @@
+"""Samplers that turn (model, data, components, config) into per-replica loss traces."""

@@ -1,0 +1,52 @@
+"""What every engine needs: parameter save/restore around sampling, and progress reporting."""
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Dict, Iterator, List
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module, touched: List[str]) -> Iterator[Dict[str, torch.Tensor]]:
+    """Turn gradients off for every parameter and yield ``{name: copy of w*}`` for ``touched``.
+
+    On exit (also after an error) the touched parameters get their ``w*`` values back bit for bit,
+    and every parameter its ``requires_grad`` flag and ``grad``.
+    """
+    params = dict(model.named_parameters())
+    flags = {n: p.requires_grad for n, p in params.items()}
+    grads = {n: p.grad for n, p in params.items()}
+    originals = {n: params[n].detach().clone() for n in touched}
+    try:
+        for p in params.values():
+            p.requires_grad_(False)
+        yield originals
+    finally:
+        with torch.no_grad():
+            for n, value in originals.items():
+                params[n].copy_(value)
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+            p.grad = grads[n]
+
+
+class Progress:
+    """A tqdm bar over SGLD steps when enabled (writes to stderr), otherwise silent."""
+
+    def __init__(self, total: int, enabled: bool, desc: str = "SGLD steps"):
+        self._bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,146 @@
+"""The (refined) local learning coefficient estimator.
+
+    lambda_hat(w*; V, q') = nbeta * ( mean_t l'(w_t) - mean_t l'(w*) )
+
+``w_t`` are SGLD samples that move only the component's weights ``V`` (paper eq. 6), and ``l'``
+is the loss on the chosen data ``q'``. **How l(w*) is measured**: the minibatch sequence of the
+SGLD steps is fixed once per call (seeded by ``config.seed``) and shared by every chain and
+component; ``l(w*)`` is evaluated on each kept step's minibatch, so each draw's ``l(w_t)`` is
+paired with ``l(w*)`` on the same data (a lower-variance difference), and ``mean_t l(w*)`` is the
+mean over the kept draws' minibatches. Step t's loss is taken *before* step t's update, so the
+first draw without burn-in is at ``w*`` itself (as in devinterp).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .components import as_component_dict
+from .config import SGLDConfig
+from .data import BatchSchedule, ModelDistribution
+from .engine.common import Progress
+from .engine.reference import run_reference
+from .losses import check_tokens, next_token_loss
+from .result import LLCResult, check_divergence
+
+ENGINES = ("reference",)
+
+
+def estimate_llc(
+    model: nn.Module,
+    data,
+    config: Optional[SGLDConfig] = None,
+    components=None,
+    loss_fn: Optional[Callable] = None,
+    device=None,
+    engine: str = "reference",
+    progress: bool = False,
+) -> LLCResult:
+    """Estimate the (weight- and/or data-refined) LLC of ``model`` at its current weights ``w*``.
+
+    model:      any ``nn.Module``; its weights are the point ``w*`` and are left unchanged.
+    data:       token tensor ``[N, T]`` (next-token cross-entropy, eq. 1), a tuple of tensors,
+                a Dataset, a DataLoader or a re-iterable of batches (give ``loss_fn`` for non-token
+                data), or a ``ModelDistribution`` (KL to a reference model, eq. 11). Passing other
+                data than the training data gives a data-refined LLC.
+    config:     ``SGLDConfig``; the paper's settings when None.
+    components: None for the whole model (the plain LLC); a ``Component``, a list of them or a
+                dict ``{name: Component}`` for one weight-refined estimate each.
+    loss_fn:    ``loss_fn(model, batch) -> scalar tensor`` (mean loss over the batch, nats).
+    device:     where to sample; the model is moved there (default: where the model is).
+    engine:     "reference" (plain loops).
+    progress:   show a progress bar on stderr.
+    """
+    config = SGLDConfig() if config is None else config
+    if not isinstance(config, SGLDConfig):
+        raise TypeError(f"config must be an SGLDConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if not any(True for _ in model.parameters()):
+        raise ValueError("model has no parameters")
+    if device is not None:
+        model.to(device)
+    device = next(model.parameters()).device
+
+    if isinstance(data, ModelDistribution):
+        if loss_fn is not None:
+            raise ValueError("a ModelDistribution brings its own loss (eq. 11); do not pass loss_fn as well")
+        data.reference_model.to(device)
+        loss_fn = data.loss_fn()
+        data = data.contexts
+        token_loss = True
+    else:
+        token_loss = loss_fn is None
+        if token_loss:
+            loss_fn = next_token_loss
+        elif not callable(loss_fn):
+            raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> scalar tensor")
+
+    comps = as_component_dict(model, components)
+    if token_loss and isinstance(data, torch.Tensor):
+        check_tokens(data, model)
+    schedule = BatchSchedule(data, config.batch_size, config.num_steps, config.seed)
+    if token_loss:
+        check_tokens(schedule[0], model, what="data (first batch)")
+    batches = _OnDevice(schedule, device)
+    init_losses = loss_at_optimum(model, batches, loss_fn, schedule.distinct_batch_ids())
+
+    total = len(comps) * config.num_chains * config.num_steps
+    bar = Progress(total, progress)
+    try:
+        estimates = run_reference(model, batches, loss_fn, comps, config, init_losses, bar)
+    finally:
+        bar.close()
+    check_divergence(estimates, config.step_size)
+    return LLCResult(estimates=estimates, config=config, engine=engine)
+
+
+class _OnDevice:
+    """``schedule[t]`` moved to ``device`` (tensors, and tuples/lists/dicts of them)."""
+
+    def __init__(self, schedule: BatchSchedule, device: torch.device):
+        self.schedule, self.device = schedule, device
+
+    def __len__(self) -> int:
+        return len(self.schedule)
+
+    def __getitem__(self, t: int):
+        return _to(self.schedule[t], self.device)
+
+
+def _to(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
+
+
+@torch.no_grad()
+def loss_at_optimum(model: nn.Module, batches, loss_fn: Callable, batch_ids) -> np.ndarray:
+    """l(w*) on every step's minibatch ``[num_steps]``; each distinct batch is evaluated once."""
+    cache = {}
+    out = np.empty(len(batch_ids))
+    for t, b in enumerate(batch_ids):
+        if b not in cache:
+            loss = loss_fn(model, batches[b])
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise ValueError(f"loss_fn must return a scalar tensor (the mean loss), got {shape}")
+            value = float(loss)
+            if not math.isfinite(value):
+                raise ValueError(
+                    f"the loss at w* is {value} on the minibatch of step {t}: the model or data is broken "
+                    "before sampling starts (check for NaN weights or out-of-range inputs)"
+                )
+            cache[b] = value
+        out[t] = cache[b]
+    return out

@@ -1,0 +1,195 @@
+"""Results of LLC estimation: per-component estimates, traces and divergence records."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .config import SGLDConfig
+
+
+class ChainsDivergedError(RuntimeError):
+    """Every chain of a component diverged (NaN/Inf loss); no estimate can be made."""
+
+
+@dataclass
+class ComponentLLC:
+    """The estimate for one component.
+
+    loss_trace:      [chains, draws] loss l(w_t) at each kept draw (nats); NaN from divergence on.
+    init_loss_trace: [draws] l(w*) on the same minibatch as each draw (shared by all chains).
+    distance_trace:  [chains, draws] ||v_t - v*|| before each draw's update (Euclidean, weight units).
+    diverged_at:     [chains] SGLD step (0-based, burn-in included) whose loss was NaN/Inf, or -1.
+    llc_per_chain:   [chains] nbeta * (mean loss_trace[c] - mean init_loss_trace); NaN if diverged.
+    """
+
+    name: str
+    numel: int
+    nbeta: float
+    loss_trace: np.ndarray
+    init_loss_trace: np.ndarray
+    distance_trace: np.ndarray
+    diverged_at: np.ndarray
+    llc_per_chain: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.loss_trace = np.asarray(self.loss_trace, dtype=np.float64)
+        self.init_loss_trace = np.asarray(self.init_loss_trace, dtype=np.float64)
+        self.distance_trace = np.asarray(self.distance_trace, dtype=np.float64)
+        self.diverged_at = np.asarray(self.diverged_at, dtype=np.int64)
+        ok = ~self.diverged
+        per_chain = np.full(self.loss_trace.shape[0], np.nan)
+        per_chain[ok] = self.nbeta * (self.loss_trace[ok].mean(axis=1) - self.init_loss)
+        self.llc_per_chain = per_chain
+
+    @property
+    def diverged(self) -> np.ndarray:
+        """[chains] bool: the chain hit a NaN/Inf loss and is left out of the summary."""
+        return self.diverged_at >= 0
+
+    @property
+    def num_diverged(self) -> int:
+        return int(self.diverged.sum())
+
+    @property
+    def init_loss(self) -> float:
+        """l(w*), averaged over the draws' minibatches."""
+        return float(self.init_loss_trace.mean())
+
+    @property
+    def llc_mean(self) -> float:
+        """Mean over the chains that did not diverge."""
+        good = self.llc_per_chain[~self.diverged]
+        return float(good.mean()) if good.size else float("nan")
+
+    @property
+    def llc_std(self) -> float:
+        """Sample standard deviation (ddof=1) across non-diverged chains; NaN with one chain."""
+        good = self.llc_per_chain[~self.diverged]
+        return float(good.std(ddof=1)) if good.size > 1 else float("nan")
+
+    @property
+    def llc_sem(self) -> float:
+        """Standard error of ``llc_mean``: ``llc_std / sqrt(chains used)``."""
+        used = int((~self.diverged).sum())
+        return self.llc_std / np.sqrt(used) if used > 1 else float("nan")
+
+    def summary_row(self) -> dict:
+        return {
+            "component": self.name,
+            "numel": self.numel,
+            "llc_mean": self.llc_mean,
+            "llc_std": self.llc_std,
+            "llc_sem": self.llc_sem,
+            "init_loss": self.init_loss,
+            "num_chains": int(self.loss_trace.shape[0]),
+            "num_diverged": self.num_diverged,
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            **self.summary_row(),
+            "llc_per_chain": self.llc_per_chain.tolist(),
+            "diverged_at": self.diverged_at.tolist(),
+            "loss_trace": self.loss_trace.tolist(),
+            "init_loss_trace": self.init_loss_trace.tolist(),
+            "distance_trace": self.distance_trace.tolist(),
+        }
+
+
+@dataclass
+class LLCResult:
+    """Estimates for every component of one call of ``estimate_llc``; ``result["1:6"]`` is one."""
+
+    estimates: Dict[str, ComponentLLC]
+    config: SGLDConfig
+    engine: str
+
+    def __getitem__(self, name: str) -> ComponentLLC:
+        try:
+            return self.estimates[name]
+        except KeyError:
+            raise KeyError(f"no component {name!r}; have {list(self.estimates)}") from None
+
+    def __iter__(self):
+        return iter(self.estimates.values())
+
+    def __len__(self) -> int:
+        return len(self.estimates)
+
+    @property
+    def components(self) -> List[str]:
+        return list(self.estimates)
+
+    @property
+    def llc_mean(self) -> Dict[str, float]:
+        return {k: e.llc_mean for k, e in self.estimates.items()}
+
+    @property
+    def llc_std(self) -> Dict[str, float]:
+        return {k: e.llc_std for k, e in self.estimates.items()}
+
+    @property
+    def loss_trace(self) -> np.ndarray:
+        """[component, chain, draw] losses l(w_t) (NaN after a chain diverged)."""
+        return np.stack([e.loss_trace for e in self.estimates.values()])
+
+    @property
+    def init_loss(self) -> Dict[str, float]:
+        return {k: e.init_loss for k, e in self.estimates.items()}
+
+    def diverged_chains(self) -> Dict[str, List[int]]:
+        """Components with diverged chains: ``{name: [chain indices]}``."""
+        return {
+            k: np.flatnonzero(e.diverged).tolist() for k, e in self.estimates.items() if e.num_diverged
+        }
+
+    def to_dataframe(self):
+        """One row per component: llc_mean, llc_std, llc_sem, init_loss, num_chains, num_diverged."""
+        import pandas as pd
+
+        return pd.DataFrame([e.summary_row() for e in self.estimates.values()])
+
+    def to_dict(self) -> dict:
+        return {
+            "engine": self.engine,
+            "config": self.config.to_dict(),
+            "components": {k: e.to_dict() for k, e in self.estimates.items()},
+        }
+
+    def summary(self) -> str:
+        """A short table, with a line for each component that lost chains to divergence."""
+        lines = [f"{'component':>12} {'llc_mean':>10} {'llc_std':>9} {'chains':>7}"]
+        for e in self.estimates.values():
+            used = e.loss_trace.shape[0] - e.num_diverged
+            lines.append(f"{e.name:>12} {e.llc_mean:10.4f} {e.llc_std:9.4f} {used:>3}/{e.loss_trace.shape[0]:<3}")
+        for name, chains in self.diverged_chains().items():
+            steps = self.estimates[name].diverged_at[chains].tolist()
+            lines.append(
+                f"note: {name}: chain(s) {chains} diverged (NaN/Inf loss at step(s) {steps}) and are "
+                "excluded from the mean and std"
+            )
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"LLCResult(engine={self.engine!r}, components={len(self)})\n{self.summary()}"
+
+
+def check_divergence(estimates: Dict[str, ComponentLLC], step_size: float) -> None:
+    """Warn for components that lost some chains; raise if a component lost them all."""
+    lost_all = [e.name for e in estimates.values() if e.num_diverged == e.loss_trace.shape[0]]
+    if lost_all:
+        raise ChainsDivergedError(
+            f"every chain diverged (NaN/Inf loss) for component(s) {lost_all} at step size {step_size}; "
+            "try a smaller step_size (e.g. 10x smaller), a larger localization, or a smaller nbeta"
+        )
+    some = {e.name: np.flatnonzero(e.diverged).tolist() for e in estimates.values() if e.num_diverged}
+    if some:
+        warnings.warn(
+            f"chains diverged (NaN/Inf loss) and were excluded from the estimates: {some}; "
+            "consider a smaller step_size",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,43 @@
+"""The SGLD update and its noise: the one definition both engines and the op fallback use.
+
+For the weights ``v`` of a component (everything else fixed at ``w*``):
+
+    v <- v - eps/2 * (nbeta * grad l(v) + gamma * (v - v*)) + sqrt(eps) * xi,   xi ~ N(0, 1)
+
+eps = ``step_size``, gamma = ``localization``. Arithmetic is float32 whatever the storage type.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+
+def sgld_delta(
+    v: torch.Tensor,
+    grad: torch.Tensor,
+    v_star: torch.Tensor,
+    noise: torch.Tensor,
+    step_size: float,
+    nbeta: float,
+    localization: float,
+) -> torch.Tensor:
+    """The SGLD increment (float32) for weights ``v`` (any shape; all arguments broadcast)."""
+    v32 = v.float()
+    drift = nbeta * grad.float() + localization * (v32 - v_star.float())
+    return -0.5 * step_size * drift + math.sqrt(step_size) * noise.float()
+
+
+def replica_seed(seed: int, component: str, chain: int) -> int:
+    """A 63-bit seed for the noise of chain ``chain`` of component ``component``.
+
+    Derived from the names, not positions, so adding a component leaves the others' noise as it was.
+    """
+    digest = hashlib.sha256(f"{seed}|{component}|{chain}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def replica_generator(seed: int, component: str, chain: int, device: torch.device) -> torch.Generator:
+    """The generator of one replica's noise: step ``t`` draws ``randn(numel)`` from it."""
+    return torch.Generator(device=device).manual_seed(replica_seed(seed, component, chain))
