@@ -23,11 +23,12 @@ from .components import as_component_dict
 from .config import SGLDConfig
 from .data import BatchSchedule, ModelDistribution
 from .engine.common import Progress
+from .engine.batched import run_batched
 from .engine.reference import run_reference
 from .losses import check_tokens, next_token_loss
 from .result import LLCResult, check_divergence
 
-ENGINES = ("reference",)
+ENGINES = {"reference": run_reference, "batched": run_batched}
 
 
 def estimate_llc(
@@ -52,7 +53,8 @@ def estimate_llc(
                 dict ``{name: Component}`` for one weight-refined estimate each.
     loss_fn:    ``loss_fn(model, batch) -> scalar tensor`` (mean loss over the batch, nats).
     device:     where to sample; the model is moved there (default: where the model is).
-    engine:     "reference" (plain loops).
+    engine:     "reference" (plain loops: one component and chain at a time) or "batched" (all
+                replicas stepped together, one fused SGLD op per step; generic path for any model).
     progress:   show a progress bar on stderr.
     """
     config = SGLDConfig() if config is None else config
@@ -61,7 +63,7 @@ def estimate_llc(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
     if not any(True for _ in model.parameters()):
         raise ValueError("model has no parameters")
     if device is not None:
@@ -94,7 +96,7 @@ def estimate_llc(
     total = len(comps) * config.num_chains * config.num_steps
     bar = Progress(total, progress)
     try:
-        estimates = run_reference(model, batches, loss_fn, comps, config, init_losses, bar)
+        estimates = ENGINES[engine](model, batches, loss_fn, comps, config, init_losses, bar)
     finally:
         bar.close()
     check_divergence(estimates, config.step_size)
