@@ -21,7 +21,9 @@ def _estimate_parser(sub) -> None:
         ),
     )
     p.add_argument("--components", choices=["heads", "layers", "whole"], default="heads")
-    p.add_argument("--engine", default="reference", help="sampler engine (default: reference)")
+    p.add_argument("--engine", choices=["batched", "generic", "reference"], default="batched",
+                   help="batched (default: all replicas together, structured path for heads), generic "
+                        "(batched, loop path) or reference (one chain at a time)")
     p.add_argument("--train-steps", type=int, default=300, help="Adam steps of the built-in model (default 300)")
     p.add_argument("--n-layers", type=int, default=2)
     p.add_argument("--n-heads", type=int, default=4)
@@ -33,6 +35,10 @@ def _estimate_parser(sub) -> None:
     p.add_argument("--chains", type=int, default=4)
     p.add_argument("--draws", type=int, default=50)
     p.add_argument("--burnin", type=int, default=0)
+    p.add_argument("--thinning", type=int, default=1, help="SGLD steps per kept draw (default 1)")
+    p.add_argument("--sampler", choices=["sgld", "rmsprop"], default="sgld",
+                   help="plain SGLD (default, the paper's) or RMSProp-preconditioned SGLD")
+    p.add_argument("--max-memory", help="activation memory for replica chunks, e.g. 8GB (default: automatic)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="write the full result (config, per-chain traces) as JSON here")
@@ -44,54 +50,30 @@ def _cmd_estimate(args) -> int:
     from . import SGLDConfig, estimate_llc, heads, layers, whole
     from .data.stdlib_bytes import stdlib_byte_tokens
     from .models import attn_only
+    from .models.train import train_next_token
 
     torch.manual_seed(args.seed)
     config = SGLDConfig(step_size=args.step_size, nbeta=args.nbeta, localization=args.localization,
                         num_chains=args.chains, num_draws=args.draws, num_burnin=args.burnin,
-                        batch_size=args.batch_size, seed=args.seed)
+                        thinning=args.thinning, sampler=args.sampler, batch_size=args.batch_size, seed=args.seed)
     model = attn_only(seed=args.seed, n_layers=args.n_layers, d_model=args.d_model, n_heads=args.n_heads,
                       d_head=args.d_model // args.n_heads, n_ctx=args.context, d_vocab=256)
     train = stdlib_byte_tokens(2048, args.context, seed=args.seed)
     held_out = stdlib_byte_tokens(512, args.context, seed=args.seed + 1)
     _log(args, f"training a {sum(p.numel() for p in model.parameters()):,}-parameter model for {args.train_steps} steps")
     t0 = time.time()
-    loss = _train(model, train, args.train_steps, args.seed, quiet=args.quiet)
+    loss = train_next_token(model, train, args.train_steps, args.seed, progress=not args.quiet)
     _log(args, f"trained in {time.time() - t0:.0f} s, final training loss {loss:.3f} nats/byte")
     comps = {"heads": heads, "layers": layers, "whole": lambda m: None}[args.components](model)
     t0 = time.time()
-    result = estimate_llc(model, held_out, config, components=comps, engine=args.engine, progress=not args.quiet)
+    result = estimate_llc(model, held_out, config, components=comps, engine=args.engine, progress=not args.quiet,
+                          max_memory=args.max_memory)
     print(result.summary())
     _log(args, f"sampled {len(result)} component(s) x {args.chains} chains x {config.num_steps} steps in {time.time() - t0:.0f} s")
     if args.output:
         _write_json_atomically(args.output, result.to_dict())
         _log(args, f"wrote {args.output}")
     return 0
-
-
-def _train(model, tokens, steps: int, seed: int, quiet: bool) -> float:
-    from .losses import next_token_loss
-
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
-    loss = torch.tensor(float("nan"))
-    bar = None
-    if not quiet:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="training", unit="step", file=sys.stderr, dynamic_ncols=True)
-    for _ in range(steps):
-        batch = tokens[torch.randint(0, tokens.shape[0], (32,), generator=g)]
-        loss = next_token_loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    if bar is not None:
-        bar.close()
-    model.zero_grad(set_to_none=True)
-    return loss.item()
 
 
 def _write_json_atomically(path: str, payload: dict) -> None:

@@ -10,6 +10,7 @@ run) and is refused by a model that lacks those parameters.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Sequence, Tuple, Union
@@ -32,7 +33,7 @@ class ParamSlice:
         """The slice of ``tensor`` (a view when ``tensor`` is the parameter itself)."""
         return tensor[self.index] if self.index else tensor
 
-    @property
+    @functools.cached_property
     def numel(self) -> int:
         return self.view(torch.empty(self.param_shape, device="meta")).numel()
 
@@ -50,7 +51,7 @@ class Component:
     name: str
     slices: Tuple[ParamSlice, ...]
 
-    @property
+    @functools.cached_property
     def numel(self) -> int:
         return sum(s.numel for s in self.slices)
 

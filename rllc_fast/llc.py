@@ -26,9 +26,18 @@ from .engine.common import Progress
 from .engine.batched import run_batched
 from .engine.reference import run_reference
 from .losses import check_tokens, next_token_loss
+from .memory import parse_bytes
 from .result import LLCResult, check_divergence
 
-ENGINES = {"reference": run_reference, "batched": run_batched}
+def _run_generic(*args, max_memory=None):
+    return run_batched(*args, max_memory=max_memory, structured=False)
+
+
+def _run_reference(*args, max_memory=None):
+    return run_reference(*args)
+
+
+ENGINES = {"batched": run_batched, "generic": _run_generic, "reference": _run_reference}
 
 
 def estimate_llc(
@@ -38,8 +47,9 @@ def estimate_llc(
     components=None,
     loss_fn: Optional[Callable] = None,
     device=None,
-    engine: str = "reference",
+    engine: str = "batched",
     progress: bool = False,
+    max_memory=None,
 ) -> LLCResult:
     """Estimate the (weight- and/or data-refined) LLC of ``model`` at its current weights ``w*``.
 
@@ -53,9 +63,15 @@ def estimate_llc(
                 dict ``{name: Component}`` for one weight-refined estimate each.
     loss_fn:    ``loss_fn(model, batch) -> scalar tensor`` (mean loss over the batch, nats).
     device:     where to sample; the model is moved there (default: where the model is).
-    engine:     "reference" (plain loops: one component and chain at a time) or "batched" (all
-                replicas stepped together, one fused SGLD op per step; generic path for any model).
+    engine:     "batched" (default: all component x chain replicas stepped together, one fused SGLD
+                op per step; head components of TransformerLens models take the structured path that
+                shares the layers below each head, everything else a loop over replicas),
+                "generic" (batched, but the loop path for every component) or "reference" (plain
+                loops: one component and chain at a time; what the others are tested against).
     progress:   show a progress bar on stderr.
+    max_memory: activation memory the structured path may hold at once (bytes, or a string such as
+                "8GB"); replicas are processed in chunks that fit. Default: 60% of free GPU memory,
+                or min(4 GiB, 30% of available RAM) on a CPU.
     """
     config = SGLDConfig() if config is None else config
     if not isinstance(config, SGLDConfig):
@@ -64,6 +80,8 @@ def estimate_llc(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
+    if max_memory is not None:
+        parse_bytes(max_memory)
     if not any(True for _ in model.parameters()):
         raise ValueError("model has no parameters")
     if device is not None:
@@ -96,7 +114,7 @@ def estimate_llc(
     total = len(comps) * config.num_chains * config.num_steps
     bar = Progress(total, progress)
     try:
-        estimates = ENGINES[engine](model, batches, loss_fn, comps, config, init_losses, bar)
+        estimates = ENGINES[engine](model, batches, loss_fn, comps, config, init_losses, bar, max_memory=max_memory)
     finally:
         bar.close()
     check_divergence(estimates, config.step_size)

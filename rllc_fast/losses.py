@@ -57,28 +57,82 @@ def check_tokens(tokens, model: nn.Module | None = None, what: str = "data") -> 
     return tokens
 
 
-def next_token_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Eq. (1): mean cross-entropy of predicting ``tokens[:, 1:]`` from their prefixes (nats)."""
-    logits = model_logits(model, tokens)
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1)
-    )
+def token_losses(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Eq. (1) per replica: ``logits [R, N, T, vocab]`` of R model copies on ``tokens [N, T]`` -> ``[R]``.
+
+    Mean cross-entropy of predicting ``tokens[:, 1:]`` from their prefixes (nats), in float32.
+    """
+    R, N, T, V = logits.shape
+    targets = tokens[:, 1:].reshape(1, -1).expand(R, -1).reshape(-1)
+    ce = F.cross_entropy(logits[:, :, :-1].reshape(-1, V).float(), targets, reduction="none")
+    return ce.view(R, -1).mean(1)
+
+
+def kl_losses(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Eq. (11) per replica: ``ref_logp [N, T-1, vocab]`` (reference log-probs), ``logits [R, N, T, vocab]`` -> ``[R]``.
+
+    Mean over contexts and the first ``T-1`` positions of ``KL(softmax(ref) || softmax(logits))``.
+    """
+    logp = F.log_softmax(logits[:, :, :-1].float(), dim=-1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    return kl.flatten(1).mean(1)
+
+
+class NextTokenLoss:
+    """Eq. (1) as a ``loss_fn(model, tokens)``; the batched engine's structured path also calls
+    ``prepare``/``replica_losses`` to score many model copies from their logits."""
+
+    def __call__(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        return token_losses(model_logits(model, tokens)[None], tokens)[0]
+
+    def prepare(self, tokens: torch.Tensor):
+        return None
+
+    def replica_losses(self, logits: torch.Tensor, tokens: torch.Tensor, prepared) -> torch.Tensor:
+        return token_losses(logits, tokens)
+
+    def feature_losses(self, x: torch.Tensor, W_U, b_U, tokens: torch.Tensor, prepared) -> torch.Tensor:
+        """``[R]`` losses from final features ``x [R, N, T-1, d]`` with unembedding ``W_U, b_U``."""
+        from .unembed_loss import unembed_token_losses
+
+        return unembed_token_losses(x, W_U, b_U, tokens)
+
+    def __repr__(self) -> str:
+        return "next_token_loss"
+
+
+next_token_loss = NextTokenLoss()
+
+
+class KLToReference:
+    """Eq. (11) as a ``loss_fn(model, tokens)``: KL from ``reference``'s next-token distribution to the model's."""
+
+    def __init__(self, reference: nn.Module):
+        self.reference = reference
+
+    @torch.no_grad()
+    def prepare(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The reference's log-probs ``[N, T-1, vocab]`` on ``tokens`` (computed once per batch)."""
+        return F.log_softmax(model_logits(self.reference, tokens)[:, :-1].float(), dim=-1)
+
+    def replica_losses(self, logits: torch.Tensor, tokens: torch.Tensor, prepared) -> torch.Tensor:
+        return kl_losses(prepared, logits)
+
+    def feature_losses(self, x: torch.Tensor, W_U, b_U, tokens: torch.Tensor, prepared) -> torch.Tensor:
+        """``[R]`` losses from final features ``x [R, N, T-1, d]`` with unembedding ``W_U, b_U``."""
+        from .unembed_loss import unembed_kl_losses
+
+        return unembed_kl_losses(x, W_U, b_U, prepared)
+
+    def __call__(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        return kl_losses(self.prepare(tokens), model_logits(model, tokens)[None])[0]
 
 
 def kl_from_logits(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Mean over contexts and the first ``T-1`` positions of ``KL(softmax(ref) || softmax(logits))``."""
-    ref_logp = F.log_softmax(ref_logits[:, :-1].float(), dim=-1)
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
-    return kl.mean()
+    return kl_losses(F.log_softmax(ref_logits[:, :-1].float(), dim=-1), logits[None])[0]
 
 
-def kl_to_reference_loss(reference: nn.Module):
+def kl_to_reference_loss(reference: nn.Module) -> KLToReference:
     """Eq. (11) as a ``loss_fn``: KL from ``reference``'s next-token distribution to the model's."""
-
-    def loss_fn(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            ref_logits = model_logits(reference, tokens)
-        return kl_from_logits(ref_logits, model_logits(model, tokens))
-
-    return loss_fn
+    return KLToReference(reference)

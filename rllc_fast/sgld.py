@@ -34,6 +34,34 @@ def sgld_delta(
     return delta
 
 
+def rmsprop_sgld_delta(
+    v: torch.Tensor,
+    grad: torch.Tensor,
+    v_star: torch.Tensor,
+    noise: torch.Tensor,
+    square_avg: torch.Tensor,
+    step_size: float,
+    nbeta: float,
+    localization: float,
+    alpha: float,
+    eps: float,
+) -> torch.Tensor:
+    """The RMSProp-preconditioned SGLD increment (devinterp's ``rmsprop_sgld``); updates ``square_avg``.
+
+        a <- alpha * a + (1 - alpha) * grad^2;   P = 1 / (sqrt(a) + eps)
+        delta = -eps_step/2 * P * (nbeta * grad + gamma * (v - v*)) + sqrt(eps_step * P) * noise
+
+    All tensors share one shape (any: one component, or ``[R, n]`` replica rows); float32 arithmetic.
+    """
+    g = grad.float()
+    square_avg.mul_(alpha).addcmul_(g, g, value=1 - alpha)
+    precond = square_avg.sqrt().add_(eps).reciprocal_()
+    delta = torch.sub(v.float(), v_star.float())
+    delta.mul_(localization).add_(g, alpha=nbeta).mul_(precond).mul_(-0.5 * step_size)
+    delta.addcmul_(precond.mul_(step_size).sqrt_(), noise.float())
+    return delta
+
+
 def replica_seed(seed: int, component: str, chain: int) -> int:
     """A 63-bit seed for the noise of chain ``chain`` of component ``component``.
 

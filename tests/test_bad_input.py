@@ -30,7 +30,7 @@ def test_nan_in_one_chain_stops_it_marks_it_and_is_excluded():
         return loss * float("nan") if calls["n"] == 1 + 10 + 4 else loss  # chain 1, step 3
 
     with pytest.warns(RuntimeWarning, match="diverged"):
-        res = r.estimate_llc(model, data, cfg, loss_fn=poisoned)
+        res = r.estimate_llc(model, data, cfg, loss_fn=poisoned, engine="reference")
     e = res["whole"]
     assert e.diverged.tolist() == [False, True, False]
     assert e.diverged_at.tolist() == [-1, 3, -1]

@@ -154,3 +154,19 @@ def test_python_schemas_equal_the_cpp_definitions():
 
 def test_backend_reports_an_implementation():
     assert "fallback" in ops.backend() or "CUDA kernels" in ops.backend()
+
+
+def test_rmsprop_delta_is_the_written_formula():
+    from rllc_fast.sgld import rmsprop_sgld_delta
+
+    g = torch.Generator().manual_seed(0)
+    v, grad, v_star, noise = (torch.randn(5, 7, generator=g) for _ in range(4))
+    avg = torch.rand(5, 7, generator=g)
+    a0 = avg.clone()
+    eps, nbeta, gamma, alpha, reps = 1e-3, 30.0, 200.0, 0.9, 0.1
+    delta = rmsprop_sgld_delta(v, grad, v_star, noise, avg, eps, nbeta, gamma, alpha, reps)
+    a1 = alpha * a0 + (1 - alpha) * grad**2
+    P = 1 / (a1.sqrt() + reps)
+    expect = -eps / 2 * P * (nbeta * grad + gamma * (v - v_star)) + (eps * P).sqrt() * noise
+    torch.testing.assert_close(avg, a1)
+    torch.testing.assert_close(delta, expect)

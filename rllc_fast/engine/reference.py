@@ -1,9 +1,9 @@
 """The reference engine: one component, one chain, one step at a time.
 
 Plain and obviously correct; the batched engine is tested against it. For every component and
-chain it starts at ``w*``, runs ``num_burnin + num_draws`` SGLD steps on the component's slices
-only (``rllc_fast.sgld.sgld_delta``), records the loss of each step's minibatch *before* that
-step's update, and puts the weights back to ``w*`` afterwards.
+chain it starts at ``w*``, runs ``config.num_steps`` SGLD steps on the component's slices only
+(``rllc_fast.sgld.sgld_delta``, or ``rmsprop_sgld_delta``), records the loss of each kept step's
+minibatch *before* that step's update, and puts the weights back to ``w*`` afterwards.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from torch import nn
 from ..components import Component
 from ..config import SGLDConfig
 from ..result import ComponentLLC
-from ..sgld import replica_generator, sgld_delta
+from ..sgld import replica_generator, rmsprop_sgld_delta, sgld_delta
 from .common import Progress, frozen_parameters
 
 
@@ -33,7 +33,7 @@ def run_reference(
     """Sample every (component, chain) in turn; ``init_losses`` is l(w*) per step ``[num_steps]``."""
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device
-    burnin, draws, steps = config.num_burnin, config.num_draws, config.num_steps
+    draws, steps = config.num_draws, config.num_steps
     results: Dict[str, ComponentLLC] = {}
     touched = sorted({n for c in components.values() for n in c.param_names})
     with frozen_parameters(model, touched) as originals:
@@ -45,6 +45,7 @@ def run_reference(
             diverged_at = np.full(config.num_chains, -1)
             for chain in range(config.num_chains):
                 gen = replica_generator(config.seed, name, chain, device)
+                square_avg = torch.zeros(comp.numel, device=device) if config.sampler == "rmsprop" else None
                 for t in range(steps):
                     for n in comp.param_names:
                         params[n].grad = None
@@ -54,12 +55,13 @@ def run_reference(
                         diverged_at[chain] = t
                         progress.update(steps - t)
                         break
-                    if t >= burnin:
-                        losses[chain, t - burnin] = value
-                        dists[chain, t - burnin] = _distance(comp, params, originals)
+                    d = config.draw_index(t)
+                    if d >= 0:
+                        losses[chain, d] = value
+                        dists[chain, d] = _distance(comp, params, originals)
                     if loss.requires_grad:
                         loss.backward()
-                    _sgld_update(comp, params, originals, gen, config)
+                    _sgld_update(comp, params, originals, gen, config, square_avg)
                     progress.update(1)
                 with torch.no_grad():  # back to w* for the next chain
                     for n in comp.param_names:
@@ -72,7 +74,7 @@ def run_reference(
                 numel=comp.numel,
                 nbeta=config.nbeta,
                 loss_trace=losses,
-                init_loss_trace=init_losses[burnin:],
+                init_loss_trace=init_losses[list(config.kept_steps)],
                 distance_trace=dists,
                 diverged_at=diverged_at,
             )
@@ -80,21 +82,34 @@ def run_reference(
 
 
 @torch.no_grad()
-def _sgld_update(comp: Component, params, originals, gen: torch.Generator, config: SGLDConfig) -> None:
+def _sgld_update(comp: Component, params, originals, gen: torch.Generator, config: SGLDConfig,
+                 square_avg) -> None:
     """One SGLD step on the component's slices, with one ``randn(numel)`` draw for the whole component."""
     noise = torch.randn(comp.numel, generator=gen, device=gen.device)
+    if square_avg is not None:  # RMSProp: the preconditioner spans the whole component
+        v = torch.cat([s.view(params[s.param]).reshape(-1).float() for s in comp.slices])
+        g = torch.cat([_grad_view(s, params).reshape(-1).float() for s in comp.slices])
+        v_star = torch.cat([s.view(originals[s.param]).reshape(-1).float() for s in comp.slices])
+        delta = rmsprop_sgld_delta(v, g, v_star, noise, square_avg, config.step_size, config.nbeta,
+                                   config.localization, config.rmsprop_alpha, config.rmsprop_eps)
     offset = 0
     for s in comp.slices:
-        p = params[s.param]
-        v = s.view(p)
-        g = s.view(p.grad) if p.grad is not None else torch.zeros_like(v)
+        v = s.view(params[s.param])
         k = v.numel()
-        delta = sgld_delta(
-            v, g, s.view(originals[s.param]), noise[offset : offset + k].view_as(v),
-            config.step_size, config.nbeta, config.localization,
-        )
-        v.add_(delta.to(v.dtype))
+        if square_avg is None:
+            step = sgld_delta(
+                v, _grad_view(s, params), s.view(originals[s.param]), noise[offset : offset + k].view_as(v),
+                config.step_size, config.nbeta, config.localization,
+            )
+        else:
+            step = delta[offset : offset + k].view_as(v)
+        v.add_(step.to(v.dtype))
         offset += k
+
+
+def _grad_view(s, params) -> torch.Tensor:
+    p = params[s.param]
+    return s.view(p.grad) if p.grad is not None else torch.zeros_like(s.view(p))
 
 
 @torch.no_grad()

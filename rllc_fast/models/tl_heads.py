@@ -1,0 +1,212 @@
+"""Many head-perturbed copies of a TransformerLens model, sharing everything below the head.
+
+A *head replica* is the model at ``w*`` except that head ``h`` of layer ``l`` has its own weights
+``W_Q, W_K, W_V [d_model, d_head]``, ``b_Q, b_K, b_V [d_head]``, ``W_O [d_head, d_model]``, packed
+in that order in one row of ``n = 4*d_model*d_head + 3*d_head`` floats (the order of
+``components.head``). For one token batch ``[N, T]``:
+
+- ``shared(tokens)`` runs the model at ``w*`` once, up to the highest layer needed, and keeps for
+  each needed layer the residual stream entering it, its heads' ``z`` and its attention output
+  (and, for parallel attention/MLP blocks, its MLP output): this work is common to all replicas;
+- ``replica_logits(shared, layer, heads, rows)`` computes, for ``R`` replicas of one layer, only
+  their own heads (batched matrix products over replicas), swaps each into the layer's shared
+  attention output in place of the ``w*`` head, and runs the layers above and the unembedding on
+  ``[R*N, T, d_model]`` with the model's own modules (weights at ``w*``).
+
+The model code knows nothing of SGLD; the batched engine supplies the rows and takes gradients
+with respect to them only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..components import HEAD_PARAMS, Component
+
+_QK_NORM_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+
+
+def unsupported_reason(model: nn.Module) -> Optional[str]:
+    """Why ``model`` cannot use the head-replica path (None when it can)."""
+    try:
+        from transformer_lens import HookedTransformer
+        from transformer_lens.components.transformer_block import POST_NORM_ARCHITECTURES
+    except ImportError:  # pragma: no cover - transformer_lens is a dependency
+        return "transformer_lens is not installed"
+    if not isinstance(model, HookedTransformer):
+        return f"{type(model).__name__} is not a TransformerLens HookedTransformer"
+    cfg = model.cfg
+    checks = [
+        (cfg.positional_embedding_type in ("standard", "shortformer", "rotary"),
+         f"positional_embedding_type={cfg.positional_embedding_type!r}"),
+        (getattr(cfg, "n_key_value_heads", None) is None, "grouped-query attention"),
+        (cfg.attention_dir == "causal", "bidirectional attention"),
+        (getattr(cfg, "attn_types", None) is None, "local attention (attn_types)"),
+        (not getattr(cfg, "use_attn_in", False) and not getattr(cfg, "use_split_qkv_input", False),
+         "use_attn_in / use_split_qkv_input"),
+        (not getattr(cfg, "use_normalization_before_and_after", False), "use_normalization_before_and_after"),
+        (cfg.original_architecture not in POST_NORM_ARCHITECTURES, "post-norm blocks"),
+        (cfg.original_architecture not in _QK_NORM_ARCHITECTURES, "q/k normalisation"),
+        ((getattr(cfg, "attn_scores_soft_cap", -1.0) or -1.0) <= 0, "attention score soft cap"),
+        (getattr(cfg, "clip_qkv", None) is None, "clip_qkv"),
+        (not getattr(cfg, "use_logn_attn", False), "use_logn_attn"),
+        (not getattr(cfg, "use_attention_sinks", False), "attention sinks"),
+        (not getattr(cfg, "load_in_4bit", False), "4-bit weights"),
+        ((getattr(cfg, "output_logits_soft_cap", -1.0) or -1.0) <= 0, "output logit soft cap"),
+    ]
+    for ok, what in checks:
+        if not ok:
+            return f"the head-replica path does not implement {what}"
+    return None
+
+
+def head_of(model: nn.Module, component: Component) -> Optional[Tuple[int, int]]:
+    """``(layer, head)`` when ``component`` is exactly ``components.head(model, layer, head)``
+    with all seven slices (biases included); otherwise None."""
+    sl = component.slices
+    if len(sl) != len(HEAD_PARAMS) or any(len(s.index) != 1 or not isinstance(s.index[0], int) for s in sl):
+        return None
+    h = sl[0].index[0]
+    first = sl[0].param
+    if not (first.startswith("blocks.") and first.endswith(".attn.W_Q")):
+        return None
+    layer = first.split(".")[1]
+    if not layer.isdigit():
+        return None
+    expected = [f"blocks.{layer}.attn.{p}" for p in HEAD_PARAMS]
+    if [s.param for s in sl] != expected or any(s.index[0] != h for s in sl):
+        return None
+    return int(layer), h
+
+
+@dataclass
+class SharedPass:
+    """The ``w*`` computation of one token batch, shared by every replica (no autograd graph)."""
+
+    tokens: torch.Tensor                      # [N, T]
+    resid_pre: Dict[int, torch.Tensor]        # layer -> [N, T, d_model]
+    z: Dict[int, torch.Tensor]                # layer -> [N, T, n_heads, d_head]
+    attn_out: Dict[int, torch.Tensor]         # layer -> [N, T, d_model] (b_O included)
+    mlp_out: Dict[int, torch.Tensor]          # layer -> [N, T, d_model] (parallel blocks only)
+    pos_embed: Optional[torch.Tensor]         # [1, T, d_model] (shortformer only)
+
+
+class HeadReplicas:
+    """Per-replica logits of head-perturbed copies of one ``HookedTransformer``."""
+
+    def __init__(self, model: nn.Module):
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(reason)
+        self.model = model
+        cfg = model.cfg
+        self.cfg = cfg
+        d, dh = cfg.d_model, cfg.d_head
+        sizes = [d * dh, d * dh, d * dh, dh, dh, dh, dh * d]
+        self.shapes = [(d, dh), (d, dh), (d, dh), (dh,), (dh,), (dh,), (dh, d)]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self.numel = self.offsets[-1]
+
+    @torch.no_grad()
+    def shared(self, tokens: torch.Tensor, layers: Sequence[int]) -> SharedPass:
+        """Run the model at ``w*`` on ``tokens [N, T]`` up to ``max(layers)`` and keep what replicas share."""
+        layers = sorted(set(layers))
+        names = set()
+        for l in layers:
+            names |= {f"blocks.{l}.hook_resid_pre", f"blocks.{l}.attn.hook_z", f"blocks.{l}.hook_attn_out"}
+            if self.cfg.parallel_attn_mlp and not self.cfg.attn_only:
+                names.add(f"blocks.{l}.hook_mlp_out")
+        shortformer = self.cfg.positional_embedding_type == "shortformer"
+        if shortformer:
+            names.add("hook_pos_embed")
+        _, cache = self.model.run_with_cache(
+            tokens, names_filter=lambda n: n in names, stop_at_layer=layers[-1] + 1, return_type=None
+        )
+        return SharedPass(
+            tokens=tokens,
+            resid_pre={l: cache[f"blocks.{l}.hook_resid_pre"] for l in layers},
+            z={l: cache[f"blocks.{l}.attn.hook_z"] for l in layers},
+            attn_out={l: cache[f"blocks.{l}.hook_attn_out"] for l in layers},
+            mlp_out={l: cache[f"blocks.{l}.hook_mlp_out"] for l in layers if f"blocks.{l}.hook_mlp_out" in names},
+            pos_embed=cache["hook_pos_embed"][:1] if shortformer else None,
+        )
+
+    def unpack(self, rows: torch.Tensor):
+        """Views ``W_Q, W_K, W_V [R, d_model, d_head]``, ``b_Q, b_K, b_V [R, d_head]``, ``W_O [R, d_head, d_model]``."""
+        R = rows.shape[0]
+        o = self.offsets
+        return [rows[:, o[i] : o[i + 1]].reshape(R, *shape) for i, shape in enumerate(self.shapes)]
+
+    def replica_logits(
+        self, shared: SharedPass, layer: int, heads: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits ``[R, N, T, d_vocab]`` of ``R`` replicas of ``layer`` (the plain form, for checks).
+
+        heads: ``[R]`` (long) head index of each replica; rows: ``[R, numel]`` packed head weights
+        (gradients flow to ``rows`` only).
+        """
+        x = self.replica_features(shared, layer, heads, rows, drop_last=False)
+        return self.model.unembed(x.flatten(0, 1)).view(*x.shape[:3], -1)
+
+    def replica_features(
+        self, shared: SharedPass, layer: int, heads: torch.Tensor, rows: torch.Tensor, drop_last: bool = True
+    ) -> torch.Tensor:
+        """The final residual stream after the last norm, ``[R, N, T', d_model]``, of ``R`` replicas of
+        ``layer``; the unembedding of it gives the logits. With ``drop_last`` the last position is left
+        out (``T' = T - 1``): no next-token loss uses its prediction, and under causal attention no other
+        position depends on it.
+        """
+        model, cfg = self.model, self.cfg
+        block = model.blocks[layer]
+        attn = block.attn
+        R = rows.shape[0]
+        P = shared.tokens.shape[1] - (1 if drop_last else 0)
+        resid_pre = shared.resid_pre[layer][:, :P]                  # [N, P, d]
+        N, T, d = resid_pre.shape
+        pos = shared.pos_embed[:, :P] if shared.pos_embed is not None else None
+        W_Q, W_K, W_V, b_Q, b_K, b_V, W_O = (t.to(resid_pre.dtype) for t in self.unpack(rows))
+
+        with torch.no_grad():
+            x = block.ln1(resid_pre)                                # value input [N, T, d]
+            xqk = x + pos if pos is not None else x
+        # own head: [R, N, T, d_head]
+        q = torch.einsum("ntd,rde->rnte", xqk, W_Q) + b_Q[:, None, None]
+        k = torch.einsum("ntd,rde->rnte", xqk, W_K) + b_K[:, None, None]
+        v = torch.einsum("ntd,rde->rnte", x, W_V) + b_V[:, None, None]
+        if cfg.positional_embedding_type == "rotary":  # rotary acts per position: replicas as heads
+            q = attn.apply_rotary(q.permute(1, 2, 0, 3)).permute(2, 0, 1, 3)
+            k = attn.apply_rotary(k.permute(1, 2, 0, 3)).permute(2, 0, 1, 3)
+        scores = q @ k.transpose(-1, -2) / attn.attn_scale           # [R, N, T, T]
+        causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(causal, float("-inf"))
+        pattern = torch.softmax(scores, dim=-1)
+        z = pattern.to(v.dtype) @ v                                  # [R, N, T, d_head]
+        own_out = torch.einsum("rnte,red->rntd", z, W_O)             # [R, N, T, d]
+
+        with torch.no_grad():  # the layer's output with the w* head taken out, per replica's head
+            z_star = shared.z[layer][:, :P, heads]                   # [N, T, R, d_head]
+            star_out = torch.einsum("ntre,red->rntd", z_star, attn.W_O[heads])
+            base = (shared.attn_out[layer][:, :P] + resid_pre)[None] - star_out   # [R, N, T, d]
+            if not cfg.attn_only and cfg.parallel_attn_mlp:
+                base = base + shared.mlp_out[layer][:, :P]
+        resid = (base + own_out).reshape(R * N, T, d)
+        if not cfg.attn_only and not cfg.parallel_attn_mlp:
+            resid = resid + block.mlp(block.ln2(resid))
+        for upper in model.blocks[layer + 1 :]:
+            resid = upper(resid, shortformer_pos_embed=pos) if pos is not None else upper(resid)
+        if cfg.normalization_type is not None:
+            resid = model.ln_final(resid)
+        return resid.view(R, N, T, d)
+
+    def bytes_per_replica(self, N: int, T: int, layer: int) -> int:
+        """Estimated autograd memory (bytes) of one replica of ``layer`` on ``[N, T]`` tokens: its own head
+        and the saved activations of the layers above (the unembedding loss is blocked, see
+        ``rllc_fast.unembed_loss``, and holds only ``O(d_model)`` per token)."""
+        cfg = self.cfg
+        above = cfg.n_layers - layer - 1
+        per_layer = 14 * cfg.d_model + 4 * cfg.n_heads * T + (0 if cfg.attn_only else 8 * (cfg.d_mlp or 0))
+        per_token = 16 * cfg.d_model + 4 * T + 8 * cfg.d_head + above * per_layer
+        return 4 * N * T * per_token

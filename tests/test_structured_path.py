@@ -1,0 +1,192 @@
+"""The batched engine's structured path (shared layers below each head) against the reference engine."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import rllc_fast as r
+from rllc_fast.engine.batched import plan
+from rllc_fast.losses import NextTokenLoss, next_token_loss
+from rllc_fast.models.tl_heads import HeadReplicas, head_of
+
+
+def _neox_like(seed=1, vocab=96):
+    """A tiny GPT-NeoX-style TransformerLens model: rotary on part of the head, parallel attention/MLP."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=16, d_vocab=vocab,
+                                  act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary",
+                                  rotary_dim=4, rotary_adjacent_pairs=False, parallel_attn_mlp=True, seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = HookedTransformer(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # TL zero-initialises biases; give every weight a value so all paths matter
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module")
+def small_tl():
+    model = r.models.attn_only(n_layers=2, d_model=64, n_heads=4, d_head=16, n_ctx=32, d_vocab=128, seed=3)
+    tokens = torch.randint(0, 128, (64, 32), generator=torch.Generator().manual_seed(0))
+    return model, tokens
+
+
+@pytest.fixture(scope="module")
+def neox():
+    model = _neox_like()
+    tokens = torch.randint(0, 96, (48, 16), generator=torch.Generator().manual_seed(1))
+    return model, tokens
+
+
+def _assert_same_chains(a, b, rtol=1e-5):
+    assert a.components == b.components
+    np.testing.assert_allclose(a.loss_trace, b.loss_trace, rtol=rtol, atol=1e-6)
+    for name in a.components:
+        np.testing.assert_allclose(a[name].distance_trace, b[name].distance_trace, rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(a[name].diverged_at, b[name].diverged_at)
+
+
+def test_replica_logits_at_w_star_and_perturbed_match_the_model(neox):
+    model, tokens = neox
+    hr = HeadReplicas(model)
+    params = dict(model.named_parameters())
+    comps = r.heads(model)
+    batch = tokens[:3]
+    for layer in range(3):
+        names = [f"{layer}:{h}" for h in range(4)]
+        rows = torch.stack([torch.cat([s.view(params[s.param]).reshape(-1) for s in comps[n].slices]) for n in names])
+        rows = rows.detach() + 0.1 * torch.randn(rows.shape, generator=torch.Generator().manual_seed(layer))
+        got = hr.replica_logits(hr.shared(batch, [layer]), layer, torch.arange(4), rows)
+        for h, n in enumerate(names):  # write the row into a copy of the model and run it whole
+            expect = _logits_with_row(model, comps[n], rows[h], batch)
+            torch.testing.assert_close(got[h], expect, rtol=1e-4, atol=1e-5)
+
+
+def _logits_with_row(model, comp, row, tokens):
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in comp.param_names}
+    with torch.no_grad():
+        off = 0
+        for s in comp.slices:
+            v = s.view(params[s.param])
+            v.copy_(row[off: off + v.numel()].view_as(v))
+            off += v.numel()
+        out = model(tokens)
+        for n, t in saved.items():
+            params[n].copy_(t)
+    return out
+
+
+def test_plan_routes_heads_to_the_structured_path(small_tl):
+    model, _ = small_tl
+    comps = {**r.heads(model), "L1": r.layer(model, 1)}
+    heads, rest, _ = plan(model, comps, next_token_loss)
+    assert heads == {f"{l}:{h}": (l, h) for l in range(2) for h in range(4)} and rest == ["L1"]
+    _, rest, why = plan(model, comps, lambda m, b: next_token_loss(m, b))
+    assert len(rest) == 9 and "custom loss_fn" in why
+    assert head_of(model, r.from_params(model, ["blocks.0.attn.W_Q"])) is None
+
+
+@pytest.mark.parametrize("sampler", ["sgld", "rmsprop"])
+def test_structured_path_follows_the_reference_chains_attn_only(small_tl, sampler):
+    model, tokens = small_tl
+    cfg = r.SGLDConfig(num_chains=2, num_draws=12, batch_size=8, seed=4, sampler=sampler)
+    comps = {**r.heads(model), "L0": r.layer(model, 0)}  # heads structured, the layer by the loop
+    ref = r.estimate_llc(model, tokens, cfg, components=comps, engine="reference")
+    bat = r.estimate_llc(model, tokens, cfg, components=comps, engine="batched")
+    _assert_same_chains(bat, ref)
+
+
+def test_structured_path_follows_the_reference_chains_neox(neox):
+    model, tokens = neox
+    cfg = r.SGLDConfig(num_chains=2, num_draws=10, batch_size=6, seed=2, step_size=3e-3)
+    ref = r.estimate_llc(model, tokens, cfg, components=r.heads(model), engine="reference")
+    bat = r.estimate_llc(model, tokens, cfg, components=r.heads(model), engine="batched")
+    _assert_same_chains(bat, ref)
+    assert np.ptp(bat.loss_trace, axis=-1).min() > 0  # the chains moved
+
+
+def test_structured_path_with_kl_to_a_reference_model(small_tl):
+    model, tokens = small_tl
+    other = r.models.attn_only(n_layers=2, d_model=64, n_heads=4, d_head=16, n_ctx=32, d_vocab=128, seed=9)
+    data = r.ModelDistribution(other, tokens)
+    cfg = r.SGLDConfig(num_chains=1, num_draws=8, batch_size=8, seed=1)
+    comps = [r.head(model, 0, 1), r.head(model, 1, 3)]
+    _assert_same_chains(r.estimate_llc(model, data, cfg, components=comps, engine="batched"),
+                        r.estimate_llc(model, data, cfg, components=comps, engine="reference"))
+
+
+def test_memory_chunks_do_not_change_the_chains(small_tl):
+    model, tokens = small_tl
+    cfg = r.SGLDConfig(num_chains=3, num_draws=6, batch_size=8, seed=5)
+    one_at_a_time = r.estimate_llc(model, tokens, cfg, components=r.heads(model), max_memory=1)
+    all_at_once = r.estimate_llc(model, tokens, cfg, components=r.heads(model), max_memory="20GB")
+    _assert_same_chains(one_at_a_time, all_at_once, rtol=1e-6)
+
+
+def test_nan_replica_in_a_chunk_is_flagged_and_leaves_its_chunk_mates_alone(small_tl):
+    model, tokens = small_tl
+    cfg = r.SGLDConfig(num_chains=2, num_draws=8, batch_size=8, seed=6)
+    comps = [r.head(model, 1, h) for h in range(4)]  # 8 replicas of layer 1, one chunk
+
+    class Poisoned(NextTokenLoss):
+        step = 0
+
+        def feature_losses(self, x, W_U, b_U, tokens, prepared):
+            losses = super().feature_losses(x, W_U, b_U, tokens, prepared)
+            Poisoned.step += 1
+            if Poisoned.step == 4:  # step 3: replica 2 = head 1:1, chain 0
+                losses = losses.clone()
+                losses[2] = float("nan")
+            return losses
+
+    clean = r.estimate_llc(model, tokens, cfg, components=comps)
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        bad = r.estimate_llc(model, tokens, cfg, components=comps, loss_fn=Poisoned())
+    assert bad["1:1"].diverged_at.tolist() == [3, -1]
+    assert np.isnan(bad["1:1"].loss_trace[0, 3:]).all()
+    np.testing.assert_array_equal(bad["1:1"].loss_trace[1], clean["1:1"].loss_trace[1])
+    for name in ("1:0", "1:2", "1:3"):
+        np.testing.assert_array_equal(bad[name].loss_trace, clean[name].loss_trace)
+
+
+def test_thinning_keeps_every_kth_step(small_tl):
+    model, tokens = small_tl
+    comps = [r.head(model, 0, 0)]
+    every = r.estimate_llc(model, tokens, r.SGLDConfig(num_chains=1, num_draws=8, num_burnin=2, batch_size=8),
+                           components=comps)
+    thinned = r.estimate_llc(model, tokens, r.SGLDConfig(num_chains=1, num_draws=4, num_burnin=2, thinning=2,
+                                                         batch_size=8), components=comps)
+    np.testing.assert_array_equal(thinned.loss_trace, every.loss_trace[:, :, ::2])
+    np.testing.assert_array_equal(thinned["0:0"].init_loss_trace, every["0:0"].init_loss_trace[::2])
+
+
+@pytest.mark.parametrize("kind", ["tokens", "kl"])
+def test_blocked_unembedding_loss_matches_the_plain_loss_and_its_gradient(kind, monkeypatch):
+    from rllc_fast import unembed_loss
+    from rllc_fast.losses import kl_losses, token_losses
+
+    monkeypatch.setattr(unembed_loss, "BLOCK_ELEMENTS", 7 * 50)  # many ragged row blocks
+    g = torch.Generator().manual_seed(0)
+    R, N, T, d, V = 3, 2, 6, 8, 50
+    x = torch.randn(R, N, T - 1, d, generator=g, dtype=torch.float64).float().requires_grad_(True)
+    W, b = torch.randn(d, V, generator=g), torch.randn(V, generator=g)
+    tokens = torch.randint(0, V, (N, T), generator=g)
+    ref_logp = torch.log_softmax(torch.randn(N, T - 1, V, generator=g), -1)
+    weights = torch.tensor([1.0, -2.0, 0.5])
+    if kind == "tokens":
+        fast = unembed_loss.unembed_token_losses(x, W, b, tokens)
+        pad = torch.zeros(R, N, 1, V)  # token_losses ignores the last position's logits
+        plain = token_losses(torch.cat([x @ W + b, pad], 2), tokens)
+    else:
+        fast = unembed_loss.unembed_kl_losses(x, W, b, ref_logp)
+        plain = kl_losses(ref_logp, torch.cat([x @ W + b, torch.zeros(R, N, 1, V)], 2))
+    torch.testing.assert_close(fast, plain)
+    (g_fast,) = torch.autograd.grad((fast * weights).sum(), x)
+    (g_plain,) = torch.autograd.grad((plain * weights).sum(), x)
+    torch.testing.assert_close(g_fast, g_plain)
