@@ -1,7 +1,7 @@
 """rllc_fast: refined local learning coefficients (rLLC) of model components, fast.
 
 Public API:
-    estimate_llc, SGLDConfig, LLCResult, ComponentLLC, ChainsDivergedError
+    estimate_llc, calibrate_step_size, SGLDConfig, LLCResult, ComponentLLC, ChainsDivergedError
     components: Component, heads, head, layer, layers, whole, from_params
     data: ModelDistribution
 """
@@ -10,6 +10,7 @@ from .config import SGLDConfig
 from .data import ModelDistribution
 from . import models
 from .llc import estimate_llc
+from .calibrate import calibrate_step_size
 from .result import ChainsDivergedError, ComponentLLC, LLCResult
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __all__ = [
     "ModelDistribution",
     "ParamSlice",
     "SGLDConfig",
+    "calibrate_step_size",
     "estimate_llc",
     "from_params",
     "head",

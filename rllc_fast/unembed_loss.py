@@ -24,7 +24,7 @@ class _UnembedLoss(torch.autograd.Function):
     def forward(ctx, x, W_U, b_U, target_ids, target_logp, R: int):
         M = x.shape[0] // R
         V = W_U.shape[1]
-        block = max(1, BLOCK_ELEMENTS // V)
+        block = max(64, BLOCK_ELEMENTS // V)  # at least 64 rows: keeps the products efficient for big vocabularies
         W = W_U.float()
         b = b_U.float() if b_U is not None else None
         row_loss = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)

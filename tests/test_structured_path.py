@@ -190,3 +190,19 @@ def test_blocked_unembedding_loss_matches_the_plain_loss_and_its_gradient(kind, 
     (g_fast,) = torch.autograd.grad((fast * weights).sum(), x)
     (g_plain,) = torch.autograd.grad((plain * weights).sum(), x)
     torch.testing.assert_close(g_fast, g_plain)
+
+
+def test_step_size_calibration_reports_each_size_and_flags_divergence():
+    from toy_models import Linear, gaussian_nll
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 2, generator=g)
+    y = x @ torch.tensor([1.0, 2.0]) + torch.randn(200, generator=g)
+    model = Linear(torch.tensor([1.0, 2.0]))
+    cfg = r.SGLDConfig(nbeta=50.0, localization=1.0, num_chains=3, batch_size=None)
+    rows = r.calibrate_step_size(model, (x, y), step_sizes=[1e-3, 10.0], config=cfg, num_draws=30,
+                                 loss_fn=gaussian_nll(1.0))
+    assert [row["step_size"] for row in rows] == [1e-3, 10.0]
+    ok, blown = rows
+    assert ok["diverged_chains"] == 0 and math.isfinite(ok["llc_mean"]) and ok["final_distance"] > 0
+    assert blown["diverged_chains"] == 3 and math.isnan(blown["llc_mean"])
