@@ -5,6 +5,7 @@ import dataclasses
 import warnings
 from typing import Iterable, List, Optional
 
+from .components import as_component_dict
 from .config import SGLDConfig
 from .llc import estimate_llc
 from .result import ChainsDivergedError
@@ -26,6 +27,7 @@ def calibrate_step_size(
     step size, and chains that agree (small ``llc_std``). Use ``pandas.DataFrame(rows)`` to tabulate.
     """
     config = SGLDConfig() if config is None else config
+    components = as_component_dict(model, components)
     rows: List[dict] = []
     for eps in step_sizes:
         cfg = dataclasses.replace(config, step_size=float(eps), num_draws=num_draws)
@@ -34,12 +36,9 @@ def calibrate_step_size(
                 warnings.simplefilter("ignore", RuntimeWarning)
                 result = estimate_llc(model, data, cfg, components=components, **estimate_kwargs)
         except ChainsDivergedError:
-            names = [components.name] if hasattr(components, "slices") else (
-                list(components) if isinstance(components, dict) else
-                [c.name for c in components] if components is not None else ["whole"])
             rows += [dict(step_size=float(eps), component=n, llc_mean=float("nan"), llc_std=float("nan"),
                           diverged_chains=cfg.num_chains, num_chains=cfg.num_chains, final_distance=float("nan"))
-                     for n in names]
+                     for n in components]
             continue
         for name in result.components:
             e = result[name]

@@ -21,7 +21,7 @@ class SGLDConfig:
     nbeta:        n * beta, the inverse temperature times the sample size.
     localization: gamma, strength of the pull back to w* (0 disables it).
     num_chains:   independent chains per component.
-    num_draws:    loss samples kept per chain (one per SGLD step after burn-in).
+    num_draws:    loss samples kept per chain (one every ``thinning`` SGLD steps after burn-in).
     num_burnin:   SGLD steps run and discarded before the first draw.
     thinning:     SGLD steps per kept draw after burn-in (1 keeps every step).
     batch_size:   sequences (rows) per minibatch; None means the full data set every step.

@@ -34,7 +34,7 @@ from ..models import tl_heads
 from ..ops import sgld_step
 from ..result import ComponentLLC
 from ..sgld import replica_generator, replica_seed, rmsprop_sgld_delta
-from .common import Progress, frozen_parameters
+from .common import Progress, frozen_parameters, pack, pack_grad
 
 Replica = Tuple[str, Component, int]
 
@@ -86,12 +86,12 @@ def run_batched(
     dists = np.full((R, draws), np.nan)
     diverged_at = np.full(R, -1)
     budget = default_budget(device) if max_memory is None else parse_bytes(max_memory)
-    head_of, generic_names, _ = plan(model, components, loss_fn, structured)
+    head_of, _, _ = plan(model, components, loss_fn, structured)
 
     with frozen_parameters(model, touched) as originals:
         w_star = torch.zeros(R, n_max, device=device)
         for r, (_, comp, _) in enumerate(replicas):
-            w_star[r, : comp.numel] = _pack(comp, originals)
+            w_star[r, : comp.numel] = pack(comp, originals)
         w = w_star.clone()
         grad = torch.zeros_like(w)
         lengths = torch.tensor([c.numel for _, c, _ in replicas], device=device)
@@ -145,11 +145,12 @@ class _Updater:
         self.on_cpu = device.type == "cpu"
         self.rmsprop = config.sampler == "rmsprop"
         self.noise = torch.zeros_like(w) if (self.on_cpu or self.rmsprop) else None
+        seed = replica_seed(config.seed, "batched", 0)
         if self.on_cpu:
             self.gens = [replica_generator(config.seed, name, chain, device) for name, _, chain in replicas]
         elif self.rmsprop:
-            self.gen = torch.Generator(device=device).manual_seed(replica_seed(config.seed, "batched", 0))
-        self.rng_state = torch.tensor([replica_seed(config.seed, "batched", 0), 0], device=device)
+            self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.rng_state = torch.tensor([seed, 0], device=device)
         if self.rmsprop:
             self.square_avg = torch.zeros_like(w)
             self.cols = torch.arange(w.shape[1], device=device)
@@ -200,7 +201,7 @@ class _GenericGrads:
             if math.isfinite(value):
                 if loss.requires_grad:
                     loss.backward()
-                grad[r, : comp.numel] = _pack_grad(comp, params)
+                grad[r, : comp.numel] = pack_grad(comp, params)
             for n in comp.param_names:
                 params[n].requires_grad_(False)
                 params[n].grad = None
@@ -262,19 +263,6 @@ class _HeadReplicaGrads:
                     losses.sum().backward()
                 grad[idx, :n] = leaf.grad
                 values[idx.cpu().numpy()] = losses.detach().double().cpu().numpy()
-
-
-def _pack(comp: Component, tensors) -> torch.Tensor:
-    return torch.cat([s.view(tensors[s.param]).reshape(-1).float() for s in comp.slices])
-
-
-def _pack_grad(comp: Component, params) -> torch.Tensor:
-    parts = []
-    for s in comp.slices:
-        p = params[s.param]
-        g = s.view(p.grad) if p.grad is not None else torch.zeros_like(s.view(p))
-        parts.append(g.reshape(-1).float())
-    return torch.cat(parts)
 
 
 @torch.no_grad()

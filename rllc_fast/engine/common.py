@@ -1,4 +1,5 @@
-"""What every engine needs: parameter save/restore around sampling, and progress reporting."""
+"""What every engine needs: parameter save/restore around sampling, packing a component's slices
+into one flat float32 row, and progress reporting."""
 from __future__ import annotations
 
 import contextlib
@@ -31,6 +32,22 @@ def frozen_parameters(model: nn.Module, touched: List[str]) -> Iterator[Dict[str
         for n, p in params.items():
             p.requires_grad_(flags[n])
             p.grad = grads[n]
+
+
+def pack(comp, tensors) -> torch.Tensor:
+    """The component's slices of ``tensors`` (``{param name: tensor}``) flattened in order, float32 ``[numel]``."""
+    return torch.cat([s.view(tensors[s.param]).reshape(-1).float() for s in comp.slices])
+
+
+def grad_view(s, params) -> torch.Tensor:
+    """Slice ``s`` of its parameter's ``.grad`` (zeros when the parameter has no gradient)."""
+    p = params[s.param]
+    return s.view(p.grad) if p.grad is not None else torch.zeros_like(s.view(p))
+
+
+def pack_grad(comp, params) -> torch.Tensor:
+    """The component's gradient flattened like ``pack``, float32 ``[numel]``."""
+    return torch.cat([grad_view(s, params).reshape(-1).float() for s in comp.slices])
 
 
 class Progress:

@@ -18,7 +18,7 @@ from ..components import Component
 from ..config import SGLDConfig
 from ..result import ComponentLLC
 from ..sgld import replica_generator, rmsprop_sgld_delta, sgld_delta
-from .common import Progress, frozen_parameters
+from .common import Progress, frozen_parameters, grad_view, pack, pack_grad
 
 
 def run_reference(
@@ -87,10 +87,7 @@ def _sgld_update(comp: Component, params, originals, gen: torch.Generator, confi
     """One SGLD step on the component's slices, with one ``randn(numel)`` draw for the whole component."""
     noise = torch.randn(comp.numel, generator=gen, device=gen.device)
     if square_avg is not None:  # RMSProp: the preconditioner spans the whole component
-        v = torch.cat([s.view(params[s.param]).reshape(-1).float() for s in comp.slices])
-        g = torch.cat([_grad_view(s, params).reshape(-1).float() for s in comp.slices])
-        v_star = torch.cat([s.view(originals[s.param]).reshape(-1).float() for s in comp.slices])
-        delta = rmsprop_sgld_delta(v, g, v_star, noise, square_avg, config.step_size, config.nbeta,
+        delta = rmsprop_sgld_delta(pack(comp, params), pack_grad(comp, params), pack(comp, originals), noise, square_avg, config.step_size, config.nbeta,
                                    config.localization, config.rmsprop_alpha, config.rmsprop_eps)
     offset = 0
     for s in comp.slices:
@@ -98,18 +95,13 @@ def _sgld_update(comp: Component, params, originals, gen: torch.Generator, confi
         k = v.numel()
         if square_avg is None:
             step = sgld_delta(
-                v, _grad_view(s, params), s.view(originals[s.param]), noise[offset : offset + k].view_as(v),
+                v, grad_view(s, params), s.view(originals[s.param]), noise[offset : offset + k].view_as(v),
                 config.step_size, config.nbeta, config.localization,
             )
         else:
             step = delta[offset : offset + k].view_as(v)
         v.add_(step.to(v.dtype))
         offset += k
-
-
-def _grad_view(s, params) -> torch.Tensor:
-    p = params[s.param]
-    return s.view(p.grad) if p.grad is not None else torch.zeros_like(s.view(p))
 
 
 @torch.no_grad()
