@@ -35,11 +35,8 @@ def calibrate_step_size(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 result = estimate_llc(model, data, cfg, components=components, **estimate_kwargs)
-        except ChainsDivergedError:
-            rows += [dict(step_size=float(eps), component=n, llc_mean=float("nan"), llc_std=float("nan"),
-                          diverged_chains=cfg.num_chains, num_chains=cfg.num_chains, final_distance=float("nan"))
-                     for n in components]
-            continue
+        except ChainsDivergedError as err:  # some component lost every chain; report all as measured
+            result = err.result
         for name in result.components:
             e = result[name]
             last = e.distance_trace[~e.diverged, -1]

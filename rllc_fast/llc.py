@@ -27,7 +27,7 @@ from .engine.batched import run_batched
 from .engine.reference import run_reference
 from .losses import check_tokens, next_token_loss
 from .memory import parse_bytes
-from .result import LLCResult, check_divergence
+from .result import ChainsDivergedError, LLCResult, check_divergence
 
 def _run_generic(*args, max_memory=None):
     return run_batched(*args, max_memory=max_memory, structured=False)
@@ -117,8 +117,13 @@ def estimate_llc(
         estimates = ENGINES[engine](model, batches, loss_fn, comps, config, init_losses, bar, max_memory=max_memory)
     finally:
         bar.close()
-    check_divergence(estimates, config.step_size)
-    return LLCResult(estimates=estimates, config=config, engine=engine)
+    result = LLCResult(estimates=estimates, config=config, engine=engine)
+    try:
+        check_divergence(estimates, config.step_size)
+    except ChainsDivergedError as err:
+        err.result = result  # what was measured, for callers that want the components that survived
+        raise
+    return result
 
 
 class _OnDevice:

@@ -11,7 +11,12 @@ from .config import SGLDConfig
 
 
 class ChainsDivergedError(RuntimeError):
-    """Every chain of a component diverged (NaN/Inf loss); no estimate can be made."""
+    """Every chain of a component diverged (NaN/Inf loss); no estimate can be made for it.
+
+    When raised by ``estimate_llc``, ``.result`` holds the ``LLCResult`` of the whole call (the other
+    components' estimates and every trace)."""
+
+    result = None
 
 
 @dataclass

@@ -206,3 +206,26 @@ def test_step_size_calibration_reports_each_size_and_flags_divergence():
     ok, blown = rows
     assert ok["diverged_chains"] == 0 and math.isfinite(ok["llc_mean"]) and ok["final_distance"] > 0
     assert blown["diverged_chains"] == 3 and math.isnan(blown["llc_mean"])
+
+
+def test_calibration_reports_the_surviving_component_when_another_loses_every_chain():
+    from toy_models import Linear, gaussian_nll
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 2, generator=g)
+    y = x @ torch.tensor([1.0, 2.0]) + torch.randn(200, generator=g)
+    model = Linear(torch.tensor([1.0, 2.0]))
+    a = r.components.make_component(model, "a", [("w", (0,))])
+    b = r.components.make_component(model, "b", [("w", (1,))])
+    base = gaussian_nll(1.0)
+
+    def poisoned(m, batch):  # NaN as soon as w[0] leaves w*: only component "a" moves it
+        loss = base(m, batch)
+        return loss * float("nan") if float(m.w[0].detach()) != 1.0 else loss
+
+    cfg = r.SGLDConfig(nbeta=50.0, localization=1.0, num_chains=2, batch_size=None)
+    rows = r.calibrate_step_size(model, (x, y), step_sizes=[1e-3], config=cfg, components=[a, b], num_draws=10,
+                                 loss_fn=poisoned)
+    by_name = {row["component"]: row for row in rows}
+    assert by_name["a"]["diverged_chains"] == 2 and math.isnan(by_name["a"]["llc_mean"])
+    assert by_name["b"]["diverged_chains"] == 0 and math.isfinite(by_name["b"]["llc_mean"])
