@@ -80,16 +80,13 @@ def kl_losses(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 class NextTokenLoss:
     """Eq. (1) as a ``loss_fn(model, tokens)``; the batched engine's structured path also calls
-    ``prepare``/``replica_losses`` to score many model copies from their logits."""
+    ``prepare``/``feature_losses`` to score many model copies from their final features."""
 
     def __call__(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         return token_losses(model_logits(model, tokens)[None], tokens)[0]
 
     def prepare(self, tokens: torch.Tensor):
         return None
-
-    def replica_losses(self, logits: torch.Tensor, tokens: torch.Tensor, prepared) -> torch.Tensor:
-        return token_losses(logits, tokens)
 
     def feature_losses(self, x: torch.Tensor, W_U, b_U, tokens: torch.Tensor, prepared) -> torch.Tensor:
         """``[R]`` losses from final features ``x [R, N, T-1, d]`` with unembedding ``W_U, b_U``."""
@@ -114,9 +111,6 @@ class KLToReference:
     def prepare(self, tokens: torch.Tensor) -> torch.Tensor:
         """The reference's log-probs ``[N, T-1, vocab]`` on ``tokens`` (computed once per batch)."""
         return F.log_softmax(model_logits(self.reference, tokens)[:, :-1].float(), dim=-1)
-
-    def replica_losses(self, logits: torch.Tensor, tokens: torch.Tensor, prepared) -> torch.Tensor:
-        return kl_losses(prepared, logits)
 
     def feature_losses(self, x: torch.Tensor, W_U, b_U, tokens: torch.Tensor, prepared) -> torch.Tensor:
         """``[R]`` losses from final features ``x [R, N, T-1, d]`` with unembedding ``W_U, b_U``."""
