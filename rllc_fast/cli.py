@@ -1,4 +1,7 @@
-"""The ``rllc`` command line: ``rllc estimate`` and ``rllc info``."""
+"""The ``rllc`` command line: ``rllc estimate``, ``rllc sweep``, ``rllc plot`` and ``rllc info``.
+
+Every subcommand takes ``--config FILE`` (TOML or YAML) whose keys are its long flags (``step-size``
+or ``step_size``); flags given on the command line win over the file."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +10,7 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -21,41 +25,53 @@ def _estimate_parser(sub) -> None:
         ),
     )
     p.add_argument("--components", choices=["heads", "layers", "whole"], default="heads")
-    p.add_argument("--engine", choices=["batched", "generic", "reference"], default="batched",
-                   help="batched (default: all replicas together, structured path for heads), generic "
-                        "(batched, loop path) or reference (one chain at a time)")
     p.add_argument("--train-steps", type=int, default=300, help="Adam steps of the built-in model (default 300)")
     p.add_argument("--n-layers", type=int, default=2)
     p.add_argument("--n-heads", type=int, default=4)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--context", type=int, default=64, help="tokens per context (default 64)")
-    p.add_argument("--step-size", type=float, default=1e-3)
-    p.add_argument("--nbeta", type=float, default=30.0)
-    p.add_argument("--localization", type=float, default=200.0)
-    p.add_argument("--chains", type=int, default=4)
-    p.add_argument("--draws", type=int, default=50)
-    p.add_argument("--burnin", type=int, default=0)
-    p.add_argument("--thinning", type=int, default=1, help="SGLD steps per kept draw (default 1)")
-    p.add_argument("--sampler", choices=["sgld", "rmsprop"], default="sgld",
-                   help="plain SGLD (default, the paper's) or RMSProp-preconditioned SGLD")
-    p.add_argument("--max-memory", help="activation memory for replica chunks, e.g. 8GB (default: automatic)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    _sgld_arguments(p)
     p.add_argument("--output", help="write the full result (config, per-chain traces) as JSON here")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or logs")
     p.set_defaults(func=_cmd_estimate)
 
 
+def _sgld_arguments(p) -> None:
+    """The SGLD flags shared by ``estimate`` and ``sweep`` (the paper's settings, 50 draws by default)."""
+    g = p.add_argument_group("SGLD")
+    g.add_argument("--step-size", type=float, default=1e-3)
+    g.add_argument("--nbeta", type=float, default=30.0)
+    g.add_argument("--localization", type=float, default=200.0, help="gamma (default 200)")
+    g.add_argument("--chains", type=int, default=4)
+    g.add_argument("--draws", type=int, default=50)
+    g.add_argument("--burnin", type=int, default=0)
+    g.add_argument("--thinning", type=int, default=1, help="SGLD steps per kept draw (default 1)")
+    g.add_argument("--sampler", choices=["sgld", "rmsprop"], default="sgld",
+                   help="plain SGLD (default, the paper's) or RMSProp-preconditioned SGLD")
+    g.add_argument("--batch-size", type=int, default=16, help="contexts per SGLD minibatch (default 16)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-memory", help="activation memory for replica chunks, e.g. 8GB (default: automatic)")
+    g.add_argument("--engine", choices=["batched", "generic", "reference"], default="batched",
+                   help="batched (default: all replicas together, structured path for heads), generic "
+                        "(batched, loop path) or reference (one chain at a time)")
+
+
+def _sgld_config(args):
+    from . import SGLDConfig
+
+    return SGLDConfig(step_size=args.step_size, nbeta=args.nbeta, localization=args.localization,
+                      num_chains=args.chains, num_draws=args.draws, num_burnin=args.burnin,
+                      thinning=args.thinning, sampler=args.sampler, batch_size=args.batch_size, seed=args.seed)
+
+
 def _cmd_estimate(args) -> int:
-    from . import SGLDConfig, estimate_llc, heads, layers, whole
+    from . import estimate_llc, heads, layers
     from .data.stdlib_bytes import stdlib_byte_tokens
     from .models import attn_only
     from .models.train import train_next_token
 
     torch.manual_seed(args.seed)
-    config = SGLDConfig(step_size=args.step_size, nbeta=args.nbeta, localization=args.localization,
-                        num_chains=args.chains, num_draws=args.draws, num_burnin=args.burnin,
-                        thinning=args.thinning, sampler=args.sampler, batch_size=args.batch_size, seed=args.seed)
+    config = _sgld_config(args)
     model = attn_only(seed=args.seed, n_layers=args.n_layers, d_model=args.d_model, n_heads=args.n_heads,
                       d_head=args.d_model // args.n_heads, n_ctx=args.context, d_vocab=256)
     train = stdlib_byte_tokens(2048, args.context, seed=args.seed)
@@ -73,6 +89,114 @@ def _cmd_estimate(args) -> int:
     if args.output:
         _write_json_atomically(args.output, result.to_dict())
         _log(args, f"wrote {args.output}")
+    return 0
+
+
+def _sweep_parser(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="rLLCs of every checkpoint x data x component set, into a resumable result store",
+        description=(
+            "Estimate the rLLC of each component set (whole, heads, layers) of every checkpoint in --checkpoints "
+            "on every --data distribution. Each finished (checkpoint, data, component set) is written to the "
+            "SQLite --store in one transaction; rerunning skips what is stored with the same config and "
+            "recomputes the rest. Unloadable checkpoints are recorded as failures and skipped."
+        ),
+    )
+    p.add_argument("--checkpoints", required=True,
+                   help="directory of checkpoints: *.pt (rllc_fast or TransformerLens state dicts) or Hugging Face "
+                        "GPT-NeoX directories (step1000/ ...), ordered by training step")
+    p.add_argument("--data", action="append", required=True, metavar="[NAME=]SPEC",
+                   help="a data distribution: built-in corpus (stdlib_code, stdlib_prose) or a token/text file "
+                        "(.npy, .pt, .bin uint16, .txt with --tokenizer); repeat for several; NAME= names it")
+    p.add_argument("--components", default="heads",
+                   help="comma-separated component sets: whole, heads, layers (default heads)")
+    p.add_argument("--store", required=True, help="SQLite result store (created if missing)")
+    p.add_argument("--tokenizer", help="tokenizers JSON file for text data (default: UTF-8 bytes for built-in corpora)")
+    p.add_argument("--context", type=int, default=64, help="tokens per context (default 64; at most the model's n_ctx)")
+    p.add_argument("--num-contexts", type=int, default=256, help="contexts per data distribution (default 256)")
+    p.add_argument("--like", help="a checkpoint whose architecture every checkpoint must match "
+                                  "(default: the first checkpoint that loads); needed for plain state dicts")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    _sgld_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars or logs")
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _data_specs(specs):
+    """``[NAME=]SPEC`` strings as ``{name: spec}``; names must be unique."""
+    out = {}
+    for item in specs:
+        name, sep, spec = item.partition("=")
+        if not sep:
+            spec = item
+            name = item if not os.path.exists(item) else os.path.splitext(os.path.basename(item))[0]
+        if not name or not spec:
+            raise SystemExit(f"rllc sweep: --data {item!r}: expected [NAME=]SPEC")
+        if name in out:
+            raise SystemExit(f"rllc sweep: two --data distributions are named {name!r}; name them NAME=SPEC")
+        out[name] = spec
+    return out
+
+
+def _cmd_sweep(args) -> int:
+    from .data import data_from_spec, load_tokenizer
+    from .models.checkpoints import Checkpoint, checkpoint_series
+    from .sweep import COMPONENT_SETS, run_sweep
+
+    sets = [s.strip() for s in args.components.split(",") if s.strip()]
+    unknown = [s for s in sets if s not in COMPONENT_SETS]
+    if unknown or not sets:
+        raise SystemExit(f"rllc sweep: --components {args.components!r}: choose from {sorted(COMPONENT_SETS)}")
+    try:
+        series = checkpoint_series(args.checkpoints)
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+        data = {name: data_from_spec(spec, args.context, args.num_contexts, tokenizer, seed=args.seed)
+                for name, spec in _data_specs(args.data).items()}
+        like = None
+        if args.like:
+            kind = "hf" if os.path.isdir(args.like) else "rllc"
+            like = Checkpoint(Path(args.like), 0, kind).load()
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"rllc sweep: {err}") from None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _log(args, f"{len(series)} checkpoint(s) x {len(data)} data x {len(sets)} component set(s) -> {args.store}")
+    try:
+        report = run_sweep(series, data, _sgld_config(args), args.store, sets, like=like, engine=args.engine,
+                           device=device, max_memory=args.max_memory, progress=not args.quiet,
+                           log=lambda m: _log(args, m))
+    except ValueError as err:
+        raise SystemExit(f"rllc sweep: {err}") from None
+    print(report.summary())
+    return 0 if not report.failed else 3
+
+
+def _plot_parser(sub) -> None:
+    p = sub.add_parser(
+        "plot",
+        help="figures and an HTML report from a sweep's result store",
+        description="Write per-head rLLC curves (one panel per layer), data differences, layer and whole-model "
+                    "curves as PNGs plus index.html with every figure and a table of the numbers.",
+    )
+    p.add_argument("--store", required=True, help="the SQLite result store of `rllc sweep`")
+    p.add_argument("--out", default="rllc-report", help="output folder (default ./rllc-report)")
+    p.add_argument("--diff", nargs=2, action="append", metavar=("DATA_A", "DATA_B"),
+                   help="plot per-head rLLC on DATA_A minus on DATA_B (default: every data against the first)")
+    p.add_argument("--quiet", action="store_true", help="no logs")
+    p.set_defaults(func=_cmd_plot)
+
+
+def _cmd_plot(args) -> int:
+    from .report import write_report
+
+    if not os.path.isfile(args.store):
+        raise SystemExit(f"rllc plot: --store {args.store} does not exist")
+    try:
+        page = write_report(args.store, args.out, differences=[tuple(d) for d in args.diff or ()])
+    except ValueError as err:
+        raise SystemExit(f"rllc plot: {err}") from None
+    _log(args, f"wrote {page} and its figures")
+    print(page)
     return 0
 
 
@@ -110,13 +234,51 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rllc", description="Refined local learning coefficients, fast.")
     sub = parser.add_subparsers(dest="command", required=True)
     _estimate_parser(sub)
+    _sweep_parser(sub)
+    _plot_parser(sub)
     info = sub.add_parser("info", help="backend, device and library versions", description="Print the ops backend, device and versions.")
     info.set_defaults(func=_cmd_info)
+    for p in sub.choices.values():
+        p.add_argument("--config", metavar="FILE", help="TOML or YAML file of flag values (command-line flags win)")
     return parser
 
 
+def _read_config_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise SystemExit(f"rllc: --config {path} does not exist")
+    with open(path, "rb") as f:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(f) or {}
+        else:
+            import tomllib
+
+            try:
+                values = tomllib.load(f)
+            except tomllib.TOMLDecodeError as err:
+                raise SystemExit(f"rllc: --config {path}: not valid TOML: {err}") from None
+    if not isinstance(values, dict):
+        raise SystemExit(f"rllc: --config {path}: expected a table of flag = value")
+    return values
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        sub = parser._subparsers._group_actions[0].choices[args.command]
+        dests = {a.dest for a in sub._actions if a.dest not in ("help", "config")}
+        values = {k.replace("-", "_"): v for k, v in _read_config_file(args.config).items()}
+        unknown = sorted(set(values) - dests)
+        if unknown:
+            raise SystemExit(f"rllc {args.command}: --config {args.config}: unknown key(s) {unknown}; "
+                             f"valid: {sorted(dests)}")
+        for action in sub._actions:
+            if action.dest in values:
+                action.required = False
+        sub.set_defaults(**values)
+        args = parser.parse_args(argv)
     return args.func(args)
 
 

@@ -1,5 +1,19 @@
-"""Model construction: the paper's attention-only transformer and GPT-NeoX/Pythia shapes (TransformerLens)."""
+"""Model construction and loading: the paper's attention-only transformer, GPT-NeoX/Pythia (shapes, and
+local Hugging Face checkpoints, offline) and checkpoint series of a training run (TransformerLens)."""
 from .attn_only import PAPER_CONFIG, attn_only
+from .checkpoints import Checkpoint, CheckpointError, checkpoint_series, save_checkpoint
+from .gpt_neox import load_gpt_neox, pythia_70m_config
 from .pythia import PYTHIA_70M_CONFIG, pythia_like
 
-__all__ = ["PAPER_CONFIG", "PYTHIA_70M_CONFIG", "attn_only", "pythia_like"]
+__all__ = [
+    "PAPER_CONFIG",
+    "PYTHIA_70M_CONFIG",
+    "Checkpoint",
+    "CheckpointError",
+    "attn_only",
+    "checkpoint_series",
+    "load_gpt_neox",
+    "pythia_70m_config",
+    "pythia_like",
+    "save_checkpoint",
+]

@@ -1,17 +1,47 @@
 """A short next-token training run (AdamW), for the built-in default and the benchmarks' models."""
 from __future__ import annotations
 
+import os
 import sys
+from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..losses import next_token_loss
 
 
+def log_spaced_steps(total: int, count: int) -> list:
+    """About ``count`` distinct checkpoint steps in ``[0, total]``, log-spaced (0 and ``total`` included)."""
+    if total < 1 or count < 2:
+        raise ValueError(f"need total >= 1 and count >= 2, got total={total}, count={count}")
+    steps = {0, total}
+    grid = np.unique(np.round(np.logspace(0, np.log10(total), count - 1)).astype(int))
+    steps.update(int(s) for s in grid)
+    return sorted(steps)
+
+
 def train_next_token(model: nn.Module, tokens: torch.Tensor, steps: int, seed: int = 0, progress: bool = False,
-                     batch_size: int = 32, lr: float = 3e-3) -> float:
-    """Train ``model`` in place on random rows of ``tokens [N, T]`` for ``steps`` AdamW steps; return the last loss (nats)."""
+                     batch_size: int = 32, lr: float = 3e-3, save_at: Sequence[int] = (),
+                     save_dir: str | os.PathLike | None = None) -> float:
+    """Train ``model`` in place on random rows of ``tokens [N, T]`` for ``steps`` AdamW steps; return the last loss (nats).
+
+    ``save_at``: training steps (0 = before the first update) at which ``save_dir/step{N:06d}.pt`` is written
+    with ``rllc_fast.models.save_checkpoint`` (TransformerLens models)."""
+    save_at = set(save_at)
+    if save_at and save_dir is None:
+        raise ValueError("save_at needs save_dir (the folder the checkpoints go to)")
+    bad = sorted(s for s in save_at if not 0 <= s <= steps)
+    if bad:
+        raise ValueError(f"save_at steps {bad} are outside [0, steps={steps}]")
+
+    def maybe_save(step: int) -> None:
+        if step in save_at:
+            from .checkpoints import save_checkpoint
+
+            save_checkpoint(model, os.path.join(save_dir, f"step{step:06d}.pt"), step)
+
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     loss = torch.tensor(float("nan"))
@@ -20,12 +50,14 @@ def train_next_token(model: nn.Module, tokens: torch.Tensor, steps: int, seed: i
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc="training", unit="step", file=sys.stderr, dynamic_ncols=True)
-    for _ in range(steps):
+    maybe_save(0)
+    for step in range(1, steps + 1):
         batch = tokens[torch.randint(0, tokens.shape[0], (batch_size,), generator=g)]
         loss = next_token_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        maybe_save(step)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")

@@ -1,0 +1,237 @@
+"""Checkpoint series of a training run: find, order by training step, load; save in our own format.
+
+A checkpoint directory may hold, in any mix:
+- ``*.pt`` / ``*.pth`` files written by ``save_checkpoint`` (TransformerLens state dict + config + step);
+- plain TransformerLens state dicts (``*.pt``), loaded into a model shaped like ``like``;
+- Hugging Face GPT-NeoX directories (with ``config.json``), such as Pythia's ``step1000/``.
+
+The training step comes from the file's stored metadata, else from the last number in its name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+FORMAT = "rllc_fast.checkpoint/1"
+_SUFFIXES = (".pt", ".pth")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (corrupt, unreadable, or of another architecture); names the file."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint: ``path`` (file or HF directory), training ``step``, ``kind`` ("rllc", "state_dict", "hf")."""
+
+    path: Path
+    step: int
+    kind: str
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def load(self, like=None, device: str | torch.device = "cpu"):
+        """The checkpoint as a ``HookedTransformer`` (eval mode) on ``device``.
+
+        ``like``: a ``HookedTransformer`` or ``HookedTransformerConfig`` that the checkpoint must match
+        (required for plain state dicts). Raises ``CheckpointError`` naming the file on any failure.
+        """
+        try:
+            if self.kind == "hf":
+                from .gpt_neox import load_gpt_neox
+
+                model = load_gpt_neox(self.path, device=device)
+                _check_same_architecture(model.cfg, like, self.path)
+                return model.eval()
+            payload = _torch_load(self.path)
+            state, cfg_fields = _split_payload(payload, self.path)
+            cfg = _config(cfg_fields, like, self.path, device)
+            model = _build(cfg)
+            _load_state(model, state, self.path)
+            return model.to(device, print_details=False).eval()
+        except CheckpointError:
+            raise
+        except Exception as err:  # anything else a broken file can raise
+            raise CheckpointError(f"{self.path}: cannot load checkpoint: {err}") from err
+
+
+def save_checkpoint(model, path: str | os.PathLike, step: int) -> Path:
+    """Write ``model`` (a ``HookedTransformer``) with its config and ``step`` to ``path``, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "step": int(step),
+        "config": config_fields(model.cfg),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def config_fields(cfg) -> dict:
+    """The JSON-safe fields of a ``HookedTransformerConfig`` (dtype as a string, device dropped)."""
+    out = {}
+    for k, v in cfg.to_dict().items():
+        if k in ("device", "n_devices"):
+            continue
+        if isinstance(v, torch.dtype):
+            out[k] = str(v).replace("torch.", "")
+            continue
+        if isinstance(v, np.generic):
+            v = v.item()
+        try:
+            json.dumps(v)
+        except TypeError:
+            continue
+        out[k] = v
+    return out
+
+
+def checkpoint_series(directory: str | os.PathLike) -> List[Checkpoint]:
+    """The checkpoints in ``directory``, ordered by training step (ties: by name).
+
+    Raises ``FileNotFoundError`` for a missing directory or one without checkpoints, and
+    ``CheckpointError`` for an entry whose step cannot be told (naming it and the fix)."""
+    root = Path(directory).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {root} does not exist (argument: checkpoints)")
+    found = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_dir() and (entry / "config.json").is_file():
+            found.append(Checkpoint(entry, _step_of_hf_dir(entry), "hf"))
+        elif entry.is_file() and entry.suffix in _SUFFIXES:
+            step, kind = _step_and_kind_of_file(entry)
+            found.append(Checkpoint(entry, step, kind))
+    if not found:
+        raise FileNotFoundError(
+            f"no checkpoints in {root}: expected *.pt/*.pth files or Hugging Face directories with config.json"
+        )
+    return sorted(found, key=lambda c: (c.step, c.name))
+
+
+def _step_from_name(path: Path) -> int:
+    numbers = re.findall(r"\d+", path.stem if path.is_file() else path.name)
+    if not numbers:
+        raise CheckpointError(
+            f"{path}: cannot tell its training step: put the step in the name (e.g. step1000.pt) or save it "
+            "with rllc_fast.models.save_checkpoint(model, path, step)"
+        )
+    return int(numbers[-1])
+
+
+def _step_of_hf_dir(path: Path) -> int:
+    state = path / "trainer_state.json"
+    if state.is_file():
+        try:
+            return int(json.loads(state.read_text())["global_step"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return _step_from_name(path)
+
+
+def _step_and_kind_of_file(path: Path):
+    """Peek at a file's metadata without keeping its tensors; a corrupt file is still listed (by name)
+    so that the sweep can record it as failed."""
+    try:
+        payload = torch.load(path, map_location="meta", weights_only=True)
+    except Exception:
+        return _step_from_name(path), "state_dict"
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        return int(payload["step"]), "rllc"
+    return _step_from_name(path), "state_dict"
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (corrupt or truncated?): {first}") from err
+
+
+def _split_payload(payload, path: Path):
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        return payload["state_dict"], payload["config"]
+    if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        return payload, None
+    raise CheckpointError(f"{path}: neither an rllc_fast checkpoint nor a state dict of tensors")
+
+
+def _config(cfg_fields, like, path: Path, device):
+    from transformer_lens import HookedTransformerConfig
+
+    like_cfg = getattr(like, "cfg", like)
+    if cfg_fields is None:
+        if like_cfg is None:
+            raise CheckpointError(
+                f"{path}: a plain state dict carries no architecture; pass like=<a model or config of the run> "
+                "(--like on the command line) or save checkpoints with rllc_fast.models.save_checkpoint"
+            )
+        return like_cfg
+    fields = dict(cfg_fields)
+    if isinstance(fields.get("dtype"), str):
+        fields["dtype"] = getattr(torch, fields["dtype"])
+    cfg = HookedTransformerConfig(**fields, device=str(device))
+    _check_same_architecture(cfg, like_cfg, path)
+    return cfg
+
+
+_ARCH_FIELDS = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx", "attn_only",
+                "positional_embedding_type", "normalization_type")
+
+
+def _check_same_architecture(cfg, like, path: Path) -> None:
+    like_cfg = getattr(like, "cfg", like)
+    if like_cfg is None:
+        return
+    diff = {k: (getattr(cfg, k, None), getattr(like_cfg, k, None)) for k in _ARCH_FIELDS
+            if getattr(cfg, k, None) != getattr(like_cfg, k, None)}
+    if diff:
+        shown = ", ".join(f"{k} {a} (expected {b})" for k, (a, b) in diff.items())
+        raise CheckpointError(f"{path}: a different architecture from the run's: {shown}")
+
+
+def _build(cfg):
+    from transformer_lens import HookedTransformer
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*")
+        return HookedTransformer(cfg)
+
+
+def _load_state(model, state, path: Path):
+    own = model.state_dict()
+    wanted = {k for k in own if not k.endswith(("IGNORE", "mask"))}
+    missing = sorted(wanted - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad_shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})"
+                  for k in wanted & set(state) if state[k].shape != own[k].shape]
+    if missing or unexpected or bad_shapes:
+        parts = []
+        if bad_shapes:
+            parts.append("shape mismatch: " + "; ".join(sorted(bad_shapes)[:5]))
+        if missing:
+            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        raise CheckpointError(f"{path}: a different architecture from the run's: " + "; ".join(parts))
+    model.load_state_dict(state, strict=False)

@@ -1,0 +1,114 @@
+"""GPT-NeoX (Pythia) checkpoints from a local Hugging Face directory, into TransformerLens, offline.
+
+The recipe: read the directory's ``config.json`` into a ``HookedTransformerConfig`` by hand (no hub
+lookup), load the weights with ``transformers`` (``local_files_only``), convert them with
+TransformerLens's ``convert_neox_weights`` and load them without any weight processing (no LayerNorm
+folding or centring), so the TransformerLens parameters are the checkpoint's own weights.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+
+def pythia_70m_config(**overrides):
+    """Pythia-70m's ``HookedTransformerConfig`` (see ``PYTHIA_70M_CONFIG``); override any field."""
+    from transformer_lens import HookedTransformerConfig
+
+    from .pythia import PYTHIA_70M_CONFIG
+
+    return HookedTransformerConfig(**{**PYTHIA_70M_CONFIG, "default_prepend_bos": False, **overrides})
+
+
+def tl_config_from_hf(hf_config, device: str | torch.device = "cpu"):
+    """A ``HookedTransformerConfig`` equal in function to a ``transformers`` ``GPTNeoXConfig``."""
+    from transformer_lens import HookedTransformerConfig
+
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        raise ValueError(f"GPT-NeoX rope_type {rope_type!r} is not supported (only 'default' rotary embeddings)")
+    rotary_pct = rope.get("partial_rotary_factor", getattr(hf_config, "rotary_pct", 1.0))
+    rotary_base = rope.get("rope_theta", getattr(hf_config, "rotary_emb_base", 10000))
+    d_head = hf_config.hidden_size // hf_config.num_attention_heads
+    return HookedTransformerConfig(
+        n_layers=hf_config.num_hidden_layers,
+        d_model=hf_config.hidden_size,
+        n_heads=hf_config.num_attention_heads,
+        d_head=d_head,
+        d_mlp=hf_config.intermediate_size,
+        d_vocab=hf_config.vocab_size,
+        n_ctx=hf_config.max_position_embeddings,
+        eps=hf_config.layer_norm_eps,
+        act_fn=hf_config.hidden_act,
+        normalization_type="LN",
+        positional_embedding_type="rotary",
+        rotary_dim=round(rotary_pct * d_head),
+        rotary_base=rotary_base,
+        rotary_adjacent_pairs=False,
+        parallel_attn_mlp=getattr(hf_config, "use_parallel_residual", True),
+        default_prepend_bos=False,
+        original_architecture="GPTNeoXForCausalLM",
+        device=str(device),
+    )
+
+
+def resolve_local_dir(local_dir: str | os.PathLike) -> Path:
+    """The directory holding ``config.json``: ``local_dir`` itself, or a hub name's cached snapshot.
+
+    Raises ``FileNotFoundError`` that says to pass a local directory when neither exists (nothing is
+    ever downloaded)."""
+    path = Path(local_dir).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: no config.json here; pass a Hugging Face GPT-NeoX checkpoint directory")
+        return path
+    name = str(local_dir)
+    if name.count("/") == 1 and not path.exists():
+        try:
+            from huggingface_hub import snapshot_download
+
+            cached = Path(snapshot_download(name, local_files_only=True))
+            if (cached / "config.json").is_file():
+                return cached
+        except Exception:
+            pass
+        raise FileNotFoundError(
+            f"{name!r} looks like a Hugging Face hub name, and it is not in the local cache; rllc_fast never "
+            "downloads weights: download the checkpoint where you have network (e.g. with "
+            "`huggingface-cli download`) and pass its local directory"
+        )
+    raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+
+
+def load_gpt_neox(local_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype=torch.float32):
+    """A ``HookedTransformer`` holding the GPT-NeoX checkpoint in ``local_dir`` (a folder with
+    ``config.json`` and ``model.safetensors`` or ``pytorch_model.bin``, e.g. Pythia's ``step1000/``).
+
+    Fully offline; the logits equal ``transformers``' own model's (tested to 1e-4)."""
+    from transformer_lens import HookedTransformer
+    from transformer_lens.pretrained.weight_conversions.neox import convert_neox_weights
+    from transformers import AutoConfig, GPTNeoXForCausalLM
+
+    path = resolve_local_dir(local_dir)
+    hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if hf_config.model_type != "gpt_neox":
+        raise ValueError(f"{path}: model_type is {hf_config.model_type!r}, not 'gpt_neox'")
+    cfg = tl_config_from_hf(hf_config, device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*")
+        hf_model = GPTNeoXForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+        state = convert_neox_weights(hf_model, cfg)
+        model = HookedTransformer(cfg)
+        model.load_and_process_state_dict(
+            {k: v.detach().clone() for k, v in state.items()},
+            fold_ln=False,
+            center_writing_weights=False,
+            center_unembed=False,
+            fold_value_biases=False,
+        )
+    del hf_model
+    return model.to(device, print_details=False)

@@ -1,0 +1,188 @@
+"""Figures and a static HTML report from a sweep's result store (matplotlib, no server).
+
+- per-head rLLC curves over training steps (log x-axis), one panel per layer, one line per head,
+  legend in the paper's ``l:h`` naming (its Figure 2), for each data distribution;
+- the per-head difference between two data distributions (the idea of its Figure 3);
+- layer and whole-model LLC curves;
+- ``index.html``: every figure and a table of the numbers.
+"""
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from .store import ResultStore
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _log_x(ax, steps) -> None:
+    """A log step axis that still shows step 0 (symmetric log, linear below 1)."""
+    ax.set_xscale("symlog", linthresh=1.0) if min(steps) <= 0 else ax.set_xscale("log")
+    ax.set_xlabel("training step")
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def _head_key(name: str):
+    layer, head = name.split(":")
+    return int(layer), int(head)
+
+
+def _plot_lines(ax, df, value_col: str = "llc_mean", err_col: Optional[str] = "llc_sem") -> None:
+    colors = _pyplot().get_cmap("tab10" if df["component"].nunique() <= 10 else "tab20")
+    for i, (name, g) in enumerate(sorted(df.groupby("component"), key=lambda kv: _sort_key(kv[0]))):
+        g = g.sort_values("step")
+        x, y = g["step"].to_numpy(), g[value_col].to_numpy(float)
+        color = colors(i % colors.N)
+        ax.plot(x, y, marker="o", markersize=3, linewidth=1.5, label=name, color=color)
+        if err_col is not None and err_col in g:
+            e = g[err_col].to_numpy(float)
+            ok = np.isfinite(e)
+            ax.fill_between(x[ok], (y - e)[ok], (y + e)[ok], color=color, alpha=0.15, linewidth=0)
+
+
+def _sort_key(name: str):
+    try:
+        return (0,) + _head_key(name)
+    except ValueError:
+        return (1, name)
+
+
+def plot_head_curves(df, path, title: str, value_col: str = "llc_mean", ylabel: str = "rLLC  $\\hat\\lambda$",
+                     err_col: Optional[str] = "llc_sem") -> Path:
+    """Per-head curves of ``df`` (rows of one data distribution, component set 'heads'): one panel per
+    layer, one line per head (legend ``l:h``), ±1 SEM band. Writes a PNG to ``path``."""
+    plt = _pyplot()
+    df = df.copy()
+    df["layer"] = [_head_key(c)[0] for c in df["component"]]
+    layer_ids = sorted(df["layer"].unique())
+    fig, axes = plt.subplots(1, len(layer_ids), figsize=(5.2 * len(layer_ids), 4.2), squeeze=False, sharey=True)
+    for ax, layer in zip(axes[0], layer_ids):
+        sub = df[df["layer"] == layer]
+        _plot_lines(ax, sub, value_col, err_col)
+        _log_x(ax, sub["step"])
+        ax.set_title(f"layer {layer}")
+        ax.legend(fontsize=8, ncol=2, title="head l:h", title_fontsize=8, loc="best")
+    axes[0][0].set_ylabel(ylabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_component_curves(df, path, title: str, ylabel: str = "LLC  $\\hat\\lambda$") -> Path:
+    """One panel, one line per (data, component) of ``df`` (whole-model or layer rows)."""
+    plt = _pyplot()
+    df = df.copy()
+    if df["data"].nunique() > 1:
+        df["component"] = df["component"] + " on " + df["data"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    _plot_lines(ax, df)
+    _log_x(ax, df["step"])
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def head_difference(df, data_a: str, data_b: str):
+    """Per-head ``llc(data_a) - llc(data_b)`` at each checkpoint both have; SEMs added in quadrature."""
+    heads = df[df["component_set"] == "heads"]
+    a = heads[heads["data"] == data_a].set_index(["checkpoint", "step", "component"])
+    b = heads[heads["data"] == data_b].set_index(["checkpoint", "step", "component"])
+    both = a.join(b, lsuffix="_a", rsuffix="_b", how="inner")
+    out = both.reset_index()[["checkpoint", "step", "component"]].copy()
+    out["llc_mean"] = (both["llc_mean_a"] - both["llc_mean_b"]).to_numpy()
+    out["llc_sem"] = np.sqrt(both["llc_sem_a"].to_numpy() ** 2 + both["llc_sem_b"].to_numpy() ** 2)
+    out["data"] = f"{data_a} - {data_b}"
+    return out
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    _pyplot().close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def make_figures(store: ResultStore, out_dir, differences: Sequence[tuple] = ()) -> List[tuple]:
+    """Every figure the store's rows allow, as ``[(png path, caption)]``. ``differences``: pairs of data
+    names to plot per-head differences for (default: every data distribution against the first)."""
+    out_dir = Path(out_dir)
+    df = store.rows()
+    if df.empty:
+        raise ValueError(f"{store.path} holds no estimates yet; run `rllc sweep` first")
+    figures = []
+    data_names = list(dict.fromkeys(df["data"]))
+    heads = df[df["component_set"] == "heads"]
+    for name in data_names:
+        sub = heads[heads["data"] == name]
+        if not sub.empty:
+            p = plot_head_curves(sub, out_dir / f"heads_{_slug(name)}.png", f"per-head rLLC on {name}")
+            figures.append((p, f"Per-head rLLC on {name} over training (one panel per layer, ±1 SEM band)."))
+    pairs = list(differences) or [(n, data_names[0]) for n in data_names[1:]]
+    for a, b in pairs:
+        diff = head_difference(df, a, b)
+        if not diff.empty:
+            p = plot_head_curves(diff, out_dir / f"heads_diff_{_slug(a)}_minus_{_slug(b)}.png",
+                                 f"per-head rLLC: {a} minus {b}", ylabel="rLLC difference")
+            figures.append((p, f"Per-head rLLC on {a} minus on {b} (paired by checkpoint and head)."))
+    for set_name, label in (("layers", "per-layer rLLC"), ("whole", "whole-model LLC")):
+        sub = df[df["component_set"] == set_name]
+        if not sub.empty:
+            p = plot_component_curves(sub, out_dir / f"{set_name}.png", label)
+            figures.append((p, f"{label[0].upper()}{label[1:]} over training."))
+    return figures
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+
+
+def write_report(store: ResultStore | str, out_dir, differences: Sequence[tuple] = (),
+                 title: str = "rLLC sweep report", extra_html: str = "") -> Path:
+    """PNG figures plus ``index.html`` (figures, the table of estimates, failures) in ``out_dir``."""
+    store = store if isinstance(store, ResultStore) else ResultStore(store)
+    out_dir = Path(out_dir)
+    figures = make_figures(store, out_dir, differences)
+    df = store.rows()
+    failures = store.failures()
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}img{max-width:100%;border:1px solid #ddd}"
+             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
+             "th{background:#f0f0f0}.bad{color:#b00}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>",
+             f"<p>Store: <code>{html.escape(os.path.abspath(store.path))}</code>; {len(df)} estimates over "
+             f"{df['checkpoint'].nunique()} checkpoints, data {', '.join(map(html.escape, df['data'].unique()))}.</p>",
+             extra_html]
+    for path, caption in figures:
+        parts.append(f"<figure><img src='{html.escape(path.name)}' alt='{html.escape(caption)}'>"
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    if not failures.empty:
+        parts.append("<h2 class='bad'>Failed units</h2>")
+        parts.append(failures[["checkpoint", "step", "data", "component_set", "error"]].to_html(index=False, escape=True))
+    parts.append("<h2>Estimates</h2><p>llc_mean ± llc_sem over non-diverged chains; num_diverged counts chains "
+                 "lost to NaN/Inf (excluded, never averaged in).</p>")
+    table = df[["step", "checkpoint", "data", "component_set", "component", "llc_mean", "llc_std", "llc_sem",
+                "init_loss", "num_chains", "num_diverged"]]
+    parts.append(table.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="diverged"))
+    parts.append("</body></html>")
+    page = out_dir / "index.html"
+    tmp = out_dir / "index.html.tmp"
+    tmp.write_text("\n".join(parts), encoding="utf-8")
+    os.replace(tmp, page)
+    return page

@@ -1,0 +1,191 @@
+"""Sweeps: checkpoints x data distributions x component sets, one batched ``estimate_llc`` per cell,
+written to a resumable ``ResultStore``.
+
+A *unit* is one (checkpoint, data, component set): all its components run as one batched call and
+their rows are written in one transaction. A rerun skips components already stored under the same
+``config_key`` and recomputes the rest (missing, or stored with another config); a checkpoint that
+cannot be loaded is recorded in the store's ``failures`` table and the sweep goes on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+
+from .components import as_component_dict, heads, layers, whole
+from .config import SGLDConfig
+from .data import ModelDistribution
+from .llc import estimate_llc
+from .losses import check_tokens
+from .models.checkpoints import Checkpoint, CheckpointError, checkpoint_series
+from .result import ChainsDivergedError
+from .store import ResultStore, UnitKey
+
+COMPONENT_SETS: Dict[str, Callable] = {"whole": lambda m: {"whole": whole(m)}, "heads": heads, "layers": layers}
+
+
+@dataclass
+class SweepReport:
+    """What a sweep did: units computed, skipped (already stored) and failed (with the error)."""
+
+    computed: List[UnitKey] = field(default_factory=list)
+    skipped: List[UnitKey] = field(default_factory=list)
+    failed: Dict[UnitKey, str] = field(default_factory=dict)
+    rows_written: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = [f"{len(self.computed)} unit(s) computed ({self.rows_written} rows), {len(self.skipped)} already "
+                 f"stored, {len(self.failed)} failed, in {self.seconds:.0f} s"]
+        lines += [f"failed: {u.checkpoint} / {u.data} / {u.component_set}: {err}" for u, err in self.failed.items()]
+        return "\n".join(lines)
+
+
+def data_fingerprint(data) -> str:
+    """A short hash of a data distribution's content (tokens; a ModelDistribution's contexts and reference
+    weights), so a store notices when data under the same name changed."""
+    h = hashlib.sha256()
+
+    def add_tensor(t: torch.Tensor) -> None:
+        t = t.detach().cpu().contiguous()
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+    if isinstance(data, ModelDistribution):
+        h.update(b"model-distribution")
+        for _, p in sorted(data.reference_model.state_dict().items()):
+            add_tensor(p)
+        data = data.contexts
+    if isinstance(data, torch.Tensor):
+        add_tensor(data)
+    elif isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data):
+        for t in data:
+            add_tensor(t)
+    else:
+        raise TypeError(f"sweep data must be token tensors or ModelDistribution, got {type(data).__name__}")
+    return h.hexdigest()[:16]
+
+
+def config_key(config: SGLDConfig, engine: str, fingerprint: str) -> str:
+    """The hash stored with each row: equal keys mean the same estimate would be recomputed."""
+    text = json.dumps({"config": config.to_dict(), "engine": engine, "data": fingerprint}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _component_set(name: str, spec) -> Callable:
+    if callable(spec):
+        return spec
+    if spec is None and name in COMPONENT_SETS:
+        return COMPONENT_SETS[name]
+    raise ValueError(f"component set {name!r}: use one of {sorted(COMPONENT_SETS)} or give a callable model -> components")
+
+
+def run_sweep(
+    checkpoints: Union[str, Sequence[Checkpoint]],
+    data: Mapping[str, object],
+    config: SGLDConfig,
+    store: Union[str, ResultStore],
+    component_sets: Union[Sequence[str], Mapping[str, Optional[Callable]]] = ("heads",),
+    like=None,
+    engine: str = "batched",
+    device=None,
+    max_memory=None,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> SweepReport:
+    """Estimate every (checkpoint, data, component set) into ``store`` and return a ``SweepReport``.
+
+    checkpoints:    a checkpoint directory (see ``rllc_fast.models.checkpoint_series``) or Checkpoints.
+    data:           ``{name: tokens [N, T] or ModelDistribution}``; each name is a data distribution.
+    component_sets: names from ``COMPONENT_SETS`` ("whole", "heads", "layers") or ``{name: model -> components}``.
+    like:           a model or config every checkpoint must match; default: the first checkpoint that loads.
+    """
+    t_start = time.time()
+    if isinstance(checkpoints, (str, bytes)) or hasattr(checkpoints, "__fspath__"):
+        checkpoints = checkpoint_series(checkpoints)
+    checkpoints = list(checkpoints)
+    if not data:
+        raise ValueError("data: give at least one data distribution {name: tokens}")
+    if isinstance(component_sets, Mapping):
+        sets = {k: _component_set(k, v) for k, v in component_sets.items()}
+    else:
+        sets = {k: _component_set(k, None) for k in component_sets}
+    if not sets:
+        raise ValueError("component_sets: give at least one (e.g. ['heads'])")
+    store = store if isinstance(store, ResultStore) else ResultStore(store)
+    keys = {name: config_key(config, engine, data_fingerprint(d)) for name, d in data.items()}
+    config_json = json.dumps({"config": config.to_dict(), "engine": engine}, sort_keys=True)
+    report = SweepReport()
+    bar = _bar(len(checkpoints) * len(data) * len(sets), progress)
+    reference = like
+    for ckpt in checkpoints:
+        units = [(UnitKey(ckpt.name, ckpt.step, d, s), d, s) for d in data for s in sets]
+        model, load_error = None, None
+        for unit, data_name, set_name in units:
+            bar.set_description(f"step {ckpt.step} {data_name} {set_name}")
+            if load_error is None and model is None:
+                try:
+                    model = ckpt.load(like=reference, device=device or "cpu")
+                    if reference is None:
+                        reference = model.cfg
+                        _check_data(data, model)
+                except CheckpointError as err:
+                    load_error = str(err)
+                    log(f"skipping checkpoint: {load_error}")
+            if load_error is not None:
+                store.record_failure(unit, keys[data_name], load_error)
+                report.failed[unit] = load_error
+                bar.update(1)
+                continue
+            comps = as_component_dict(model, sets[set_name](model))
+            done = store.done(unit, keys[data_name])
+            todo = {k: c for k, c in comps.items() if k not in done}
+            if not todo:
+                report.skipped.append(unit)
+                bar.update(1)
+                continue
+            t0 = time.time()
+            try:
+                result = estimate_llc(model, data[data_name], config, components=todo, engine=engine, device=device,
+                                      max_memory=max_memory)
+            except ChainsDivergedError as err:  # keep the other components; the lost ones are stored as diverged
+                result = err.result
+                log(f"{unit.checkpoint} / {data_name} / {set_name}: {err}")
+            report.rows_written += store.write(unit, keys[data_name], config_json, list(result), time.time() - t0)
+            report.computed.append(unit)
+            bar.update(1)
+    bar.close()
+    report.seconds = time.time() - t_start
+    return report
+
+
+def _check_data(data: Mapping[str, object], model) -> None:
+    """Every token distribution fits the model (ids within the vocabulary, contexts within n_ctx)."""
+    for name, d in data.items():
+        tokens = d.contexts if isinstance(d, ModelDistribution) else d
+        if isinstance(tokens, torch.Tensor):
+            check_tokens(tokens, model, what=f"data {name!r}")
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_description(self, s):
+        pass
+
+    def close(self):
+        pass
+
+
+def _bar(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="unit", file=sys.stderr, dynamic_ncols=True)
