@@ -181,7 +181,7 @@ def _plot_parser(sub) -> None:
     p.add_argument("--store", required=True, help="the SQLite result store of `rllc sweep`")
     p.add_argument("--out", default="rllc-report", help="output folder (default ./rllc-report)")
     p.add_argument("--diff", nargs=2, action="append", metavar=("DATA_A", "DATA_B"),
-                   help="plot per-head rLLC on DATA_A minus on DATA_B (default: every data against the first)")
+                   help="plot per-head rLLC on DATA_A minus on DATA_B; repeatable (default: every data distribution minus the alphabetically first)")
     p.add_argument("--quiet", action="store_true", help="no logs")
     p.set_defaults(func=_cmd_plot)
 
@@ -263,22 +263,40 @@ def _read_config_file(path: str) -> dict:
     return values
 
 
+def _config_path(argv) -> str | None:
+    """The value of ``--config`` in ``argv`` (``--config F`` or ``--config=F``), without parsing the rest."""
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _apply_config_file(parser, argv) -> None:
+    """Load ``--config`` into the subcommand's defaults (and lift ``required`` for the keys it sets)."""
+    path = _config_path(argv)
+    sub = parser._subparsers._group_actions[0].choices.get(argv[0]) if argv else None
+    if path is None or sub is None:
+        return
+    dests = {a.dest for a in sub._actions if a.dest not in ("help", "config")}
+    values = {k.replace("-", "_"): v for k, v in _read_config_file(path).items()}
+    unknown = sorted(set(values) - dests)
+    if unknown:
+        raise SystemExit(f"rllc {argv[0]}: --config {path}: unknown key(s) {unknown}; valid: {sorted(dests)}")
+    for action in sub._actions:
+        if action.dest in values:
+            action.required = False
+            if isinstance(action, argparse._AppendAction) and not isinstance(values[action.dest], list):
+                values[action.dest] = [values[action.dest]]
+    sub.set_defaults(**values)
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    _apply_config_file(parser, argv)
     args = parser.parse_args(argv)
-    if getattr(args, "config", None):
-        sub = parser._subparsers._group_actions[0].choices[args.command]
-        dests = {a.dest for a in sub._actions if a.dest not in ("help", "config")}
-        values = {k.replace("-", "_"): v for k, v in _read_config_file(args.config).items()}
-        unknown = sorted(set(values) - dests)
-        if unknown:
-            raise SystemExit(f"rllc {args.command}: --config {args.config}: unknown key(s) {unknown}; "
-                             f"valid: {sorted(dests)}")
-        for action in sub._actions:
-            if action.dest in values:
-                action.required = False
-        sub.set_defaults(**values)
-        args = parser.parse_args(argv)
     return args.func(args)
 
 

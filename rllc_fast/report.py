@@ -61,8 +61,14 @@ def _sort_key(name: str):
 
 def plot_head_curves(df, path, title: str, value_col: str = "llc_mean", ylabel: str = "rLLC  $\\hat\\lambda$",
                      err_col: Optional[str] = "llc_sem") -> Path:
-    """Per-head curves of ``df`` (rows of one data distribution, component set 'heads'): one panel per
-    layer, one line per head (legend ``l:h``), ±1 SEM band. Writes a PNG to ``path``."""
+    """Per-head curves of ``df`` (see ``head_curves_figure``) written as a PNG to ``path``."""
+    return _save(head_curves_figure(df, title, value_col, ylabel, err_col), path)
+
+
+def head_curves_figure(df, title: str, value_col: str = "llc_mean", ylabel: str = "rLLC  $\\hat\\lambda$",
+                       err_col: Optional[str] = "llc_sem"):
+    """A matplotlib figure of per-head curves of ``df`` (rows of one data distribution, component set
+    'heads'): one panel per layer, one line per head (legend ``l:h``), ±1 SEM band, log step axis."""
     plt = _pyplot()
     df = df.copy()
     df["layer"] = [_head_key(c)[0] for c in df["component"]]
@@ -77,7 +83,7 @@ def plot_head_curves(df, path, title: str, value_col: str = "llc_mean", ylabel: 
     axes[0][0].set_ylabel(ylabel)
     fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def plot_component_curves(df, path, title: str, ylabel: str = "LLC  $\\hat\\lambda$") -> Path:
@@ -121,7 +127,7 @@ def _save(fig, path) -> Path:
 
 def make_figures(store: ResultStore, out_dir, differences: Sequence[tuple] = ()) -> List[tuple]:
     """Every figure the store's rows allow, as ``[(png path, caption)]``. ``differences``: pairs of data
-    names to plot per-head differences for (default: every data distribution against the first)."""
+    names to plot per-head differences for (default: every data distribution minus the alphabetically first)."""
     out_dir = Path(out_dir)
     df = store.rows()
     if df.empty:

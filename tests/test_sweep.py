@@ -1,0 +1,231 @@
+"""Sweeps and the result store: resume after a real kill, concurrent writers, config changes, failures,
+bad input, and `rllc plot`'s figures and page."""
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from rllc_fast import SGLDConfig
+from rllc_fast.models import attn_only, save_checkpoint
+from rllc_fast.store import ResultStore
+from rllc_fast.sweep import run_sweep
+
+SMALL = dict(n_layers=2, d_model=32, n_heads=8, d_head=4, n_ctx=16, d_vocab=64)  # 16 heads
+STEPS = (1, 10, 100)
+
+
+def _checkpoints(folder):
+    for step in STEPS:
+        save_checkpoint(attn_only(seed=step, **SMALL), folder / f"step{step}.pt", step)
+    return folder
+
+
+def _data_files(folder):
+    g = torch.Generator().manual_seed(0)
+    np.save(folder / "mix.npy", torch.randint(0, 64, (64, 16), generator=g).numpy())
+    np.save(folder / "code.npy", torch.randint(0, 16, (64, 16), generator=g).numpy())
+    return {"mix": folder / "mix.npy", "code": folder / "code.npy"}
+
+
+@pytest.fixture()
+def run_dir(tmp_path):
+    _checkpoints(tmp_path / "ckpts")
+    data = _data_files(tmp_path)
+    return tmp_path, data
+
+
+def _sweep_cmd(tmp, data, store, draws=40, extra=()):
+    return [sys.executable, "-m", "rllc_fast.cli", "sweep", "--checkpoints", str(tmp / "ckpts"),
+            "--data", f"mix={data['mix']}", "--data", f"code={data['code']}", "--components", "heads",
+            "--store", str(store), "--context", "16", "--draws", str(draws), "--batch-size", "8", "--quiet", *extra]
+
+
+def _rows(store):
+    df = ResultStore(store).rows()
+    key = ["checkpoint", "data", "component_set", "component"]
+    assert not df.duplicated(key).any()
+    return df.sort_values(key).reset_index(drop=True)
+
+
+def _count(store) -> int:
+    try:
+        con = sqlite3.connect(store, timeout=5)
+        try:
+            return con.execute("SELECT COUNT(*) FROM estimates").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.OperationalError:
+        return 0
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_to_the_same_rows(run_dir):
+    tmp, data = run_dir
+    total = len(STEPS) * 2 * 16
+    clean = tmp / "clean.sqlite"
+    subprocess.run(_sweep_cmd(tmp, data, clean), check=True, env=_env(), timeout=600)
+    assert _count(clean) == total
+
+    killed = tmp / "killed.sqlite"
+    proc = subprocess.Popen(_sweep_cmd(tmp, data, killed), env=_env())
+    deadline = time.time() + 300
+    while _count(killed) < 16 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = _count(killed)
+    assert 16 <= done_before < total, f"the kill came too late to test resumption ({done_before} rows)"
+    assert done_before % 16 == 0  # units are written whole or not at all
+
+    resumed = subprocess.run(_sweep_cmd(tmp, data, killed), check=True, env=_env(), timeout=600,
+                             capture_output=True, text=True)
+    assert f"{(total - done_before) // 16} unit(s) computed" in resumed.stdout
+    assert f"{done_before // 16} already stored" in resumed.stdout
+    a, b = _rows(clean), _rows(killed)
+    assert len(a) == len(b) == total
+    for col in ("checkpoint", "step", "data", "component", "config_key", "numel", "num_diverged"):
+        assert a[col].tolist() == b[col].tolist(), col
+    np.testing.assert_array_equal(a["llc_mean"].to_numpy(), b["llc_mean"].to_numpy())
+    np.testing.assert_array_equal(np.stack(a["llc_per_chain"]), np.stack(b["llc_per_chain"]))
+    ta = ResultStore(clean).traces("step10.pt", "code", "heads", "1:7")
+    tb = ResultStore(killed).traces("step10.pt", "code", "heads", "1:7")
+    assert ta["loss_trace"].shape == (4, 40)
+    for k in ta:
+        np.testing.assert_array_equal(ta[k], tb[k])
+
+
+@pytest.mark.slow
+def test_two_sweeps_writing_one_store(run_dir):
+    tmp, data = run_dir
+    store = tmp / "shared.sqlite"
+    procs = [subprocess.Popen(_sweep_cmd(tmp, data, store, draws=10), env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert len(_rows(store)) == len(STEPS) * 2 * 16
+    con = sqlite3.connect(store)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
+
+
+def test_rerun_skips_done_and_recomputes_changed_config(tmp_path):
+    _checkpoints(tmp_path / "ckpts")
+    g = torch.Generator().manual_seed(0)
+    data = {"mix": torch.randint(0, 64, (32, 16), generator=g)}
+    config = SGLDConfig(num_draws=4, batch_size=8)
+    store = tmp_path / "s.sqlite"
+    first = run_sweep(tmp_path / "ckpts", data, config, store, ["whole", "layers"], progress=False)
+    assert len(first.computed) == 6 and first.rows_written == 3 * (1 + 2)
+    again = run_sweep(tmp_path / "ckpts", data, config, store, ["whole", "layers"], progress=False)
+    assert again.computed == [] and len(again.skipped) == 6
+    # a different config: every row is recomputed and replaced, none duplicated
+    changed = run_sweep(tmp_path / "ckpts", data, SGLDConfig(num_draws=5, batch_size=8), store, ["whole"],
+                        progress=False)
+    assert len(changed.computed) == 3
+    df = _rows(store)
+    assert len(df) == 9 and df[df.component_set == "whole"].config_key.nunique() == 1
+    assert ResultStore(store).traces("step1.pt", "mix", "whole", "whole")["loss_trace"].shape == (4, 5)
+    # changed data under the same name is noticed too
+    data2 = {"mix": torch.randint(0, 64, (32, 16), generator=g)}
+    assert len(run_sweep(tmp_path / "ckpts", data2, config, store, ["whole"], progress=False).computed) == 3
+
+
+def test_bad_checkpoints_are_recorded_and_the_sweep_goes_on(tmp_path):
+    ckpts = _checkpoints(tmp_path / "ckpts")
+    (ckpts / "step50.pt").write_bytes(b"truncated")
+    save_checkpoint(attn_only(**{**SMALL, "d_model": 48, "d_head": 6}), ckpts / "step60.pt", 60)
+    data = {"mix": torch.randint(0, 64, (32, 16))}
+    store = tmp_path / "s.sqlite"
+    report = run_sweep(ckpts, data, SGLDConfig(num_draws=3, batch_size=8), store, ["whole"], progress=False,
+                       log=lambda m: None)
+    assert len(report.computed) == 3
+    failed = {u.checkpoint: err for u, err in report.failed.items()}
+    assert set(failed) == {"step50.pt", "step60.pt"}
+    assert "step50.pt: not a readable torch checkpoint" in failed["step50.pt"]
+    assert "step60.pt: a different architecture" in failed["step60.pt"] and "d_model 48 (expected 32)" in failed["step60.pt"]
+    assert sorted(ResultStore(store).failures().checkpoint) == ["step50.pt", "step60.pt"]
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "rllc_fast.cli", *map(str, args)], capture_output=True, text=True,
+                          env=_env(), timeout=300, **kw)
+
+
+def _cli_error(*args) -> str:
+    """Run ``rllc`` in-process and return its exit message (it must exit with an error)."""
+    from rllc_fast.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    assert exit_info.value.code not in (0, None)
+    return str(exit_info.value.code)
+
+
+def test_cli_bad_input_names_the_argument(run_dir):
+    tmp, data = run_dir
+    base = ["sweep", "--store", tmp / "s.sqlite", "--quiet"]
+    assert "missing does not exist" in _cli_error(*base, "--checkpoints", tmp / "missing", "--data", data["mix"])
+    np.save(tmp / "big.npy", np.full((8, 16), 64))
+    msg = _cli_error(*base, "--checkpoints", tmp / "ckpts", "--data", tmp / "big.npy", "--context", 16)
+    assert "data 'big': token ids must lie in [0, 64)" in msg
+    msg = _cli_error(*base, "--checkpoints", tmp / "ckpts", "--data", data["mix"], "--context", 32)
+    assert "rows have 16 tokens, fewer than context_length 32" in msg
+    np.save(tmp / "long.npy", np.zeros(4000, dtype=np.int64))
+    msg = _cli_error(*base, "--checkpoints", tmp / "ckpts", "--data", tmp / "long.npy", "--context", 32)
+    assert "data 'long': contexts have 32 tokens but the model's n_ctx is 16" in msg
+    assert "--components" in _cli_error(*base, "--checkpoints", tmp / "ckpts", "--data", data["mix"],
+                                        "--components", "heads,mlp")
+    (tmp / "bad.toml").write_text("stepsize = 0.1\n")
+    msg = _cli_error(*base, "--checkpoints", tmp / "ckpts", "--data", data["mix"], "--config", tmp / "bad.toml")
+    assert "unknown key(s) ['stepsize']" in msg
+    assert "does not exist" in _cli_error("plot", "--store", tmp / "nothing.sqlite")
+
+
+def test_config_file_and_plot(run_dir):
+    tmp, data = run_dir
+    (tmp / "sweep.toml").write_text(
+        f'checkpoints = "{tmp / "ckpts"}"\nstore = "{tmp / "s.sqlite"}"\ndata = ["mix={data["mix"]}", '
+        f'"code={data["code"]}"]\ncomponents = "heads,whole"\ncontext = 16\ndraws = 6\nbatch-size = 8\n')
+    r = _cli("sweep", "--config", tmp / "sweep.toml", "--quiet")
+    assert r.returncode == 0, r.stderr
+    df = _rows(tmp / "s.sqlite")
+    assert len(df) == 3 * 2 * 17
+    assert (np.stack(df["llc_per_chain"]).shape == (102, 4))
+    r = _cli("plot", "--store", tmp / "s.sqlite", "--out", tmp / "report")
+    assert r.returncode == 0, r.stderr
+    files = sorted(os.listdir(tmp / "report"))
+    assert files == ["heads_code.png", "heads_diff_mix_minus_code.png", "heads_mix.png", "index.html", "whole.png"]
+    page = (tmp / "report" / "index.html").read_text()
+    for png in files[:-2] + ["whole.png"]:
+        assert f"src='{png}'" in page
+        assert (tmp / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert page.count("</tr>") == 1 + len(df)  # header + one row per estimate
+
+
+def test_head_figure_has_a_panel_per_layer_and_a_line_per_head(run_dir):
+    from rllc_fast.report import head_curves_figure
+
+    tmp, _ = run_dir
+    g = torch.Generator().manual_seed(0)
+    store = tmp / "s.sqlite"
+    run_sweep(tmp / "ckpts", {"mix": torch.randint(0, 64, (32, 16), generator=g)}, SGLDConfig(num_draws=3, batch_size=8),
+              store, ["heads"], progress=False)
+    fig = head_curves_figure(ResultStore(store).rows(), "title")
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["layer 0", "layer 1"]
+    for layer, ax in enumerate(axes):
+        assert ax.get_xscale() == "log" and ax.get_xlabel() == "training step"
+        assert [l.get_text() for l in ax.get_legend().get_texts()] == [f"{layer}:{h}" for h in range(8)]
+        lines = ax.get_lines()
+        assert len(lines) == 8 and all(list(l.get_xdata()) == list(STEPS) for l in lines)
+    assert "rLLC" in axes[0].get_ylabel()
