@@ -30,7 +30,7 @@ BRACKETS = 4
 KEYWORDS = np.arange(8, 24)
 WORDS = np.arange(24, SYNTHETIC_VOCAB)
 SOURCES = ("ngram", "induction", "dyck", "code")
-DEFAULT_MIXTURE = {"ngram": 0.3, "induction": 0.3, "dyck": 0.2, "code": 0.2}
+DEFAULT_MIXTURE = {"ngram": 0.2, "induction": 0.5, "dyck": 0.15, "code": 0.15}
 
 
 def _grammar(grammar_seed: int) -> np.ndarray:
@@ -56,9 +56,8 @@ def _induction(rng, n: int, T: int) -> np.ndarray:
     for i in range(n):
         row = []
         while len(row) < T:
-            span = rng.choice(WORDS, size=int(rng.integers(4, 13)))
-            gap = rng.choice(WORDS, size=int(rng.integers(0, 4)))
-            row.extend(span.tolist() + gap.tolist() + span.tolist())
+            span = rng.choice(WORDS, size=int(rng.integers(6, 17))).tolist()
+            row.extend(span + rng.choice(WORDS, size=int(rng.integers(0, 3))).tolist() + span + span)
         out[i] = row[:T]
     return out
 
