@@ -3,7 +3,8 @@
 Public API:
     estimate_llc, calibrate_step_size, SGLDConfig, LLCResult, ComponentLLC, ChainsDivergedError
     components: Component, heads, head, layer, layers, whole, from_params
-    data: ModelDistribution
+    data: ModelDistribution (more in rllc_fast.data: corpora, tokenizer, token files)
+    sweeps: run_sweep, ResultStore, write_report (models and checkpoints in rllc_fast.models)
 """
 from .components import Component, ParamSlice, from_params, head, heads, layer, layers, whole
 from .config import SGLDConfig
@@ -12,6 +13,9 @@ from . import models
 from .llc import estimate_llc
 from .calibrate import calibrate_step_size
 from .result import ChainsDivergedError, ComponentLLC, LLCResult
+from .report import write_report
+from .store import ResultStore
+from .sweep import run_sweep
 
 __version__ = "0.1.0"
 
@@ -22,6 +26,7 @@ __all__ = [
     "LLCResult",
     "ModelDistribution",
     "ParamSlice",
+    "ResultStore",
     "SGLDConfig",
     "calibrate_step_size",
     "estimate_llc",
@@ -30,5 +35,7 @@ __all__ = [
     "heads",
     "layer",
     "layers",
+    "run_sweep",
     "whole",
+    "write_report",
 ]
