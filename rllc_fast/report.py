@@ -29,7 +29,10 @@ def _pyplot():
 
 def _log_x(ax, steps) -> None:
     """A log step axis that still shows step 0 (symmetric log, linear below 1)."""
-    ax.set_xscale("symlog", linthresh=1.0) if min(steps) <= 0 else ax.set_xscale("log")
+    if min(steps) <= 0:
+        ax.set_xscale("symlog", linthresh=1.0)
+    else:
+        ax.set_xscale("log")
     ax.set_xlabel("training step")
     ax.grid(True, which="major", alpha=0.3)
 
@@ -125,13 +128,11 @@ def _save(fig, path) -> Path:
     return path
 
 
-def make_figures(store: ResultStore, out_dir, differences: Sequence[tuple] = ()) -> List[tuple]:
-    """Every figure the store's rows allow, as ``[(png path, caption)]``. ``differences``: pairs of data
-    names to plot per-head differences for (default: every data distribution minus the alphabetically first)."""
+def make_figures(df, out_dir, differences: Sequence[tuple] = ()) -> List[tuple]:
+    """Every figure the rows ``df`` (``ResultStore.rows()``) allow, as ``[(png path, caption)]``. ``differences``:
+    pairs of data names to plot per-head differences for (default: every data distribution minus the
+    alphabetically first)."""
     out_dir = Path(out_dir)
-    df = store.rows()
-    if df.empty:
-        raise ValueError(f"{store.path} holds no estimates yet; run `rllc sweep` first")
     figures = []
     data_names = list(dict.fromkeys(df["data"]))
     heads = df[df["component_set"] == "heads"]
@@ -164,8 +165,10 @@ def write_report(store: ResultStore | str, out_dir, differences: Sequence[tuple]
     """PNG figures plus ``index.html`` (figures, the table of estimates, failures) in ``out_dir``."""
     store = store if isinstance(store, ResultStore) else ResultStore(store)
     out_dir = Path(out_dir)
-    figures = make_figures(store, out_dir, differences)
     df = store.rows()
+    if df.empty:
+        raise ValueError(f"{store.path} holds no estimates yet; run `rllc sweep` first")
+    figures = make_figures(df, out_dir, differences)
     failures = store.failures()
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}img{max-width:100%;border:1px solid #ddd}"

@@ -20,6 +20,7 @@ import torch
 from .components import as_component_dict, heads, layers, whole
 from .config import SGLDConfig
 from .data import ModelDistribution
+from .engine.common import Progress
 from .llc import estimate_llc
 from .losses import check_tokens
 from .models.checkpoints import Checkpoint, CheckpointError, checkpoint_series
@@ -121,7 +122,7 @@ def run_sweep(
     keys = {name: config_key(config, engine, data_fingerprint(d)) for name, d in data.items()}
     config_json = json.dumps({"config": config.to_dict(), "engine": engine}, sort_keys=True)
     report = SweepReport()
-    bar = _bar(len(checkpoints) * len(data) * len(sets), progress)
+    bar = Progress(len(checkpoints) * len(data) * len(sets), progress, desc="sweep", unit="unit")
     reference = like
     for ckpt in checkpoints:
         units = [(UnitKey(ckpt.name, ckpt.step, d, s), d, s) for d in data for s in sets]
@@ -170,22 +171,3 @@ def _check_data(data: Mapping[str, object], model) -> None:
         tokens = d.contexts if isinstance(d, ModelDistribution) else d
         if isinstance(tokens, torch.Tensor):
             check_tokens(tokens, model, what=f"data {name!r}")
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def set_description(self, s):
-        pass
-
-    def close(self):
-        pass
-
-
-def _bar(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="unit", file=sys.stderr, dynamic_ncols=True)

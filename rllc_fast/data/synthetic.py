@@ -9,8 +9,9 @@ Vocabulary (``SYNTHETIC_VOCAB`` = 128 ids):
 Sources, each a generator of ``[N, T]`` contexts (one source per context):
   ngram      text from a fixed random grammar: each word has 3 likely successors, and every 4th token
              is drawn from successors of the token *two* back (a skip-bigram);
-  induction  random word spans repeated within the context (``A B C ... A B C ...``): the second copy
-             is predictable only by looking back (induction);
+  induction  random word spans of 6-16 words, each followed by 0-2 random words and then the span
+             twice more (``A B C x A B C A B C``): the repeats are predictable only by looking back
+             (induction);
   dyck       nested brackets of four kinds, with words between; a closing bracket must match the
              innermost open one;
   code       code-like lines ``kw NAME ( NAME , NAME ) kw NAME ...`` where a few identifiers per

@@ -51,18 +51,22 @@ def pack_grad(comp, params) -> torch.Tensor:
 
 
 class Progress:
-    """A tqdm bar over SGLD steps when enabled (writes to stderr), otherwise silent."""
+    """A tqdm bar (SGLD steps by default) when enabled (writes to stderr), otherwise silent."""
 
-    def __init__(self, total: int, enabled: bool, desc: str = "SGLD steps"):
+    def __init__(self, total: int, enabled: bool, desc: str = "SGLD steps", unit: str = "step"):
         self._bar = None
         if enabled:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+            self._bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
 
     def update(self, n: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(n)
+
+    def set_description(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.set_description(text)
 
     def close(self) -> None:
         if self._bar is not None:
