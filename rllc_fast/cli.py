@@ -1,4 +1,5 @@
-"""The ``rllc`` command line: ``rllc estimate``, ``rllc sweep``, ``rllc plot`` and ``rllc info``.
+"""The ``rllc`` command line: ``rllc demo``, ``rllc train-toy``, ``rllc estimate``, ``rllc sweep``, ``rllc plot``
+and ``rllc info``.
 
 Every subcommand takes ``--config FILE`` (TOML or YAML) whose keys are its long flags (``step-size``
 or ``step_size``); flags given on the command line win over the file."""
@@ -8,11 +9,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from . import cli_demo
+from .atomic import write_json_atomically
 
 
 def _estimate_parser(sub) -> None:
@@ -87,7 +90,7 @@ def _cmd_estimate(args) -> int:
     print(result.summary())
     _log(args, f"sampled {len(result)} component(s) x {args.chains} chains x {config.num_steps} steps in {time.time() - t0:.0f} s")
     if args.output:
-        _write_json_atomically(args.output, result.to_dict())
+        write_json_atomically(args.output, result.to_dict())
         _log(args, f"wrote {args.output}")
     return 0
 
@@ -200,15 +203,6 @@ def _cmd_plot(args) -> int:
     return 0
 
 
-def _write_json_atomically(path: str, payload: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f)
-    os.replace(tmp, path)
-
-
 def _cmd_info(args) -> int:
     import numpy
     import transformer_lens
@@ -236,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     _estimate_parser(sub)
     _sweep_parser(sub)
     _plot_parser(sub)
+    cli_demo.add_parsers(sub)
     info = sub.add_parser("info", help="backend, device and library versions", description="Print the ops backend, device and versions.")
     info.set_defaults(func=_cmd_info)
     for p in sub.choices.values():

@@ -195,3 +195,71 @@ def write_report(store: ResultStore | str, out_dir, differences: Sequence[tuple]
     tmp.write_text("\n".join(parts), encoding="utf-8")
     os.replace(tmp, page)
     return page
+
+
+TYPE_COLORS = {"induction": "#d62728", "previous-token": "#1f77b4", "other": "#9a9a9a"}
+
+
+def head_types_figure(df, metrics: Sequence[dict], head_types: dict, base: str, refined: str, title: str = ""):
+    """The demo's four panels, heads coloured by type (``head_types``: ``{"l:h": type}``):
+    (a) per-head wrLLC on ``base`` over training; (b) per-head difference rLLC(``refined``) - rLLC(``base``);
+    (c) the best previous-token and induction scores and the loss on repeated spans (``metrics``: per
+    checkpoint dicts with step, previous_token, induction, loss_first_copy, loss_repeat_copy);
+    (d) whole-model LLC on ``base``."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.4))
+    heads = df[df["component_set"] == "heads"]
+    a = heads[heads["data"] == base]
+    b = heads[heads["data"] == refined].set_index(["step", "component"])["llc_mean"]
+    order = sorted(a["component"].unique(), key=_head_key)
+    styles = ["-", "--", ":", "-."]
+    counts: dict = {}
+    for name in order:
+        kind = head_types.get(name, "other")
+        style = styles[counts.get(kind, 0) % len(styles)]
+        counts[kind] = counts.get(kind, 0) + 1
+        g = a[a["component"] == name].sort_values("step")
+        kw = dict(color=TYPE_COLORS.get(kind, "#9a9a9a"), linestyle=style, linewidth=2 if kind != "other" else 1.2,
+                  label=f"{name} {kind}")
+        axes[0, 0].plot(g["step"], g["llc_mean"], **kw)
+        r = g.set_index("step")["llc_mean"]
+        joined = [(s, b[(s, name)] - v) for s, v in r.items() if (s, name) in b.index]
+        if joined:
+            xs, ys = zip(*joined)
+            axes[0, 1].plot(xs, ys, **kw)
+    axes[0, 0].set_title(f"(a) per-head wrLLC on {base}")
+    axes[0, 0].set_ylabel("rLLC  $\\hat\\lambda$")
+    axes[0, 0].legend(fontsize=7, ncol=2)
+    axes[0, 1].axhline(0.0, color="black", linewidth=0.8)
+    axes[0, 1].set_title(f"(b) drLLC on {refined} minus wrLLC on {base}")
+    axes[0, 1].set_ylabel("rLLC difference")
+    steps = [m["step"] for m in metrics]
+    ax = axes[1, 0]
+    ax.plot(steps, [np.max(m["induction"]) for m in metrics], color=TYPE_COLORS["induction"], label="best induction score")
+    ax.plot(steps, [np.max(m["previous_token"]) for m in metrics], color=TYPE_COLORS["previous-token"],
+            label="best previous-token score")
+    ax.set_ylabel("head score")
+    ax.set_ylim(0, 1)
+    twin = ax.twinx()
+    twin.plot(steps, [m["loss_repeat_copy"] for m in metrics], color="black", linestyle="--", label="loss, repeated copy")
+    twin.plot(steps, [m["loss_first_copy"] for m in metrics], color="black", linestyle=":", label="loss, first copy")
+    twin.set_ylabel("loss on repeated random spans (nats)")
+    lines = ax.get_lines() + twin.get_lines()
+    ax.legend(lines, [l.get_label() for l in lines], fontsize=7, loc="center left")
+    ax.set_title("(c) head scores and in-context learning")
+    whole = df[(df["component_set"] == "whole") & (df["data"] == base)].sort_values("step")
+    axes[1, 1].plot(whole["step"], whole["llc_mean"], color="black", marker="o", markersize=3)
+    axes[1, 1].set_title(f"(d) whole-model LLC on {base}")
+    axes[1, 1].set_ylabel("LLC  $\\hat\\lambda$")
+    for ax in axes.flat:
+        _log_x(ax, steps)
+        ax.set_xlim(min(steps), max(steps) * 1.1)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_head_types(df, metrics, head_types, base, refined, path, title: str = "") -> Path:
+    """``head_types_figure`` written as a PNG to ``path``."""
+    return _save(head_types_figure(df, metrics, head_types, base, refined, title), path)

@@ -66,3 +66,31 @@ def test_scores_read_previous_token_and_induction_positions(monkeypatch):
     monkeypatch.undo()
     real = head_scores.induction_scores(model, length=L, num=4)
     assert real.shape == (2, 2) and ((0 <= real) & (real <= 1)).all()
+
+
+def test_code_rows_reuse_three_token_identifiers_and_repeat_statements():
+    from rllc_fast.data.synthetic import KEYWORDS
+
+    rows = synthetic_source("code", 64, 48, seed=0)
+    assert ((rows < 2) | (rows >= KEYWORDS[0])).all()  # only the ( ) bracket pair, keywords and words
+    # the token after a word that was seen before is, most of the time, the token that followed it then
+    hits = total = 0
+    for row in rows.tolist():
+        seen = {}
+        for t in range(len(row) - 1):
+            if row[t] >= WORDS[0] and row[t] in seen:
+                total += 1
+                hits += row[t + 1] == seen[row[t]]
+            seen[row[t]] = row[t + 1]
+    assert hits / total > 0.7
+
+
+def test_repeated_token_losses_split_the_two_copies():
+    model = attn_only(n_layers=1, d_model=16, n_heads=2, d_head=8, n_ctx=32, d_vocab=50)
+    first, repeat = head_scores.repeated_token_losses(model, length=8, num=4, seed=1)
+    tokens = head_scores.repeated_random_tokens(4, 8, 50, seed=1)
+    with torch.no_grad():
+        nll = torch.nn.functional.cross_entropy(model(tokens)[:, :-1].reshape(-1, 50), tokens[:, 1:].reshape(-1),
+                                                reduction="none").view(4, 15)
+    assert abs(first - nll[:, :7].mean().item()) < 1e-5
+    assert abs(repeat - nll[:, 8:].mean().item()) < 1e-5

@@ -1,4 +1,6 @@
 """Analyses of trained models: head scores (previous-token, induction)."""
-from .head_scores import attention_patterns, induction_scores, previous_token_scores, repeated_random_tokens
+from .head_scores import (attention_patterns, induction_scores, previous_token_scores, repeated_random_tokens,
+                          repeated_token_losses)
 
-__all__ = ["attention_patterns", "induction_scores", "previous_token_scores", "repeated_random_tokens"]
+__all__ = ["attention_patterns", "induction_scores", "previous_token_scores", "repeated_random_tokens",
+           "repeated_token_losses"]

@@ -42,3 +42,19 @@ def induction_scores(model, length: int = 24, num: int = 32, seed: int = 0, low:
         raise ValueError(f"length {length}: the repeated sequence (2*length) exceeds the model's n_ctx {model.cfg.n_ctx}")
     pattern = attention_patterns(model, repeated_random_tokens(num, length, vocab, seed, low))
     return pattern.diagonal(offset=-(length - 1), dim1=-2, dim2=-1)[..., 1:].mean(dim=(1, 3))
+
+
+def repeated_token_losses(model, length: int = 24, num: int = 32, seed: int = 0, low: int = 0,
+                          vocab: Optional[int] = None) -> tuple:
+    """``(first, repeat)``: mean next-token loss (nats) on the first copy and on the second copy of ``num``
+    repeated random sequences ``[R, R]`` (R of ``length`` ids in ``[low, vocab)``). The first copy is
+    unpredictable (about ln(vocab - low)); a much lower ``repeat`` loss is in-context learning (induction)."""
+    vocab = model.cfg.d_vocab if vocab is None else vocab
+    if 2 * length > model.cfg.n_ctx:
+        raise ValueError(f"length {length}: the repeated sequence (2*length) exceeds the model's n_ctx {model.cfg.n_ctx}")
+    tokens = repeated_random_tokens(num, length, vocab, seed, low)
+    with torch.no_grad():
+        logp = model(tokens).log_softmax(-1)[:, :-1]
+    nll = -logp.gather(-1, tokens[:, 1:, None])[..., 0]  # [num, 2L-1]: loss of predicting token t+1
+    # predictions of tokens 1..L-1 (first copy) and L+1..2L-1 (second copy, after its first token)
+    return nll[:, : length - 1].mean().item(), nll[:, length:].mean().item()

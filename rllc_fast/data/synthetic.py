@@ -14,8 +14,11 @@ Sources, each a generator of ``[N, T]`` contexts (one source per context):
              (induction);
   dyck       nested brackets of four kinds, with words between; a closing bracket must match the
              innermost open one;
-  code       code-like lines ``kw NAME ( NAME , NAME ) kw NAME ...`` where a few identifiers per
-             context are reused again and again, with brackets: rich in repeated identifiers.
+  code       code-like statements ``kw NAME ( NAME [, NAME [, NAME]] )`` (``,`` is keyword 8, ``( )``
+             bracket pair 0) where each context reuses 3-5 identifiers of 3 tokens, and 70% of the
+             statements repeat an
+             earlier one: as in real code, most tokens are predictable by induction (copying what
+             followed the same token earlier), more than in the mixture as a whole.
 The grammar is fixed by ``grammar_seed`` (not by the sampling seed), so every source is the same
 distribution whatever contexts are drawn.
 """
@@ -30,6 +33,8 @@ SYNTHETIC_VOCAB = 128
 BRACKETS = 4
 KEYWORDS = np.arange(8, 24)
 WORDS = np.arange(24, SYNTHETIC_VOCAB)
+#: Bumped whenever a source's generator changes, so cached runs trained on older data are not reused.
+DATA_VERSION = 3
 SOURCES = ("ngram", "induction", "dyck", "code")
 DEFAULT_MIXTURE = {"ngram": 0.2, "induction": 0.5, "dyck": 0.15, "code": 0.15}
 
@@ -81,15 +86,24 @@ def _dyck(rng, n: int, T: int) -> np.ndarray:
     return out
 
 
-def _code(rng, n: int, T: int) -> np.ndarray:
+def _code(rng, n: int, T: int, p_repeat: float = 0.7) -> np.ndarray:
     out = np.empty((n, T), dtype=np.int64)
+    comma = int(KEYWORDS[0])
     for i in range(n):
-        names = rng.choice(WORDS, size=int(rng.integers(3, 6)), replace=False)
-        row = []
+        # 3-5 identifiers of 3 word tokens (like a BPE splitting ``self.model_name``), reused all along
+        names = [rng.choice(WORDS, size=3).tolist() for _ in range(int(rng.integers(3, 6)))]
+        statements, row = [], []
         while len(row) < T:
-            a, b, c = rng.choice(names, size=3)
-            kw1, kw2 = rng.choice(KEYWORDS, size=2)
-            row.extend([int(kw1), int(a), 0, int(b), int(KEYWORDS[0]), int(c), 1, int(kw2), int(a)])
+            if statements and rng.random() < p_repeat:  # a statement repeated from earlier in the file
+                statement = statements[int(rng.integers(0, len(statements)))]
+            else:  # kw NAME ( NAME [, NAME [, NAME]] )
+                picks = rng.integers(0, len(names), size=1 + int(rng.integers(1, 4)))
+                statement = [int(rng.choice(KEYWORDS[1:])), *names[picks[0]], 0]
+                for j, k in enumerate(picks[1:]):
+                    statement += ([comma] if j else []) + names[k]
+                statements.append(statement + [1])
+                statement = statements[-1]
+            row.extend(statement)
         out[i] = row[:T]
     return out
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import List, Optional
 
 import numpy as np
 import torch
+
+from ..atomic import write_atomically
 
 FORMAT = "rllc_fast.checkpoint/1"
 _SUFFIXES = (".pt", ".pth")
@@ -76,14 +77,7 @@ def save_checkpoint(model, path: str | os.PathLike, step: int) -> Path:
         "config": config_fields(model.cfg),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(path, lambda tmp: torch.save(payload, tmp))
     return path
 
 

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
-import sys
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..engine.common import Progress
 from ..losses import next_token_loss
 
 
@@ -24,8 +24,11 @@ def log_spaced_steps(total: int, count: int) -> list:
 
 def train_next_token(model: nn.Module, tokens: torch.Tensor, steps: int, seed: int = 0, progress: bool = False,
                      batch_size: int = 32, lr: float = 3e-3, save_at: Sequence[int] = (),
-                     save_dir: str | os.PathLike | None = None) -> float:
+                     save_dir: str | os.PathLike | None = None, warmup: int = 0,
+                     weight_decay: float = 0.0) -> float:
     """Train ``model`` in place on random rows of ``tokens [N, T]`` for ``steps`` AdamW steps; return the last loss (nats).
+
+    ``warmup``: steps of linear learning-rate warm-up to ``lr`` (0: none).
 
     ``save_at``: training steps (0 = before the first update) at which ``save_dir/step{N:06d}.pt`` is written
     with ``rllc_fast.models.save_checkpoint`` (TransformerLens models)."""
@@ -42,26 +45,26 @@ def train_next_token(model: nn.Module, tokens: torch.Tensor, steps: int, seed: i
 
             save_checkpoint(model, os.path.join(save_dir, f"step{step:06d}.pt"), step)
 
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0 steps, got {warmup}")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
     loss = torch.tensor(float("nan"))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="training", unit="step", file=sys.stderr, dynamic_ncols=True)
+    bar = Progress(steps, progress, desc="training", unit="step")
     maybe_save(0)
     for step in range(1, steps + 1):
+        if warmup:
+            for group in opt.param_groups:
+                group["lr"] = lr * min(1.0, step / warmup)
         batch = tokens[torch.randint(0, tokens.shape[0], (batch_size,), generator=g)]
         loss = next_token_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         maybe_save(step)
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
+        if step % 50 == 0 or step == steps:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    if bar is not None:
-        bar.close()
+    bar.close()
     model.zero_grad(set_to_none=True)
     return loss.item()
