@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 from .atomic import write_json_atomically
 from .config import SGLDConfig
-from .toy import QUICK_RECIPE, ToyRecipe, default_cache_dir, train_toy
+from .toy import QUICK_RECIPE, ToyRecipe, default_cache_dir, scores_by_head, train_toy
 
 BASE, REFINED = "mixture", "code"
 
@@ -104,8 +104,8 @@ def run_demo(out_dir: os.PathLike = "rllc-demo", cache_dir: Optional[os.PathLike
         "estimates_computed": sum(r.rows_written for r in reports),
         "head_types": types,
         "final_step": final["step"],
-        "previous_token_scores": _by_head(final["previous_token"]),
-        "induction_scores": _by_head(final["induction"]),
+        "previous_token_scores": scores_by_head(final["previous_token"]),
+        "induction_scores": scores_by_head(final["induction"]),
         "loss_repeat_copy": {"first": run.metrics[0]["loss_repeat_copy"], "final": final["loss_repeat_copy"]},
         "loss_first_copy": {"first": run.metrics[0]["loss_first_copy"], "final": final["loss_first_copy"]},
         "refinement": {"refined": REFINED, "base": BASE, "per_head": ratios, "by_type": by_type},
@@ -117,10 +117,6 @@ def run_demo(out_dir: os.PathLike = "rllc-demo", cache_dir: Optional[os.PathLike
     summary["seconds"] = time.time() - t_start
     write_json_atomically(out_dir / "summary.json", summary, indent=1)
     return summary
-
-
-def _by_head(matrix) -> dict:
-    return {f"{l}:{h}": float(v) for l, row in enumerate(matrix) for h, v in enumerate(row)}
 
 
 def format_summary(summary: dict) -> str:
@@ -137,7 +133,7 @@ def format_summary(summary: dict) -> str:
              f"last {next(iter(ref['per_head'].values()))['checkpoints']} checkpoints:",
              f"  {'head':>5} {'type':<15} {'prev':>5} {'ind':>5} {'wrLLC ' + ref['base']:>15} "
              f"{'drLLC ' + ref['refined']:>11} {'ratio':>6}"]
-    for name in sorted(types, key=lambda s: tuple(map(int, s.split(":")))):
+    for name in types:  # layer, then head order
         r = ref["per_head"].get(name, {})
         lines.append(f"  {name:>5} {types[name]:<15} {prev[name]:5.2f} {ind[name]:5.2f} "
                      f"{r.get('base', float('nan')):15.2f} {r.get('refined', float('nan')):11.2f} "

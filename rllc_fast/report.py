@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from .atomic import write_atomically
 from .store import ResultStore
 
 
@@ -119,12 +120,8 @@ def head_difference(df, data_a: str, data_b: str):
 
 
 def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    path = write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     _pyplot().close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -190,11 +187,7 @@ def write_report(store: ResultStore | str, out_dir, differences: Sequence[tuple]
                 "init_loss", "num_chains", "num_diverged"]]
     parts.append(table.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="diverged"))
     parts.append("</body></html>")
-    page = out_dir / "index.html"
-    tmp = out_dir / "index.html.tmp"
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, page)
-    return page
+    return write_atomically(out_dir / "index.html", lambda tmp: Path(tmp).write_text("\n".join(parts), encoding="utf-8"))
 
 
 TYPE_COLORS = {"induction": "#d62728", "previous-token": "#1f77b4", "other": "#9a9a9a"}
@@ -210,7 +203,7 @@ def head_types_figure(df, metrics: Sequence[dict], head_types: dict, base: str, 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.4))
     heads = df[df["component_set"] == "heads"]
     a = heads[heads["data"] == base]
-    b = heads[heads["data"] == refined].set_index(["step", "component"])["llc_mean"]
+    diff = head_difference(df, refined, base)
     order = sorted(a["component"].unique(), key=_head_key)
     styles = ["-", "--", ":", "-."]
     counts: dict = {}
@@ -222,11 +215,8 @@ def head_types_figure(df, metrics: Sequence[dict], head_types: dict, base: str, 
         kw = dict(color=TYPE_COLORS.get(kind, "#9a9a9a"), linestyle=style, linewidth=2 if kind != "other" else 1.2,
                   label=f"{name} {kind}")
         axes[0, 0].plot(g["step"], g["llc_mean"], **kw)
-        r = g.set_index("step")["llc_mean"]
-        joined = [(s, b[(s, name)] - v) for s, v in r.items() if (s, name) in b.index]
-        if joined:
-            xs, ys = zip(*joined)
-            axes[0, 1].plot(xs, ys, **kw)
+        d = diff[diff["component"] == name].sort_values("step")
+        axes[0, 1].plot(d["step"], d["llc_mean"], **kw)
     axes[0, 0].set_title(f"(a) per-head wrLLC on {base}")
     axes[0, 0].set_ylabel("rLLC  $\\hat\\lambda$")
     axes[0, 0].legend(fontsize=7, ncol=2)

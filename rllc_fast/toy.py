@@ -90,14 +90,14 @@ class ToyRun:
     def head_types(self, prev_threshold: float = 0.5, induction_threshold: float = 0.3) -> Dict[str, str]:
         """``{"l:h": "induction" | "previous-token" | "other"}`` from the final checkpoint's scores (the
         induction label wins when a head passes both thresholds)."""
-        prev, ind = self.final["previous_token"], self.final["induction"]
-        out = {}
-        for l, row in enumerate(prev):
-            for h, p in enumerate(row):
-                name = f"{l}:{h}"
-                out[name] = ("induction" if ind[l][h] >= induction_threshold
-                             else "previous-token" if p >= prev_threshold else "other")
-        return out
+        prev, ind = scores_by_head(self.final["previous_token"]), scores_by_head(self.final["induction"])
+        return {name: ("induction" if ind[name] >= induction_threshold
+                       else "previous-token" if p >= prev_threshold else "other") for name, p in prev.items()}
+
+
+def scores_by_head(matrix) -> Dict[str, float]:
+    """``{"l:h": score}`` (layer, then head order) from a ``[layers][heads]`` score matrix."""
+    return {f"{l}:{h}": float(v) for l, row in enumerate(matrix) for h, v in enumerate(row)}
 
 
 def default_cache_dir() -> Path:
@@ -161,7 +161,8 @@ def train_toy(cache_dir: Optional[os.PathLike] = None, recipe: ToyRecipe = ToyRe
                      weight_decay=recipe.weight_decay)
     seconds = time.time() - t0
     metrics = []
-    series = [c for c in checkpoint_series(run_dir) if c.step in set(save_at)]
+    wanted = set(save_at)
+    series = [c for c in checkpoint_series(run_dir) if c.step in wanted]
     bar = Progress(len(series), progress, desc="head scores", unit="ckpt")
     for ckpt in series:
         metrics.append({"step": ckpt.step, "file": ckpt.name, **toy_metrics(ckpt.load(), mixture=dict(recipe.mixture))})

@@ -16,9 +16,8 @@ Sources, each a generator of ``[N, T]`` contexts (one source per context):
              innermost open one;
   code       code-like statements ``kw NAME ( NAME [, NAME [, NAME]] )`` (``,`` is keyword 8, ``( )``
              bracket pair 0) where each context reuses 3-5 identifiers of 3 tokens, and 70% of the
-             statements repeat an
-             earlier one: as in real code, most tokens are predictable by induction (copying what
-             followed the same token earlier), more than in the mixture as a whole.
+             statements repeat an earlier one: as in real code, most tokens are predictable by
+             induction (copying what followed the same token earlier).
 The grammar is fixed by ``grammar_seed`` (not by the sampling seed), so every source is the same
 distribution whatever contexts are drawn.
 """
@@ -101,8 +100,8 @@ def _code(rng, n: int, T: int, p_repeat: float = 0.7) -> np.ndarray:
                 statement = [int(rng.choice(KEYWORDS[1:])), *names[picks[0]], 0]
                 for j, k in enumerate(picks[1:]):
                     statement += ([comma] if j else []) + names[k]
-                statements.append(statement + [1])
-                statement = statements[-1]
+                statement.append(1)
+                statements.append(statement)
             row.extend(statement)
         out[i] = row[:T]
     return out
