@@ -5,11 +5,12 @@ Public API:
     components: Component, heads, head, layer, layers, whole, from_params
     data: ModelDistribution (more in rllc_fast.data: corpora, tokenizer, token files)
     sweeps: run_sweep, ResultStore, write_report (models and checkpoints in rllc_fast.models)
+    Hessian metrics: rllc_fast.hessian (trace, fim_trace, approx_rank, hvp)
 """
 from .components import Component, ParamSlice, from_params, head, heads, layer, layers, whole
 from .config import SGLDConfig
 from .data import ModelDistribution
-from . import models
+from . import hessian, models
 from .llc import estimate_llc
 from .calibrate import calibrate_step_size
 from .result import ChainsDivergedError, ComponentLLC, LLCResult
@@ -29,6 +30,7 @@ __all__ = [
     "ResultStore",
     "SGLDConfig",
     "calibrate_step_size",
+    "hessian",
     "estimate_llc",
     "from_params",
     "head",

@@ -122,8 +122,51 @@ def _sweep_parser(sub) -> None:
                                   "(default: the first checkpoint that loads); needed for plain state dicts")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     _sgld_arguments(p)
+    _hessian_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or logs")
     p.set_defaults(func=_cmd_sweep)
+
+
+#: Per metric, the paper's probes and data batches (Appendix D) used when the flags are not given.
+HESSIAN_DEFAULTS = {"hessian-trace": (50, 100), "fim-trace": (5, 30), "hessian-rank": (10, 3)}
+
+
+def _hessian_arguments(p) -> None:
+    g = p.add_argument_group("Hessian metrics (--metric other than llc)")
+    g.add_argument("--metric", choices=["llc", *HESSIAN_DEFAULTS], default="llc",
+                   help="llc (default: SGLD rLLC) or a Hessian metric written beside it in the store")
+    g.add_argument("--probes", type=int, help="Rademacher probes (default: trace 50, fim-trace 5, rank 10)")
+    g.add_argument("--hessian-batches", type=int,
+                   help="data batches of --hessian-batch-size contexts (default: trace 100, fim-trace 30, rank 3); "
+                        "needs --num-contexts >= batches x batch size")
+    g.add_argument("--hessian-batch-size", type=int, default=8, help="contexts per Hessian batch (default 8)")
+    g.add_argument("--probe-kind", choices=["shared", "per-component"], default="shared",
+                   help="one probe for all components (default) or probes per component (traces)")
+    g.add_argument("--hutchpp", action="store_true", help="Hutch++ instead of Hutchinson (hessian-trace)")
+    g.add_argument("--degree", type=int, default=100, help="Chebyshev degree (hessian-rank, default 100)")
+    g.add_argument("--tau", type=float, help="eigenvalue threshold (hessian-rank; default 0.07 x largest |eigenvalue|)")
+    g.add_argument("--interval", default="adaptive",
+                   help="spectral interval for hessian-rank: adaptive (default) or A,B (fixed; needs --tau)")
+
+
+def _hessian_options(args) -> dict:
+    """The ``rllc_fast.hessian`` keyword arguments of ``rllc sweep --metric ...``."""
+    probes, batches = HESSIAN_DEFAULTS[args.metric]
+    options = dict(num_probes=args.probes or probes, num_batches=args.hessian_batches or batches,
+                   batch_size=args.hessian_batch_size, seed=args.seed)
+    if args.metric == "hessian-rank":
+        interval = args.interval
+        if interval != "adaptive":
+            try:
+                interval = tuple(float(x) for x in interval.split(","))
+            except ValueError:
+                raise SystemExit(f"rllc sweep: --interval {args.interval!r}: use adaptive or A,B") from None
+        options.update(degree=args.degree, tau=args.tau, interval=interval)
+    else:
+        options["probes"] = args.probe_kind
+        if args.metric == "hessian-trace":
+            options["hutchpp"] = args.hutchpp
+    return options
 
 
 def _data_specs(specs):
@@ -163,11 +206,14 @@ def _cmd_sweep(args) -> int:
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"rllc sweep: {err}") from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    _log(args, f"{len(series)} checkpoint(s) x {len(data)} data x {len(sets)} component set(s) -> {args.store}")
+    _log(args, f"{len(series)} checkpoint(s) x {len(data)} data x {len(sets)} component set(s) -> {args.store}"
+               f" ({args.metric})")
+    llc = args.metric == "llc"
     try:
-        report = run_sweep(series, data, _sgld_config(args), args.store, sets, like=like, engine=args.engine,
-                           device=device, max_memory=args.max_memory, progress=not args.quiet,
-                           log=lambda m: _log(args, m))
+        report = run_sweep(series, data, _sgld_config(args) if llc else None, args.store, sets, like=like,
+                           engine=args.engine, device=device, max_memory=args.max_memory, progress=not args.quiet,
+                           log=lambda m: _log(args, m), metric=args.metric,
+                           hessian_options=None if llc else _hessian_options(args))
     except ValueError as err:
         raise SystemExit(f"rllc sweep: {err}") from None
     print(report.summary())

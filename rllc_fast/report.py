@@ -153,6 +153,32 @@ def make_figures(df, out_dir, differences: Sequence[tuple] = ()) -> List[tuple]:
     return figures
 
 
+METRIC_LABELS = {"hessian-trace": ("Hessian trace", "Tr $H_{VV}$"), "fim-trace": ("FIM trace", "Tr $F_{VV}$"),
+                 "hessian-rank": ("approximate Hessian rank", "eigenvalues > tau")}
+
+
+def metric_figures(mdf, out_dir) -> List[tuple]:
+    """Figures of the Hessian metrics (``ResultStore.metric_rows()``): per metric and data, per-head curves
+    (one panel per layer) and whole/layer curves, ±1 standard error, as ``[(png path, caption)]``."""
+    out_dir = Path(out_dir)
+    figures = []
+    df = mdf.rename(columns={"value": "llc_mean", "sem": "llc_sem"})
+    for (metric, data), sub in df.groupby(["metric", "data"], sort=True):
+        label, ylabel = METRIC_LABELS.get(metric, (metric, metric))
+        heads = sub[sub["component_set"] == "heads"]
+        if not heads.empty:
+            p = plot_head_curves(heads, out_dir / f"{_slug(metric)}_heads_{_slug(data)}.png",
+                                 f"per-head {label} on {data}", ylabel=ylabel)
+            figures.append((p, f"Per-head {label} on {data} over training (±1 standard error), beside the rLLCs."))
+        for set_name in ("layers", "whole"):
+            rest = sub[sub["component_set"] == set_name]
+            if not rest.empty:
+                p = plot_component_curves(rest, out_dir / f"{_slug(metric)}_{set_name}_{_slug(data)}.png",
+                                          f"{label} ({set_name}) on {data}", ylabel=ylabel)
+                figures.append((p, f"{label[0].upper()}{label[1:]} of {set_name} on {data} over training."))
+    return figures
+
+
 def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
 
@@ -162,18 +188,19 @@ def write_report(store: ResultStore | str, out_dir, differences: Sequence[tuple]
     """PNG figures plus ``index.html`` (figures, the table of estimates, failures) in ``out_dir``."""
     store = store if isinstance(store, ResultStore) else ResultStore(store)
     out_dir = Path(out_dir)
-    df = store.rows()
-    if df.empty:
+    df, mdf = store.rows(), store.metric_rows()
+    if df.empty and mdf.empty:
         raise ValueError(f"{store.path} holds no estimates yet; run `rllc sweep` first")
-    figures = make_figures(df, out_dir, differences)
+    figures = (make_figures(df, out_dir, differences) if not df.empty else []) + metric_figures(mdf, out_dir)
     failures = store.failures()
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}img{max-width:100%;border:1px solid #ddd}"
              "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
              "th{background:#f0f0f0}.bad{color:#b00}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>",
-             f"<p>Store: <code>{html.escape(os.path.abspath(store.path))}</code>; {len(df)} estimates over "
-             f"{df['checkpoint'].nunique()} checkpoints, data {', '.join(map(html.escape, df['data'].unique()))}.</p>",
+             f"<p>Store: <code>{html.escape(os.path.abspath(store.path))}</code>; {len(df)} rLLC estimates and "
+             f"{len(mdf)} Hessian-metric estimates over "
+             f"{pd_nunique(df, mdf, 'checkpoint')} checkpoints, data {', '.join(map(html.escape, pd_unique(df, mdf, 'data')))}.</p>",
              extra_html]
     for path, caption in figures:
         parts.append(f"<figure><img src='{html.escape(path.name)}' alt='{html.escape(caption)}'>"
@@ -181,13 +208,28 @@ def write_report(store: ResultStore | str, out_dir, differences: Sequence[tuple]
     if not failures.empty:
         parts.append("<h2 class='bad'>Failed units</h2>")
         parts.append(failures[["checkpoint", "step", "data", "component_set", "error"]].to_html(index=False, escape=True))
-    parts.append("<h2>Estimates</h2><p>llc_mean ± llc_sem over non-diverged chains; num_diverged counts chains "
-                 "lost to NaN/Inf (excluded, never averaged in).</p>")
-    table = df[["step", "checkpoint", "data", "component_set", "component", "llc_mean", "llc_std", "llc_sem",
-                "init_loss", "num_chains", "num_diverged"]]
-    parts.append(table.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="diverged"))
+    if not df.empty:
+        parts.append("<h2>Estimates</h2><p>llc_mean ± llc_sem over non-diverged chains; num_diverged counts chains "
+                     "lost to NaN/Inf (excluded, never averaged in).</p>")
+        table = df[["step", "checkpoint", "data", "component_set", "component", "llc_mean", "llc_std", "llc_sem",
+                    "init_loss", "num_chains", "num_diverged"]]
+        parts.append(table.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="diverged"))
+    if not mdf.empty:
+        parts.append("<h2>Hessian metrics</h2><p>value ± sem (standard error over probes, or over batches for the "
+                     "FIM trace).</p>")
+        parts.append(mdf[["metric", "step", "checkpoint", "data", "component_set", "component", "value", "sem",
+                          "num_samples"]].to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="-"))
     parts.append("</body></html>")
     return write_atomically(out_dir / "index.html", lambda tmp: Path(tmp).write_text("\n".join(parts), encoding="utf-8"))
+
+
+def pd_unique(a, b, column: str) -> list:
+    """Distinct values of ``column`` over two DataFrames, in order of appearance."""
+    return list(dict.fromkeys(list(a[column]) + list(b[column])))
+
+
+def pd_nunique(a, b, column: str) -> int:
+    return len(pd_unique(a, b, column))
 
 
 TYPE_COLORS = {"induction": "#d62728", "previous-token": "#1f77b4", "other": "#9a9a9a"}

@@ -47,6 +47,24 @@ CREATE TABLE IF NOT EXISTS estimates (
     written_at    TEXT    NOT NULL,
     PRIMARY KEY (checkpoint, data, component_set, component)
 );
+CREATE TABLE IF NOT EXISTS metrics (  -- Hessian-based metrics (rllc_fast.hessian), beside the rLLCs
+    checkpoint    TEXT    NOT NULL,
+    step          INTEGER NOT NULL,
+    data          TEXT    NOT NULL,
+    component_set TEXT    NOT NULL,
+    component     TEXT    NOT NULL,
+    metric        TEXT    NOT NULL,  -- 'hessian-trace', 'fim-trace' or 'hessian-rank'
+    config_key    TEXT    NOT NULL,  -- hash of the metric's settings + data fingerprint
+    config_json   TEXT    NOT NULL,
+    numel         INTEGER NOT NULL,
+    value         REAL,              -- the estimate (trace or eigenvalue count)
+    sem           REAL,              -- its standard error (NULL from one sample)
+    num_samples   INTEGER NOT NULL,
+    info_json     TEXT    NOT NULL,  -- e.g. the rank's spectral interval per component
+    seconds       REAL    NOT NULL,
+    written_at    TEXT    NOT NULL,
+    PRIMARY KEY (checkpoint, data, component_set, component, metric)
+);
 CREATE TABLE IF NOT EXISTS failures (
     checkpoint    TEXT NOT NULL,
     step          INTEGER NOT NULL,
@@ -59,6 +77,8 @@ CREATE TABLE IF NOT EXISTS failures (
 );
 """
 
+METRIC_COLUMNS = ["checkpoint", "step", "data", "component_set", "component", "metric", "numel", "value", "sem",
+                  "num_samples", "config_key"]
 SUMMARY_COLUMNS = ["checkpoint", "step", "data", "component_set", "component", "numel", "llc_mean", "llc_std",
                    "llc_sem", "init_loss", "num_chains", "num_diverged", "config_key"]
 
@@ -168,6 +188,27 @@ class ResultStore:
         df["llc_per_chain"] = [[np.nan if v is None else v for v in json.loads(s)] for s in df["llc_per_chain"]]
         return df
 
+    def metrics_done(self, unit: UnitKey, metric: str, config_key: str) -> set:
+        """Names of the unit's components whose ``metric`` is stored with ``config_key``."""
+        with self._connect() as con:
+            rows = con.execute(
+                "SELECT component FROM metrics WHERE checkpoint=? AND data=? AND component_set=? AND metric=? "
+                "AND config_key=?", (unit.checkpoint, unit.data, unit.component_set, metric, config_key),
+            ).fetchall()
+        return {r[0] for r in rows}
+
+    def metric_rows(self, metric: str | None = None):
+        """The Hessian-metric rows (``METRIC_COLUMNS``) as a DataFrame, optionally of one ``metric``."""
+        import pandas as pd
+
+        where, args = ("WHERE metric=?", (metric,)) if metric else ("", ())
+        with self._connect() as con:
+            df = pd.read_sql_query(f"SELECT {', '.join(METRIC_COLUMNS)} FROM metrics {where} "
+                                   "ORDER BY metric, step, checkpoint, data, component_set, component", con, params=args)
+        for col in ("value", "sem"):
+            df[col] = df[col].astype(float)
+        return df
+
     def failures(self):
         """Units that failed (e.g. an unreadable checkpoint), as a DataFrame."""
         import pandas as pd
@@ -207,6 +248,18 @@ class ResultStore:
             )
         return len(rows)
 
+    def write_metrics(self, unit: UnitKey, config_key: str, result, seconds: float) -> int:
+        """Write a ``HessianResult``'s per-component estimates in one transaction; returns the row count."""
+        config_json = json.dumps(result.config, sort_keys=True, default=str)
+        rows = [(unit.checkpoint, unit.step, unit.data, unit.component_set, e.name, result.metric, config_key,
+                 config_json, int(e.numel), _nan_to_none(e.value), _nan_to_none(e.sem), int(len(e.samples)),
+                 json.dumps(result.info.get(e.name, {}), sort_keys=True), float(seconds), _now()) for e in result]
+        with self._connect() as con:
+            con.executemany(f"INSERT OR REPLACE INTO metrics VALUES ({', '.join('?' * 15)})", rows)
+            con.execute("DELETE FROM failures WHERE checkpoint=? AND data=? AND component_set=?",
+                        (unit.checkpoint, unit.data, unit.component_set))
+        return len(rows)
+
     def record_failure(self, unit: UnitKey, config_key: str, error: str) -> None:
         with self._connect() as con:
             con.execute(
@@ -217,6 +270,7 @@ class ResultStore:
     def __repr__(self) -> str:
         with self._connect() as con:
             n = con.execute("SELECT COUNT(*) FROM estimates").fetchone()[0]
+            m = con.execute("SELECT COUNT(*) FROM metrics").fetchone()[0]
             f = con.execute("SELECT COUNT(*) FROM failures").fetchone()[0]
-        return f"ResultStore({self.path!r}: {n} estimates, {f} failures)"
+        return f"ResultStore({self.path!r}: {n} estimates, {m} Hessian metrics, {f} failures)"
 

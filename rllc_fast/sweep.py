@@ -28,6 +28,8 @@ from .result import ChainsDivergedError
 from .store import ResultStore, UnitKey
 
 COMPONENT_SETS: Dict[str, Callable] = {"whole": lambda m: {"whole": whole(m)}, "heads": heads, "layers": layers}
+#: What a sweep can measure: the rLLC (SGLD) or a Hessian-based metric of ``rllc_fast.hessian``.
+METRICS = ("llc", "hessian-trace", "fim-trace", "hessian-rank")
 
 
 @dataclass
@@ -78,6 +80,60 @@ def config_key(config: SGLDConfig, engine: str, fingerprint: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+class _LLCJob:
+    """How a sweep computes and stores rLLCs (``estimate_llc``, the ``estimates`` table)."""
+
+    metric = "llc"
+
+    def __init__(self, config: SGLDConfig, engine: str, device, max_memory, log):
+        self.config, self.engine, self.device, self.max_memory, self.log = config, engine, device, max_memory, log
+        self.config_json = json.dumps({"config": config.to_dict(), "engine": engine}, sort_keys=True)
+
+    def key(self, fingerprint: str) -> str:
+        return config_key(self.config, self.engine, fingerprint)
+
+    def done(self, store: ResultStore, unit: UnitKey, key: str) -> set:
+        return store.done(unit, key)
+
+    def run(self, model, data, comps, unit: UnitKey):
+        try:
+            return estimate_llc(model, data, self.config, components=comps, engine=self.engine, device=self.device,
+                                max_memory=self.max_memory)
+        except ChainsDivergedError as err:  # keep the other components; the lost ones are stored as diverged
+            self.log(f"{unit.checkpoint} / {unit.data} / {unit.component_set}: {err}")
+            return err.result
+
+    def write(self, store: ResultStore, unit: UnitKey, key: str, result, seconds: float) -> int:
+        return store.write(unit, key, self.config_json, list(result), seconds)
+
+
+class _HessianJob:
+    """How a sweep computes and stores a Hessian metric (``rllc_fast.hessian``, the ``metrics`` table)."""
+
+    def __init__(self, metric: str, options: Mapping, device):
+        from . import hessian
+
+        self.metric, self.options, self.device = metric, dict(options or {}), device
+        self.fn = {"hessian-trace": hessian.trace, "fim-trace": hessian.fim_trace,
+                   "hessian-rank": hessian.approx_rank}[metric]
+
+    def key(self, fingerprint: str) -> str:
+        text = json.dumps({"metric": self.metric, "options": self.options, "data": fingerprint}, sort_keys=True,
+                          default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def done(self, store: ResultStore, unit: UnitKey, key: str) -> set:
+        return store.metrics_done(unit, self.metric, key)
+
+    def run(self, model, data, comps, unit: UnitKey):
+        if isinstance(data, ModelDistribution):
+            raise ValueError(f"data {unit.data!r}: Hessian metrics take token data, not a ModelDistribution")
+        return self.fn(model, data, comps, device=self.device, **self.options)
+
+    def write(self, store: ResultStore, unit: UnitKey, key: str, result, seconds: float) -> int:
+        return store.write_metrics(unit, key, result, seconds)
+
+
 def _component_set(name: str, spec) -> Callable:
     if callable(spec):
         return spec
@@ -98,6 +154,8 @@ def run_sweep(
     max_memory=None,
     progress: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    metric: str = "llc",
+    hessian_options: Optional[Mapping] = None,
 ) -> SweepReport:
     """Estimate every (checkpoint, data, component set) into ``store`` and return a ``SweepReport``.
 
@@ -105,6 +163,9 @@ def run_sweep(
     data:           ``{name: tokens [N, T] or ModelDistribution}``; each name is a data distribution.
     component_sets: names from ``COMPONENT_SETS`` ("whole", "heads", "layers") or ``{name: model -> components}``.
     like:           a model or config every checkpoint must match; default: the first checkpoint that loads.
+    metric:         "llc" (default: SGLD with ``config``, ``engine``) or a Hessian metric from ``METRICS``
+                    ("hessian-trace", "fim-trace", "hessian-rank"), computed by ``rllc_fast.hessian`` with the
+                    keyword arguments ``hessian_options`` (e.g. ``{"num_probes": 20}``); ``config`` is then unused.
     """
     t_start = time.time()
     if isinstance(checkpoints, (str, bytes)) or hasattr(checkpoints, "__fspath__"):
@@ -118,9 +179,12 @@ def run_sweep(
         sets = {k: _component_set(k, None) for k in component_sets}
     if not sets:
         raise ValueError("component_sets: give at least one (e.g. ['heads'])")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    job = _LLCJob(config, engine, device, max_memory, log) if metric == "llc" else \
+        _HessianJob(metric, hessian_options, device or "cpu")
     store = store if isinstance(store, ResultStore) else ResultStore(store)
-    keys = {name: config_key(config, engine, data_fingerprint(d)) for name, d in data.items()}
-    config_json = json.dumps({"config": config.to_dict(), "engine": engine}, sort_keys=True)
+    keys = {name: job.key(data_fingerprint(d)) for name, d in data.items()}
     report = SweepReport()
     bar = Progress(len(checkpoints) * len(data) * len(sets), progress, desc="sweep", unit="unit")
     reference = like
@@ -144,20 +208,15 @@ def run_sweep(
                 bar.update(1)
                 continue
             comps = as_component_dict(model, sets[set_name](model))
-            done = store.done(unit, keys[data_name])
+            done = job.done(store, unit, keys[data_name])
             todo = {k: c for k, c in comps.items() if k not in done}
             if not todo:
                 report.skipped.append(unit)
                 bar.update(1)
                 continue
             t0 = time.time()
-            try:
-                result = estimate_llc(model, data[data_name], config, components=todo, engine=engine, device=device,
-                                      max_memory=max_memory)
-            except ChainsDivergedError as err:  # keep the other components; the lost ones are stored as diverged
-                result = err.result
-                log(f"{unit.checkpoint} / {data_name} / {set_name}: {err}")
-            report.rows_written += store.write(unit, keys[data_name], config_json, list(result), time.time() - t0)
+            result = job.run(model, data[data_name], todo, unit)
+            report.rows_written += job.write(store, unit, keys[data_name], result, time.time() - t0)
             report.computed.append(unit)
             bar.update(1)
     bar.close()

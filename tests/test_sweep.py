@@ -229,3 +229,53 @@ def test_head_figure_has_a_panel_per_layer_and_a_line_per_head(run_dir):
         lines = ax.get_lines()
         assert len(lines) == 8 and all(list(l.get_xdata()) == list(STEPS) for l in lines)
     assert "rLLC" in axes[0].get_ylabel()
+
+
+def test_hessian_metric_sweeps_write_beside_the_rllc_and_plot(run_dir):
+    tmp, data = run_dir
+    store = tmp / "s.sqlite"
+    base = ["sweep", "--checkpoints", tmp / "ckpts", "--data", f"mix={data['mix']}", "--store", store,
+            "--context", 16, "--quiet"]
+    r = _cli(*base, "--components", "heads,whole", "--draws", 4, "--batch-size", 8)
+    assert r.returncode == 0, r.stderr
+    r = _cli(*base, "--components", "heads,whole", "--metric", "hessian-trace", "--probes", 4,
+             "--hessian-batches", 2)
+    assert r.returncode == 0, r.stderr
+    r = _cli(*base, "--components", "whole", "--metric", "hessian-rank", "--probes", 2, "--hessian-batches", 1,
+             "--degree", 10)
+    assert r.returncode == 0, r.stderr
+    s = ResultStore(store)
+    traces, ranks = s.metric_rows("hessian-trace"), s.metric_rows("hessian-rank")
+    assert len(traces) == 3 * 17 and len(ranks) == 3 and len(s.rows()) == 3 * 17
+    assert traces["sem"].gt(0).all() and traces["num_samples"].eq(4).all()
+    # the stored value is the library's estimate with the same settings
+    from rllc_fast import hessian
+    from rllc_fast.models.checkpoints import checkpoint_series
+
+    from rllc_fast.data import data_from_spec
+
+    ckpt = checkpoint_series(tmp / "ckpts")[0]
+    tokens = data_from_spec(str(data["mix"]), 16, 256, None, seed=0)  # what the CLI reads
+    want = hessian.trace(ckpt.load(), tokens, None, num_probes=4, num_batches=2, batch_size=8, seed=0)
+    got = traces[(traces.checkpoint == ckpt.name) & (traces.component == "whole")]["value"].item()
+    assert got == pytest.approx(want["whole"].value, rel=1e-5)
+    # a rerun computes nothing new
+    r = _cli(*base, "--components", "heads,whole", "--metric", "hessian-trace", "--probes", 4,
+             "--hessian-batches", 2)
+    assert r.returncode == 0 and "0 unit(s) computed" in r.stdout, r.stdout + r.stderr
+    r = _cli("plot", "--store", store, "--out", tmp / "report")
+    assert r.returncode == 0, r.stderr
+    files = set(os.listdir(tmp / "report"))
+    assert {"heads_mix.png", "hessian-trace_heads_mix.png", "hessian-trace_whole_mix.png",
+            "hessian-rank_whole_mix.png"} <= files
+    page = (tmp / "report" / "index.html").read_text()
+    assert "src='hessian-trace_heads_mix.png'" in page and "Hessian metrics" in page
+
+
+def test_hessian_sweep_bad_input(run_dir):
+    tmp, data = run_dir
+    base = ["sweep", "--checkpoints", tmp / "ckpts", "--data", data["mix"], "--store", tmp / "s.sqlite",
+            "--context", 16, "--quiet"]
+    msg = _cli_error(*base, "--metric", "hessian-trace")  # 100 batches x 8 > 256 contexts of 64 rows
+    assert "give more data or lower num_batches" in msg
+    assert "--interval" in _cli_error(*base, "--metric", "hessian-rank", "--interval", "1..2", "--hessian-batches", 1)
