@@ -6,7 +6,6 @@ or ``step_size``); flags given on the command line win over the file."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

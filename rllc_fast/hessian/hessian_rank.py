@@ -7,10 +7,9 @@ set of HVPs over all components' probes, restricted back to each probe's compone
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
-import torch
 from torch import nn
 
 from ..engine.common import Progress
