@@ -13,10 +13,10 @@ import numpy as np
 from torch import nn
 
 from ..engine.common import Progress
-from .operator import DataHessian, only_grad_for, resolve_method
+from .operator import DataHessian, only_grad_for
 from .rank import adaptive_interval, check_interval, count_above, spectral_bounds
 from .result import HessianResult, summarise
-from .trace import KEEP_GRAPHS, STRIDE, _setup, _warn_unused, data_batches, default_loss
+from .trace import KEEP_GRAPHS, STRIDE, _warn_unused, default_loss, prepare
 
 
 def approx_rank(model: nn.Module, data, components=None, tau: Optional[float] = None,
@@ -49,11 +49,10 @@ def approx_rank(model: nn.Module, data, components=None, tau: Optional[float] = 
         if tau is None or not a_fixed < tau < b_fixed:
             raise ValueError(f"a fixed interval needs an absolute tau inside it, got tau={tau!r} for {interval!r}")
     t0 = time.time()
-    comps, support, device = _setup(model, components, device)
     loss_fn = default_loss(data, model, loss_fn)
-    batches = data_batches(data, num_batches, batch_size, seed, device)
-    method, chunk = resolve_method(hvp, device, probe_chunk, support.numel)
-    names = support.component_names
+    setup = prepare(model, components, data, num_batches, batch_size, seed, hvp, probe_chunk, device)
+    comps, support, batches, method, chunk, names = (setup.comps, setup.support, setup.batches, setup.method,
+                                                     setup.chunk, setup.names)
     owners = [n for n in names for _ in range(num_probes)]
     streams = [i * STRIDE + p for i in range(len(names)) for p in range(num_probes)]
     matvecs = 2 * power_iters + (degree + 1) // 2

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -87,13 +88,33 @@ def check_counts(**counts) -> None:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def _setup(model, components, device):
+@dataclass
+class Setup:
+    """What every Hessian metric prepares: components, their support, device, data batches, HVP method."""
+
+    comps: dict
+    support: Support
+    device: torch.device
+    batches: list
+    method: str
+    chunk: int
+
+    @property
+    def names(self) -> List[str]:
+        return self.support.component_names
+
+
+def prepare(model, components, data, num_batches, batch_size, seed, hvp, probe_chunk, device) -> Setup:
+    """Components and support on ``device`` (default: the model's), ``num_batches`` batches, HVP method/chunk."""
     current = next(model.parameters()).device
     device = torch.device(device) if device is not None else current
     if device != current:
         model.to(device)
     comps = as_component_dict(model, components)
-    return comps, Support(model, comps, device), device
+    support = Support(model, comps, device)
+    batches = data_batches(data, num_batches, batch_size, seed, device)
+    method, chunk = resolve_method(hvp, device, probe_chunk, support.numel)
+    return Setup(comps, support, device, batches, method, chunk)
 
 
 def _warn_unused(model, loss_fn, batch, support, comps) -> List[str]:
@@ -176,11 +197,10 @@ def trace(model: nn.Module, data, components=None, num_probes: int = 50, num_bat
     """
     _check_common(num_probes, probes, hutchpp)
     t0 = time.time()
-    comps, support, device = _setup(model, components, device)
     loss_fn = default_loss(data, model, loss_fn)
-    batches = data_batches(data, num_batches, batch_size, seed, device)
-    method, chunk = resolve_method(hvp, device, probe_chunk, support.numel)
-    names = support.component_names
+    setup = prepare(model, components, data, num_batches, batch_size, seed, hvp, probe_chunk, device)
+    comps, support, batches, method, chunk, names = (setup.comps, setup.support, setup.batches, setup.method,
+                                                     setup.chunk, setup.names)
     with only_grad_for(model, support.names):
         _warn_unused(model, loss_fn, batches[0], support, comps)
         if hutchpp:
@@ -277,12 +297,11 @@ def fim_trace(model: nn.Module, contexts, components=None, num_probes: int = 5, 
     """
     _check_common(num_probes, probes, False)
     t0 = time.time()
-    comps, support, device = _setup(model, components, device)
     if isinstance(contexts, torch.Tensor) and not contexts.dtype.is_floating_point:
         check_tokens(contexts, model, what="contexts")
-    batches = data_batches(contexts, num_batches, batch_size, seed, device)
-    method, chunk = resolve_method(hvp, device, probe_chunk, support.numel)
-    names = support.component_names
+    setup = prepare(model, components, contexts, num_batches, batch_size, seed, hvp, probe_chunk, device)
+    comps, support, batches, method, chunk, names = (setup.comps, setup.support, setup.batches, setup.method,
+                                                     setup.chunk, setup.names)
     generator = torch.Generator().manual_seed(seed + 1)
     labels = [draw_labels(model, b, generator) for b in batches]
     by_batch = dict(zip(map(id, batches), labels))
