@@ -13,10 +13,10 @@ import numpy as np
 from torch import nn
 
 from ..engine.common import Progress
-from .operator import DataHessian, only_grad_for
+from .operator import DataHessian, default_loss, only_grad_for
 from .rank import adaptive_interval, check_interval, count_above, spectral_bounds
 from .result import HessianResult, summarise
-from .trace import KEEP_GRAPHS, STRIDE, _warn_unused, default_loss, prepare
+from .trace import KEEP_GRAPHS, STRIDE, _warn_unused, prepare
 
 
 def approx_rank(model: nn.Module, data, components=None, tau: Optional[float] = None,

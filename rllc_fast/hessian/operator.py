@@ -135,6 +135,16 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+def default_loss(data, model: nn.Module, loss_fn: Optional[Callable]) -> Callable:
+    """``loss_fn``, or next-token cross-entropy once ``data`` checks out as tokens ``[N, T]`` for ``model``."""
+    if loss_fn is not None:
+        return loss_fn
+    from ..losses import NextTokenLoss, check_tokens
+
+    check_tokens(data, model, what="data")
+    return NextTokenLoss()
+
+
 def check_scalar_loss(loss) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
@@ -279,13 +289,10 @@ def hvp(model: nn.Module, batch, vectors: Dict[str, torch.Tensor], loss_fn: Opti
     (J probes); returns the same for ``H v``, with ``H`` the Hessian of ``loss_fn(model, batch)`` (default:
     next-token cross-entropy of tokens ``[N, T]``) as a function of those parameters only."""
     from ..components import from_params
-    from ..losses import NextTokenLoss, check_tokens
 
     if not vectors:
         raise ValueError("vectors: give at least one {parameter name: [J, *shape]} entry")
-    if loss_fn is None:
-        check_tokens(batch, model, what="batch")
-        loss_fn = NextTokenLoss()
+    loss_fn = default_loss(batch, model, loss_fn)
     comp = from_params(model, list(vectors), name="hvp")
     device = next(model.parameters()).device
     support = Support(model, {"hvp": comp}, device)

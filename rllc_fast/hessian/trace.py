@@ -31,9 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..components import as_component_dict
+from ..data.schedule import _num_rows
 from ..engine.common import Progress
-from ..losses import NextTokenLoss, check_tokens
-from .operator import BatchHessian, DataHessian, Support, only_grad_for, resolve_method, unused_parameters
+from ..losses import check_tokens
+from .operator import (BatchHessian, DataHessian, Support, default_loss, only_grad_for, resolve_method,
+                       unused_parameters)
 from .result import HessianResult, summarise
 
 PROBE_KINDS = ("shared", "per-component")
@@ -45,12 +47,9 @@ KEEP_GRAPHS = 8
 
 def rows_of(data) -> int:
     if isinstance(data, torch.Tensor):
-        return int(data.shape[0])
+        return _num_rows((data,))
     if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
-        n = {int(t.shape[0]) for t in data}
-        if len(n) != 1:
-            raise ValueError(f"data: the tensors of a tuple must have the same number of rows, got {sorted(n)}")
-        return n.pop()
+        return _num_rows(data)
     raise TypeError(f"data must be a tensor [N, ...] or a tuple of tensors, got {type(data).__name__}")
 
 
@@ -73,19 +72,6 @@ def data_batches(data, num_batches: int, batch_size: int, seed: int, device) -> 
                          "give more data or lower num_batches / batch_size")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:need]
     return [take_rows(data, order[i * batch_size:(i + 1) * batch_size], device) for i in range(num_batches)]
-
-
-def default_loss(data, model, loss_fn) -> Callable:
-    if loss_fn is not None:
-        return loss_fn
-    check_tokens(data, model, what="data")
-    return NextTokenLoss()
-
-
-def check_counts(**counts) -> None:
-    for name, value in counts.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 @dataclass
@@ -149,14 +135,14 @@ def _quadratic_forms(support: Support, jobs, v: torch.Tensor, hv: torch.Tensor) 
     return support.component_dots(v, hv, [o for o, _ in jobs])
 
 
-def _hutchinson(model, loss_of_batch, batches, support, names, num_probes, probes, method, chunk, seed, bar,
+def _hutchinson(model, losses, batches, support, names, num_probes, probes, method, chunk, seed, bar,
                 fresh_probes: bool = False):
-    """Per batch, ``{component: [num_probes]}`` of ``v_V.(H v)_V``. The same probes serve every batch (so
-    their batch means are Hutchinson samples of the mean Hessian) unless ``fresh_probes``."""
+    """Per batch (``losses[b]`` its loss_fn), ``{component: [num_probes]}`` of ``v_V.(H v)_V``. The same probes
+    serve every batch (so their batch means are Hutchinson samples of the mean Hessian) unless ``fresh_probes``."""
     per_batch = []
     for b, batch in enumerate(batches):
         jobs = _jobs(names, num_probes, probes, first=b * num_probes if fresh_probes else 0)
-        op = BatchHessian(model, loss_of_batch(batch), batch, support, method, chunk)
+        op = BatchHessian(model, losses[b], batch, support, method, chunk)
         forms = []
         for i in range(0, len(jobs), chunk):
             part = jobs[i:i + chunk]
@@ -208,8 +194,8 @@ def trace(model: nn.Module, data, components=None, num_probes: int = 50, num_bat
         else:
             total = len(batches) * num_probes * (1 if probes == "shared" else len(names))
             bar = Progress(total, progress, desc="Hessian trace", unit="HVP")
-            per_batch = _hutchinson(model, lambda b: loss_fn, batches, support, names, num_probes, probes, method,
-                                    chunk, seed, bar)
+            per_batch = _hutchinson(model, [loss_fn] * len(batches), batches, support, names, num_probes, probes,
+                                    method, chunk, seed, bar)
             bar.close()
             samples = {n: np.mean([pb[n] for pb in per_batch], axis=0) for n in names}
     estimates = {n: summarise(n, support.sizes[n], samples[n]) for n in names}
@@ -218,7 +204,8 @@ def trace(model: nn.Module, data, components=None, num_probes: int = 50, num_bat
     return HessianResult("hessian-trace", estimates, config, time.time() - t0)
 
 
-def _hutchpp(model, loss_fn, batches, support, names, num_probes, method, chunk, seed, progress) -> Dict[str, np.ndarray]:
+def _hutchpp(model, loss_fn, batches, support, names, num_probes, method, chunk, seed,
+             progress) -> Dict[str, np.ndarray]:
     """Hutch++ per component: ``{component: samples}`` whose mean is the estimate (exact top-k part plus
     the residual Hutchinson samples), k = num_probes // 3."""
     k = num_probes // 3
@@ -226,9 +213,9 @@ def _hutchpp(model, loss_fn, batches, support, names, num_probes, method, chunk,
     hessian = DataHessian(model, loss_fn, batches, support, method, chunk, keep_graphs=len(batches) <= KEEP_GRAPHS,
                           on_hvp=bar.update)
     owners = [n for n in names for _ in range(k)]
-    streams = [i * STRIDE + p for i in range(len(names)) for p in range(2 * k)]
-    sketch = support.component_probes(owners, seed, [s for s in streams if s % STRIDE < k])
-    residual = support.component_probes(owners, seed, [s for s in streams if s % STRIDE >= k])
+    sketch = support.component_probes(owners, seed, [i * STRIDE + p for i in range(len(names)) for p in range(k)])
+    residual = support.component_probes(owners, seed, [i * STRIDE + k + p for i in range(len(names))
+                                                        for p in range(k)])
     a_sketch = hessian.matvec(sketch, owners)
     bases = []
     for j, name in enumerate(names):  # orthonormal basis of each component's sketch, in its own coordinates
@@ -303,13 +290,12 @@ def fim_trace(model: nn.Module, contexts, components=None, num_probes: int = 5, 
     comps, support, batches, method, chunk, names = (setup.comps, setup.support, setup.batches, setup.method,
                                                      setup.chunk, setup.names)
     generator = torch.Generator().manual_seed(seed + 1)
-    labels = [draw_labels(model, b, generator) for b in batches]
-    by_batch = dict(zip(map(id, batches), labels))
+    losses = [sampled_label_loss(draw_labels(model, b, generator)) for b in batches]
     total = len(batches) * num_probes * (1 if probes == "shared" else len(names))
     bar = Progress(total, progress, desc="FIM trace", unit="HVP")
     with only_grad_for(model, support.names):
-        _warn_unused(model, sampled_label_loss(labels[0]), batches[0], support, comps)
-        per_batch = _hutchinson(model, lambda b: sampled_label_loss(by_batch[id(b)]), batches, support, names,
+        _warn_unused(model, losses[0], batches[0], support, comps)
+        per_batch = _hutchinson(model, losses, batches, support, names,
                                 num_probes, probes, method, chunk, seed, bar, fresh_probes=True)
     bar.close()
     samples = {n: np.array([pb[n].mean() for pb in per_batch]) for n in names}
