@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import cli_demo
+from . import cli_analyze, cli_demo
 from .atomic import write_json_atomically
 
 
@@ -109,7 +109,7 @@ def _sweep_parser(sub) -> None:
                    help="directory of checkpoints: *.pt (rllc_fast or TransformerLens state dicts) or Hugging Face "
                         "GPT-NeoX directories (step1000/ ...), ordered by training step")
     p.add_argument("--data", action="append", required=True, metavar="[NAME=]SPEC",
-                   help="a data distribution: built-in corpus (stdlib_code, stdlib_prose) or a token/text file "
+                   help="a data distribution: built-in corpus (stdlib_code, stdlib_prose), synthetic:SOURCE (code, induction, dyck, ngram, mixture) or a token/text file "
                         "(.npy, .pt, .bin uint16, .txt with --tokenizer); repeat for several; NAME= names it")
     p.add_argument("--components", default="heads",
                    help="comma-separated component sets: whole, heads, layers (default heads)")
@@ -276,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sweep_parser(sub)
     _plot_parser(sub)
     cli_demo.add_parsers(sub)
+    cli_analyze.add_parser(sub)
     info = sub.add_parser("info", help="backend, device and library versions", description="Print the ops backend, device and versions.")
     info.set_defaults(func=_cmd_info)
     for p in sub.choices.values():

@@ -65,6 +65,19 @@ CREATE TABLE IF NOT EXISTS metrics (  -- Hessian-based metrics (rllc_fast.hessia
     written_at    TEXT    NOT NULL,
     PRIMARY KEY (checkpoint, data, component_set, component, metric)
 );
+CREATE TABLE IF NOT EXISTS analyses (  -- rllc_fast.analysis results (`rllc analyze`), long format
+    analysis      TEXT    NOT NULL,  -- 'head-score', 'head-type', 'composition', 'ablation', 'icl', 'tokens', 'cluster'
+    checkpoint    TEXT    NOT NULL,  -- checkpoint name ('' when the row spans checkpoints, e.g. a clustering)
+    step          INTEGER NOT NULL,  -- its training step (-1 when spanning checkpoints)
+    data          TEXT    NOT NULL,  -- data name ('' when none)
+    name          TEXT    NOT NULL,  -- what was measured, e.g. 'induction', 'K', 'mean', 'kmeans-k2'
+    head          TEXT    NOT NULL,  -- the head 'l:h' (or head set 'l:h+l:h')
+    other         TEXT    NOT NULL,  -- a second head or a label ('' when none): the later head of a composition
+    value         REAL,
+    info_json     TEXT    NOT NULL,
+    written_at    TEXT    NOT NULL,
+    PRIMARY KEY (analysis, checkpoint, data, name, head, other)
+);
 CREATE TABLE IF NOT EXISTS failures (
     checkpoint    TEXT NOT NULL,
     step          INTEGER NOT NULL,
@@ -77,6 +90,7 @@ CREATE TABLE IF NOT EXISTS failures (
 );
 """
 
+ANALYSIS_COLUMNS = ["analysis", "checkpoint", "step", "data", "name", "head", "other", "value", "info_json"]
 METRIC_COLUMNS = ["checkpoint", "step", "data", "component_set", "component", "metric", "numel", "value", "sem",
                   "num_samples", "config_key"]
 SUMMARY_COLUMNS = ["checkpoint", "step", "data", "component_set", "component", "numel", "llc_mean", "llc_std",
@@ -208,6 +222,28 @@ class ResultStore:
         for col in ("value", "sem"):
             df[col] = df[col].astype(float)
         return df
+
+    def analysis_rows(self, analysis: str | None = None):
+        """Rows of ``rllc analyze`` (``ANALYSIS_COLUMNS``) as a DataFrame, optionally of one ``analysis``."""
+        import pandas as pd
+
+        where, args = ("WHERE analysis=?", (analysis,)) if analysis else ("", ())
+        with self._connect() as con:
+            df = pd.read_sql_query(f"SELECT {', '.join(ANALYSIS_COLUMNS)} FROM analyses {where} "
+                                   "ORDER BY analysis, step, checkpoint, data, name, head, other", con, params=args)
+        df["value"] = df["value"].astype(float)
+        return df
+
+    def write_analysis(self, analysis: str, rows: Iterable[dict]) -> int:
+        """Write rows of one ``analysis`` in one transaction (replacing rows with the same key). Each row is a
+        dict with ``head`` and ``value`` and optionally ``checkpoint``, ``step``, ``data``, ``name``,
+        ``other``, ``info``. Returns the row count."""
+        packed = [(analysis, r.get("checkpoint", ""), int(r.get("step", -1)), r.get("data", ""), r.get("name", ""),
+                   r["head"], r.get("other", ""), _nan_to_none(float(r["value"])) if r["value"] is not None else None,
+                   json.dumps(r.get("info", {}), sort_keys=True, default=str), _now()) for r in rows]
+        with self._connect() as con:
+            con.executemany(f"INSERT OR REPLACE INTO analyses VALUES ({', '.join('?' * 10)})", packed)
+        return len(packed)
 
     def failures(self):
         """Units that failed (e.g. an unreadable checkpoint), as a DataFrame."""

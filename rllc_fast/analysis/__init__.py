@@ -1,6 +1,28 @@
-"""Analyses of trained models: head scores (previous-token, induction)."""
-from .head_scores import (attention_patterns, induction_scores, previous_token_scores, repeated_random_tokens,
-                          repeated_token_losses)
+"""Analyses of trained models, to check rLLCs against (paper appendices B, E, F.4, F.5):
 
-__all__ = ["attention_patterns", "induction_scores", "previous_token_scores", "repeated_random_tokens",
-           "repeated_token_losses"]
+- ``head_scores``: previous-token, current-token, induction and prefix-matching scores, ``classify_heads``;
+- ``icl``: in-context-learning scores, also with a head ablated;
+- ``composition``: Q-, K-, V-composition scores;
+- ``ablation``: zero/mean/resample ablations, path patching, per-token loss increases;
+- ``tokens_in_context``: pattern classification of a head's most affected tokens in context;
+- ``clustering``: clustering of per-head rLLC curves (K-means, DTW, Ward, shape-based);
+- ``refinement_shift``: how a data refinement moves each head's rLLC;
+- ``runs`` and ``figures``: the ``rllc analyze`` subcommands over checkpoint series.
+"""
+from .ablation import ablation_hooks, ablation_scores, path_patch, per_token_loss, per_token_loss_increase
+from .clustering import Clustering, cluster_curves, sbd
+from .composition import composition_scores, dense_composition_score
+from .head_scores import (HEAD_TYPES, attention_patterns, classify_heads, current_token_scores, induction_scores,
+                          prefix_matching_scores, previous_token_scores, repeated_random_tokens, repeated_token_losses,
+                          score_heads)
+from .icl import icl_positions, icl_score, per_head_icl_scores
+from .tokens_in_context import PATTERNS, TokenInContext, classify_tokens_in_context, head_tokens_in_context, pattern_summary
+
+__all__ = [
+    "HEAD_TYPES", "PATTERNS", "Clustering", "TokenInContext", "ablation_hooks", "ablation_scores", "attention_patterns",
+    "classify_heads", "classify_tokens_in_context", "cluster_curves", "composition_scores", "current_token_scores",
+    "dense_composition_score", "head_tokens_in_context", "icl_positions", "icl_score", "induction_scores",
+    "path_patch", "pattern_summary", "per_head_icl_scores", "per_token_loss", "per_token_loss_increase",
+    "prefix_matching_scores", "previous_token_scores", "repeated_random_tokens", "repeated_token_losses",
+    "sbd", "score_heads",
+]

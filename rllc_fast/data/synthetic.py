@@ -3,7 +3,7 @@
 
 Vocabulary (``SYNTHETIC_VOCAB`` = 128 ids):
   0..7     four bracket pairs: (0,1) (2,3) (4,5) (6,7) as open/close
-  8..23    sixteen "keywords" (the code-like source's syntax)
+  8..23    sixteen reserved ids no source emits (kept so the vocabulary, and trained shapes, stay fixed)
   24..127  104 "word" tokens (n-gram text, random spans, identifiers)
 
 Sources, each a generator of ``[N, T]`` contexts (one source per context):
@@ -14,10 +14,10 @@ Sources, each a generator of ``[N, T]`` contexts (one source per context):
              (induction);
   dyck       nested brackets of four kinds, with words between; a closing bracket must match the
              innermost open one;
-  code       code-like statements ``kw NAME ( NAME [, NAME [, NAME]] )`` (``,`` is keyword 8, ``( )``
-             bracket pair 0) where each context reuses 3-5 identifiers of 3 tokens, and 70% of the
-             statements repeat an earlier one: as in real code, most tokens are predictable by
-             induction (copying what followed the same token earlier).
+  code       code-like lines ``NAME ( NAME [NAME [NAME]] )`` (``( )`` is bracket pair 0) where each
+             context reuses 4-6 identifiers of 1-3 word tokens, and 75% of the lines repeat an earlier
+             one: as in real code, most tokens are predictable by induction (copying what followed the
+             same token earlier), and far more of them than in the mixture.
 The grammar is fixed by ``grammar_seed`` (not by the sampling seed), so every source is the same
 distribution whatever contexts are drawn.
 """
@@ -33,7 +33,7 @@ BRACKETS = 4
 KEYWORDS = np.arange(8, 24)
 WORDS = np.arange(24, SYNTHETIC_VOCAB)
 #: Bumped whenever a source's generator changes, so cached runs trained on older data are not reused.
-DATA_VERSION = 3
+DATA_VERSION = 4
 SOURCES = ("ngram", "induction", "dyck", "code")
 DEFAULT_MIXTURE = {"ngram": 0.2, "induction": 0.5, "dyck": 0.15, "code": 0.15}
 
@@ -85,24 +85,23 @@ def _dyck(rng, n: int, T: int) -> np.ndarray:
     return out
 
 
-def _code(rng, n: int, T: int, p_repeat: float = 0.7) -> np.ndarray:
+def _code(rng, n: int, T: int, p_repeat: float = 0.75) -> np.ndarray:
     out = np.empty((n, T), dtype=np.int64)
-    comma = int(KEYWORDS[0])
     for i in range(n):
-        # 3-5 identifiers of 3 word tokens (like a BPE splitting ``self.model_name``), reused all along
-        names = [rng.choice(WORDS, size=3).tolist() for _ in range(int(rng.integers(3, 6)))]
-        statements, row = [], []
+        # 4-6 identifiers of 1-3 word tokens (like a BPE splitting ``self.model_name``), reused all along
+        names = [rng.choice(WORDS, size=int(rng.integers(1, 4))).tolist() for _ in range(int(rng.integers(4, 7)))]
+        lines, row = [], []
         while len(row) < T:
-            if statements and rng.random() < p_repeat:  # a statement repeated from earlier in the file
-                statement = statements[int(rng.integers(0, len(statements)))]
-            else:  # kw NAME ( NAME [, NAME [, NAME]] )
-                picks = rng.integers(0, len(names), size=1 + int(rng.integers(1, 4)))
-                statement = [int(rng.choice(KEYWORDS[1:])), *names[picks[0]], 0]
-                for j, k in enumerate(picks[1:]):
-                    statement += ([comma] if j else []) + names[k]
-                statement.append(1)
-                statements.append(statement)
-            row.extend(statement)
+            if lines and rng.random() < p_repeat:  # a line repeated from earlier in the file
+                line = lines[int(rng.integers(0, len(lines)))]
+            else:  # NAME ( NAME [NAME [NAME]] )
+                picks = rng.integers(0, len(names), size=int(rng.integers(2, 5)))
+                line = [*names[picks[0]], 0]
+                for k in picks[1:]:
+                    line += names[k]
+                line.append(1)
+                lines.append(line)
+            row.extend(line)
         out[i] = row[:T]
     return out
 

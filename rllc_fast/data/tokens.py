@@ -88,10 +88,25 @@ def corpus_tokens(name: str, context_length: int, num_contexts: int, tokenizer=N
     return windows(stream, context_length, num_contexts, seed, what=name)
 
 
+SYNTHETIC_PREFIX = "synthetic:"
+
+
 def data_from_spec(spec: str, context_length: int, num_contexts: Optional[int], tokenizer=None, seed: int = 0) -> torch.Tensor:
-    """A built-in corpus name or a file path (the command line's ``--data``) as tokens ``[N, T]``."""
+    """A built-in corpus name, ``synthetic:SOURCE`` (a source of the demo's synthetic distribution, or
+    ``synthetic:mixture``), or a file path (the command line's ``--data``) as tokens ``[N, T]``."""
+    if spec.startswith(SYNTHETIC_PREFIX):
+        from .synthetic import SOURCES, synthetic_mixture, synthetic_source
+
+        name = spec[len(SYNTHETIC_PREFIX):]
+        if name not in (*SOURCES, "mixture"):
+            raise ValueError(f"--data {spec!r}: choose synthetic:NAME with NAME in {[*SOURCES, 'mixture']}")
+        n = num_contexts or 256
+        if name == "mixture":
+            return synthetic_mixture(n, context_length, seed=seed)
+        return synthetic_source(name, n, context_length, seed=seed)
     if spec in CORPORA:
         return corpus_tokens(spec, context_length, num_contexts or 256, tokenizer, seed)
     if not os.path.exists(spec):
-        raise FileNotFoundError(f"--data {spec!r} is neither a built-in corpus {sorted(CORPORA)} nor an existing file")
+        raise FileNotFoundError(f"--data {spec!r} is neither a built-in corpus {sorted(CORPORA)}, synthetic:NAME, "
+                                "nor an existing file")
     return load_tokens(spec, context_length, num_contexts, tokenizer, seed)

@@ -1,0 +1,168 @@
+"""The analyses of ``rllc analyze`` over a checkpoint series, writing long-format rows to a ``ResultStore``
+(table ``analyses``) and one figure each. Every function returns the rows it wrote as a DataFrame."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Dict, Mapping, Optional, Sequence
+
+import torch
+
+from ..store import ResultStore
+from . import figures
+
+Log = Callable[[str], None]
+
+
+def _progress(items, desc: str, progress: bool):
+    if not progress:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="ckpt")
+
+
+def _models(series, like=None):
+    for ck in series:
+        yield ck, ck.load(like=like)
+
+
+def analyze_scores(series, tokens: torch.Tensor, data: str, store: ResultStore, out_dir, thresholds: Mapping[str, float] = {},
+                   low: int = 0, vocab: Optional[int] = None, like=None, progress: bool = True):
+    """Head scores (``score_heads``) at every checkpoint on ``tokens``, and ``classify_heads`` at the last one
+    (analysis ``head-type``, the label in ``other``). Figure ``head_scores.png``."""
+    from .head_scores import classify_heads, score_heads
+
+    rows, final = [], None
+    for ck, model in _progress(list(_models(series, like)), "head scores", progress):
+        length = min(24, model.cfg.n_ctx // 2)
+        scores = score_heads(model, tokens, length=length, num=32, low=low, vocab=vocab)
+        for kind, matrix in scores.items():
+            for l, row in enumerate(matrix.tolist()):
+                for h, v in enumerate(row):
+                    rows.append({"checkpoint": ck.name, "step": ck.step, "data": data, "name": kind,
+                                 "head": f"{l}:{h}", "value": v})
+        final = (ck, scores)
+    store.write_analysis("head-score", rows)
+    ck, scores = final
+    labels = classify_heads(scores, **thresholds)
+    store.write_analysis("head-type", [{"checkpoint": ck.name, "step": ck.step, "data": data, "head": h, "other": t,
+                                        "value": None, "info": dict(thresholds)} for h, t in labels.items()])
+    df = store.analysis_rows("head-score")
+    df = df[df["data"] == data]
+    figures.plot_per_head_over_training(df, Path(out_dir) / "head_scores.png", f"head scores on {data}", "score",
+                                        colours={h: figures.TYPE_COLOURS[t] for h, t in labels.items()
+                                                 if t != "multigram"})
+    return df, labels
+
+
+def analyze_composition(series, store: ResultStore, out_dir, head_types: Optional[Dict[str, str]] = None,
+                        like=None, progress: bool = True):
+    """Q-, K-, V-composition of every head pair at every checkpoint; figures ``composition_{Q,K,V}.png``."""
+    from .composition import composition_rows
+
+    rows = []
+    for ck, model in _progress(list(_models(series, like)), "composition", progress):
+        rows += [{"checkpoint": ck.name, "step": ck.step, "name": r["kind"], "head": r["earlier"], "other": r["later"],
+                  "value": r["score"]} for r in composition_rows(model, ck.step)]
+    store.write_analysis("composition", rows)
+    df = store.analysis_rows("composition")
+    for kind in ("Q", "K", "V"):
+        figures.plot_composition(df, Path(out_dir) / f"composition_{kind}.png", kind, head_types)
+    return df
+
+
+def analyze_ablation(series, tokens: torch.Tensor, data: str, store: ResultStore, out_dir, kinds: Sequence[str] = ("mean",),
+                     heads=None, like=None, progress: bool = True):
+    """Ablation scores of each head (``kinds``) and the per-head ICL score with that head mean-ablated, at
+    every checkpoint; figures ``ablation.png`` and ``icl.png``."""
+    from .ablation import ablation_scores
+    from .icl import per_head_icl_scores
+
+    rows, icl = [], []
+    for ck, model in _progress(list(_models(series, like)), "ablations", progress):
+        for kind in kinds:
+            for head, value in ablation_scores(model, tokens, heads, kind).items():
+                rows.append({"checkpoint": ck.name, "step": ck.step, "data": data, "name": kind, "head": head,
+                             "value": value})
+        for head, value in per_head_icl_scores(model, tokens, heads).items():
+            icl.append({"checkpoint": ck.name, "step": ck.step, "data": data, "name": "mean-ablated", "head": head,
+                        "value": value})
+    store.write_analysis("ablation", rows)
+    store.write_analysis("icl", icl)
+    ab = store.analysis_rows("ablation")
+    ab = ab[ab["data"] == data]
+    figures.plot_per_head_over_training(ab, Path(out_dir) / "ablation.png", f"ablation scores on {data}",
+                                        "loss increase (nats/token)")
+    ic = store.analysis_rows("icl")
+    ic = ic[ic["data"] == data]
+    figures.plot_per_head_over_training(ic, Path(out_dir) / "icl.png", f"ICL score on {data} with one head mean-ablated",
+                                        "ICL score (nats)", styles={"none": "--"}, colours={"none": "black"})
+    return ab, ic
+
+
+def analyze_tokens(checkpoint, tokens: torch.Tensor, data: str, store: ResultStore, out_dir, k: int = 1000,
+                   brackets: Optional[Mapping[int, int]] = None, heads=None, like=None, progress: bool = True):
+    """Tokens-in-context patterns of each head at one checkpoint (mean ablation, top ``k``); figure
+    ``tokens_in_context.png``. Returns ``{head: pattern_summary}``."""
+    from .ablation import head_names, parse_heads
+    from .tokens_in_context import head_tokens_in_context
+
+    model = checkpoint.load(like=like)
+    names = [f"{l}:{h}" for l, h in parse_heads(model, heads if heads is not None else head_names(model))]
+    summaries, rows = {}, []
+    for head in _progress(names, f"tokens in context (step {checkpoint.step})", progress):
+        _, summary = head_tokens_in_context(model, tokens, head, k, "mean", brackets)
+        summaries[head] = summary
+        base = {"checkpoint": checkpoint.name, "step": checkpoint.step, "data": data, "head": head}
+        rows += [{**base, "name": p, "value": v} for p, v in summary["percent"].items()]
+        rows.append({**base, "name": "unique_multigrams", "value": summary["unique_multigrams"],
+                     "info": summary["unique"]})
+    store.write_analysis("tokens", rows)
+    figures.plot_token_patterns(summaries, Path(out_dir) / "tokens_in_context.png",
+                                f"tokens in context at step {checkpoint.step} on {data} (top {k} per head)")
+    return summaries
+
+
+def head_curves(store: ResultStore, data: str, layer: Optional[int] = None, component_set: str = "heads"):
+    """``(steps, {head: rLLC curve})`` of one data distribution from a sweep's store (optionally one layer).
+    Raises ``ValueError`` when the store has no such rows or a head misses checkpoints."""
+    df = store.rows()
+    df = df[(df["data"] == data) & (df["component_set"] == component_set)]
+    if df.empty:
+        raise ValueError(f"{store.path} has no per-head estimates on data {data!r}; run `rllc sweep` for it first")
+    if layer is not None:
+        df = df[[int(c.split(":")[0]) == layer for c in df["component"]]]
+        if df.empty:
+            raise ValueError(f"no heads of layer {layer} on data {data!r} in {store.path}")
+    table = df.pivot_table(index="step", columns="component", values="llc_mean", aggfunc="first", dropna=False)
+    return table.index.to_numpy(), {h: table[h].to_numpy(float) for h in table.columns}
+
+
+def analyze_clusters(store: ResultStore, data: Sequence[str], n_clusters: int, method: str, out_dir,
+                     layer: Optional[int] = None, seed: int = 0, resample: bool = False, apply_to: Sequence[ResultStore] = ()):
+    """Cluster the per-head rLLC curves on ``data`` (one or several, concatenated) of ``store``; write the
+    labels (analysis ``cluster``), ``clusters.json`` (labels, scores, colours: feed it to ``rllc plot
+    --clusters``) and ``clusters.png``; label the heads of the ``apply_to`` stores' runs with the same
+    clustering (Appendix G). Returns ``(clustering, {store path: labels})``."""
+    from ..atomic import write_json_atomically
+    from .clustering import cluster_curves
+
+    parts = [head_curves(store, d, layer) for d in data]
+    clustering = cluster_curves([c for _, c in parts], n_clusters, method, seed, resample)
+    tag = f"{method}-k{n_clusters}" + (f"-layer{layer}" if layer is not None else "")
+    info = {"data": list(data), "scores": clustering.scores}
+    store.write_analysis("cluster", [{"data": "+".join(data), "name": tag, "head": h, "value": c, "info": info}
+                                     for h, c in clustering.labels.items()])
+    applied = {}
+    for other in apply_to:
+        labels = clustering.predict([head_curves(other, d, layer)[1] for d in data])
+        other.write_analysis("cluster", [{"data": "+".join(data), "name": f"{tag}-from:{store.path}", "head": h,
+                                          "value": c} for h, c in labels.items()])
+        applied[str(other.path)] = labels
+    colours = clustering.colours()
+    out_dir = Path(out_dir)
+    write_json_atomically(out_dir / "clusters.json", {**clustering.to_dict(), "data": list(data), "layer": layer,
+                                                      "colours": colours, "applied": applied}, indent=1)
+    figures.plot_clusters([c for _, c in parts], [s for s, _ in parts], list(data), colours, out_dir / "clusters.png",
+                          f"{method} clustering, {n_clusters} clusters, on {' + '.join(data)}")
+    return clustering, applied
