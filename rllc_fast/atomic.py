@@ -10,13 +10,17 @@ from typing import Callable
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` and move the result to ``path`` (folders created); return ``path``."""
+    """Call ``write(tmp_path)`` and move the result to ``path`` (folders created); return ``path``. The file gets
+    the permissions a plain ``open()`` would give it (0666 less the umask), not ``mkstemp``'s private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -6,6 +6,7 @@ or ``step_size``); flags given on the command line win over the file."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -230,6 +231,9 @@ def _plot_parser(sub) -> None:
     p.add_argument("--out", default="rllc-report", help="output folder (default ./rllc-report)")
     p.add_argument("--diff", nargs=2, action="append", metavar=("DATA_A", "DATA_B"),
                    help="plot per-head rLLC on DATA_A minus on DATA_B; repeatable (default: every data distribution minus the alphabetically first)")
+    p.add_argument("--clusters", metavar="JSON",
+                   help="clusters.json of `rllc analyze cluster`: colour each head by its cluster (one colour family "
+                        "per cluster)")
     p.add_argument("--quiet", action="store_true", help="no logs")
     p.set_defaults(func=_cmd_plot)
 
@@ -239,8 +243,16 @@ def _cmd_plot(args) -> int:
 
     if not os.path.isfile(args.store):
         raise SystemExit(f"rllc plot: --store {args.store} does not exist")
+    colours = None
+    if args.clusters:
+        try:
+            with open(args.clusters) as f:
+                colours = {h: tuple(c) for h, c in json.load(f)["colours"].items()}
+        except (OSError, ValueError, KeyError) as err:
+            raise SystemExit(f"rllc plot: --clusters {args.clusters}: not a clusters.json of `rllc analyze cluster` "
+                             f"({err})") from None
     try:
-        page = write_report(args.store, args.out, differences=[tuple(d) for d in args.diff or ()])
+        page = write_report(args.store, args.out, differences=[tuple(d) for d in args.diff or ()], colours=colours)
     except ValueError as err:
         raise SystemExit(f"rllc plot: {err}") from None
     _log(args, f"wrote {page} and its figures")

@@ -43,12 +43,13 @@ def _head_key(name: str):
     return int(layer), int(head)
 
 
-def _plot_lines(ax, df, value_col: str = "llc_mean", err_col: Optional[str] = "llc_sem") -> None:
+def _plot_lines(ax, df, value_col: str = "llc_mean", err_col: Optional[str] = "llc_sem",
+                colours: Optional[dict] = None) -> None:
     colors = _pyplot().get_cmap("tab10" if df["component"].nunique() <= 10 else "tab20")
     for i, (name, g) in enumerate(sorted(df.groupby("component"), key=lambda kv: _sort_key(kv[0]))):
         g = g.sort_values("step")
         x, y = g["step"].to_numpy(), g[value_col].to_numpy(float)
-        color = colors(i % colors.N)
+        color = (colours or {}).get(name) or colors(i % colors.N)
         ax.plot(x, y, marker="o", markersize=3, linewidth=1.5, label=name, color=color)
         if err_col is not None and err_col in g:
             e = g[err_col].to_numpy(float)
@@ -64,15 +65,16 @@ def _sort_key(name: str):
 
 
 def plot_head_curves(df, path, title: str, value_col: str = "llc_mean", ylabel: str = "rLLC  $\\hat\\lambda$",
-                     err_col: Optional[str] = "llc_sem") -> Path:
+                     err_col: Optional[str] = "llc_sem", colours: Optional[dict] = None) -> Path:
     """Per-head curves of ``df`` (see ``head_curves_figure``) written as a PNG to ``path``."""
-    return _save(head_curves_figure(df, title, value_col, ylabel, err_col), path)
+    return _save(head_curves_figure(df, title, value_col, ylabel, err_col, colours), path)
 
 
 def head_curves_figure(df, title: str, value_col: str = "llc_mean", ylabel: str = "rLLC  $\\hat\\lambda$",
-                       err_col: Optional[str] = "llc_sem"):
+                       err_col: Optional[str] = "llc_sem", colours: Optional[dict] = None):
     """A matplotlib figure of per-head curves of ``df`` (rows of one data distribution, component set
-    'heads'): one panel per layer, one line per head (legend ``l:h``), ±1 SEM band, log step axis."""
+    'heads'): one panel per layer, one line per head (legend ``l:h``), ±1 SEM band, log step axis.
+    ``colours``: ``{"l:h": colour}`` (e.g. a clustering's colour families), else a qualitative palette."""
     plt = _pyplot()
     df = df.copy()
     df["layer"] = [_head_key(c)[0] for c in df["component"]]
@@ -80,7 +82,7 @@ def head_curves_figure(df, title: str, value_col: str = "llc_mean", ylabel: str 
     fig, axes = plt.subplots(1, len(layer_ids), figsize=(5.2 * len(layer_ids), 4.2), squeeze=False, sharey=True)
     for ax, layer in zip(axes[0], layer_ids):
         sub = df[df["layer"] == layer]
-        _plot_lines(ax, sub, value_col, err_col)
+        _plot_lines(ax, sub, value_col, err_col, colours)
         _log_x(ax, sub["step"])
         ax.set_title(f"layer {layer}")
         ax.legend(fontsize=8, ncol=2, title="head l:h", title_fontsize=8, loc="best")
@@ -125,10 +127,10 @@ def _save(fig, path) -> Path:
     return path
 
 
-def make_figures(df, out_dir, differences: Sequence[tuple] = ()) -> List[tuple]:
+def make_figures(df, out_dir, differences: Sequence[tuple] = (), colours: Optional[dict] = None) -> List[tuple]:
     """Every figure the rows ``df`` (``ResultStore.rows()``) allow, as ``[(png path, caption)]``. ``differences``:
     pairs of data names to plot per-head differences for (default: every data distribution minus the
-    alphabetically first)."""
+    alphabetically first); ``colours``: ``{"l:h": colour}`` for the per-head figures."""
     out_dir = Path(out_dir)
     figures = []
     data_names = list(dict.fromkeys(df["data"]))
@@ -136,14 +138,14 @@ def make_figures(df, out_dir, differences: Sequence[tuple] = ()) -> List[tuple]:
     for name in data_names:
         sub = heads[heads["data"] == name]
         if not sub.empty:
-            p = plot_head_curves(sub, out_dir / f"heads_{_slug(name)}.png", f"per-head rLLC on {name}")
+            p = plot_head_curves(sub, out_dir / f"heads_{_slug(name)}.png", f"per-head rLLC on {name}", colours=colours)
             figures.append((p, f"Per-head rLLC on {name} over training (one panel per layer, ±1 SEM band)."))
     pairs = list(differences) or [(n, data_names[0]) for n in data_names[1:]]
     for a, b in pairs:
         diff = head_difference(df, a, b)
         if not diff.empty:
             p = plot_head_curves(diff, out_dir / f"heads_diff_{_slug(a)}_minus_{_slug(b)}.png",
-                                 f"per-head rLLC: {a} minus {b}", ylabel="rLLC difference")
+                                 f"per-head rLLC: {a} minus {b}", ylabel="rLLC difference", colours=colours)
             figures.append((p, f"Per-head rLLC on {a} minus on {b} (paired by checkpoint and head)."))
     for set_name, label in (("layers", "per-layer rLLC"), ("whole", "whole-model LLC")):
         sub = df[df["component_set"] == set_name]
@@ -184,14 +186,15 @@ def _slug(name: str) -> str:
 
 
 def write_report(store: ResultStore | str, out_dir, differences: Sequence[tuple] = (),
-                 title: str = "rLLC sweep report", extra_html: str = "") -> Path:
-    """PNG figures plus ``index.html`` (figures, the table of estimates, failures) in ``out_dir``."""
+                 title: str = "rLLC sweep report", extra_html: str = "", colours: Optional[dict] = None) -> Path:
+    """PNG figures plus ``index.html`` (figures, the table of estimates, failures) in ``out_dir``;
+    ``colours``: ``{"l:h": colour}`` for the per-head curves (e.g. ``Clustering.colours()``)."""
     store = store if isinstance(store, ResultStore) else ResultStore(store)
     out_dir = Path(out_dir)
     df, mdf = store.rows(), store.metric_rows()
     if df.empty and mdf.empty:
         raise ValueError(f"{store.path} holds no estimates yet; run `rllc sweep` first")
-    figures = (make_figures(df, out_dir, differences) if not df.empty else []) + metric_figures(mdf, out_dir)
+    figures = (make_figures(df, out_dir, differences, colours) if not df.empty else []) + metric_figures(mdf, out_dir)
     failures = store.failures()
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}img{max-width:100%;border:1px solid #ddd}"

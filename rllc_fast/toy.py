@@ -88,11 +88,17 @@ class ToyRun:
         return self.metrics[-1]
 
     def head_types(self, prev_threshold: float = 0.5, induction_threshold: float = 0.3) -> Dict[str, str]:
-        """``{"l:h": "induction" | "previous-token" | "other"}`` from the final checkpoint's scores (the
-        induction label wins when a head passes both thresholds)."""
-        prev, ind = scores_by_head(self.final["previous_token"]), scores_by_head(self.final["induction"])
-        return {name: ("induction" if ind[name] >= induction_threshold
-                       else "previous-token" if p >= prev_threshold else "other") for name, p in prev.items()}
+        """``{"l:h": "induction" | "previous-token" | "other"}`` from the final checkpoint's scores, by
+        ``analysis.classify_heads`` (induction wins over previous-token; current-token and multigram heads
+        are "other" here, since the demo measures neither)."""
+        import torch
+
+        from .analysis.head_scores import classify_heads
+
+        scores = {"previous_token": torch.tensor(self.final["previous_token"]),
+                  "induction": torch.tensor(self.final["induction"])}
+        labels = classify_heads(scores, previous_token=prev_threshold, induction=induction_threshold)
+        return {h: t if t in ("induction", "previous-token") else "other" for h, t in labels.items()}
 
 
 def scores_by_head(matrix) -> Dict[str, float]:

@@ -1,6 +1,5 @@
 """The batched engine against the reference engine (the plain one-chain loop)."""
 import math
-import warnings
 
 import numpy as np
 import pytest

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import replace
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -136,3 +135,20 @@ def test_quick_demo_offline_forms_heads_and_stays_in_its_folders(tmp_path):
     summary2 = json.loads((out / "summary.json").read_text())
     assert summary2["trained_now"] is False and summary2["estimates_computed"] == 0
     assert summary2["refinement"] == summary["refinement"]
+
+    # the analysis suite on the same run (issue 7): classify_heads finds the heads the demo reports, and a
+    # shape-based clustering of the layer-1 wrLLC curves puts the induction heads together
+    store, analysis = out / "results.sqlite", tmp_path / "analysis"
+    for args in (["scores", "--checkpoints", summary["toy_run"], "--data", "mixture=synthetic:mixture"],
+                 ["cluster", "--data", "mixture", "--layer", "1", "--clusters", "2", "--method", "sbd"]):
+        done = subprocess.run([sys.executable, "-m", "rllc_fast.cli", "analyze", *args, "--store", str(store),
+                               "--out", str(analysis), "--quiet"], cwd=work, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+    from rllc_fast.store import ResultStore
+
+    types = ResultStore(store).analysis_rows("head-type")
+    found = {h: t if t in ("induction", "previous-token") else "other" for h, t in zip(types["head"], types["other"])}
+    assert found == summary["head_types"]
+    clusters = json.loads((analysis / "clusters.json").read_text())["labels"]
+    induction = [h for h, t in summary["head_types"].items() if t == "induction"]
+    assert len({clusters[h] for h in induction}) == 1, clusters

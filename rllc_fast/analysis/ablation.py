@@ -66,9 +66,17 @@ def _record_z(model, tokens: torch.Tensor, layers: Sequence[int], hooks=()) -> D
     return store
 
 
-def ablation_hooks(model, tokens: torch.Tensor, heads, kind: str = "mean") -> list:
+def clean_z(model, tokens: torch.Tensor) -> Dict[int, torch.Tensor]:
+    """Every layer's clean head outputs ``{layer: z [N, T, heads, d_head]}`` on ``tokens``: pass it as
+    ``ablation_hooks(..., z=)`` to ablate many heads on the same data with one forward pass."""
+    return _record_z(model, tokens, range(model.cfg.n_layers))
+
+
+def ablation_hooks(model, tokens: torch.Tensor, heads, kind: str = "mean",
+                   z: Optional[Dict[int, torch.Tensor]] = None) -> list:
     """TransformerLens ``fwd_hooks`` that ablate ``heads`` (see ``parse_heads``) with ``kind`` when the model
-    is run on ``tokens`` (the mean and the resampled contexts come from ``tokens`` itself)."""
+    is run on ``tokens`` (the mean and the resampled contexts come from ``tokens`` itself; ``z``: their
+    ``clean_z``, computed here when not given)."""
     if kind not in KINDS:
         raise ValueError(f"ablation kind {kind!r}: choose from {KINDS}")
     heads = parse_heads(model, heads)
@@ -77,7 +85,7 @@ def ablation_hooks(model, tokens: torch.Tensor, heads, kind: str = "mean") -> li
         by_layer.setdefault(l, []).append(h)
     replacement = {}
     if kind != "zero":
-        z = _record_z(model, tokens, sorted(by_layer))
+        z = z if z is not None else _record_z(model, tokens, sorted(by_layer))
         for l, hs in by_layer.items():
             zl = z[l][:, :, hs]  # [N, T, k, d_head]
             replacement[l] = zl.mean(0, keepdim=True) if kind == "mean" else zl.roll(1, dims=0)
@@ -113,11 +121,14 @@ def ablation_scores(model, tokens: torch.Tensor, heads=None, kind: str = "mean",
     """``{"l:h": ablation score}`` (nats/token; see the module doc) for each of ``heads`` (default all) ablated
     alone, or ``{"l:h+l:h...": score}`` for all of them ablated at once when ``together``."""
     heads = parse_heads(model, heads if heads is not None else head_names(model))
+    if kind not in KINDS:
+        raise ValueError(f"ablation kind {kind!r}: choose from {KINDS}")
     clean = per_token_loss(model, tokens).mean().item()
+    z = clean_z(model, tokens) if kind != "zero" else None
     groups = [heads] if together else [[hd] for hd in heads]
     out = {}
     for group in groups:
-        loss = per_token_loss(model, tokens, ablation_hooks(model, tokens, group, kind)).mean().item()
+        loss = per_token_loss(model, tokens, ablation_hooks(model, tokens, group, kind, z)).mean().item()
         out["+".join(f"{l}:{h}" for l, h in group)] = loss - clean
     return out
 

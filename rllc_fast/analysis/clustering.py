@@ -152,6 +152,17 @@ class Clustering:
                 "lengths": self.lengths}
 
 
+def _tslearn_clustering():
+    """``tslearn.clustering``, without its warning about the optional h5py."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="h5py not installed")
+        import tslearn.clustering
+
+    return tslearn.clustering
+
+
 def _quality(X: np.ndarray, labels: np.ndarray, method: str, prepared: np.ndarray) -> Dict[str, float]:
     from sklearn import metrics
 
@@ -161,9 +172,7 @@ def _quality(X: np.ndarray, labels: np.ndarray, method: str, prepared: np.ndarra
     if method == "sbd":
         silhouette = metrics.silhouette_score(sbd_matrix(prepared[..., 0]), labels, metric="precomputed")
     elif method == "dtw":
-        from tslearn.clustering import silhouette_score
-
-        silhouette = silhouette_score(prepared, labels, metric="dtw")
+        silhouette = _tslearn_clustering().silhouette_score(prepared, labels, metric="dtw")
     else:
         silhouette = metrics.silhouette_score(X, labels)
     return {"silhouette": float(silhouette), "calinski_harabasz": float(metrics.calinski_harabasz_score(X, labels)),
@@ -192,16 +201,12 @@ def cluster_curves(curves: Union[Curves, Sequence[Curves]], n_clusters: int, met
         raw = AgglomerativeClustering(n_clusters, linkage="ward").fit_predict(X)
         centroids = np.stack([X[raw == c].mean(0) for c in range(n_clusters)])
     elif method == "dtw":
-        from tslearn.clustering import TimeSeriesKMeans
-
         prepared = X[..., None]
-        estimator = TimeSeriesKMeans(n_clusters, metric="dtw", n_init=3, random_state=seed).fit(prepared)
+        estimator = _tslearn_clustering().TimeSeriesKMeans(n_clusters, metric="dtw", n_init=3, random_state=seed).fit(prepared)
         raw = estimator.labels_
     else:
-        from tslearn.clustering import KShape
-
         prepared = znormalise(X, lengths)[..., None]
-        estimator = KShape(n_clusters, n_init=5, random_state=seed).fit(prepared)
+        estimator = _tslearn_clustering().KShape(n_clusters, n_init=5, random_state=seed).fit(prepared)
         raw = estimator.labels_
     raw = np.asarray(raw)
     relabel: Dict[int, int] = {}

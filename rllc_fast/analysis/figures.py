@@ -103,9 +103,9 @@ def plot_token_patterns(summaries: Dict[str, dict], path, title: str) -> Path:
 
 
 def plot_clusters(curves: Sequence[Dict[str, np.ndarray]], steps: Sequence[Sequence[int]], labels: Sequence[str],
-                  colours: Dict[str, object], path, title: str) -> Path:
+                  colours: Dict[str, object], clusters: Dict[str, int], path, title: str) -> Path:
     """Clustered rLLC curves: one panel per curve set (e.g. wrLLC, drLLC) and layer, each head in its
-    cluster's colour family (``Clustering.colours``)."""
+    cluster's colour family (``Clustering.colours``), its cluster in the legend."""
     plt = _pyplot()
     layers = sorted({_head_key(h)[0] for h in curves[0]})
     fig, axes = plt.subplots(len(curves), len(layers), figsize=(5 * len(layers), 3.6 * len(curves)), squeeze=False)
@@ -113,7 +113,8 @@ def plot_clusters(curves: Sequence[Dict[str, np.ndarray]], steps: Sequence[Seque
         for c, layer in enumerate(layers):
             ax = axes[r][c]
             for head in sorted((h for h in part if _head_key(h)[0] == layer), key=_sort_key):
-                ax.plot(x, part[head], marker="o", markersize=2.5, linewidth=1.5, color=colours[head], label=head)
+                ax.plot(x, part[head], marker="o", markersize=2.5, linewidth=1.5, color=colours[head],
+                        label=f"{head}  c{clusters[head]}")
             _log_x(ax, x)
             ax.set_title(f"{label}, layer {layer}", fontsize=9)
             ax.legend(fontsize=7, ncol=2)

@@ -12,7 +12,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .ablation import ablation_hooks, head_names, parse_heads, per_token_loss
+from .ablation import ablation_hooks, clean_z, head_names, parse_heads, per_token_loss
 
 
 def icl_positions(context_length: int) -> Tuple[int, int]:
@@ -26,16 +26,17 @@ def icl_positions(context_length: int) -> Tuple[int, int]:
 
 
 def icl_score(model, tokens: torch.Tensor, early: Optional[int] = None, late: Optional[int] = None,
-              ablate=None, kind: str = "mean") -> float:
+              ablate=None, kind: str = "mean", z=None) -> float:
     """Mean loss of token ``late`` minus mean loss of token ``early`` over ``tokens [N, T]`` (defaults:
-    ``icl_positions(T)``), optionally with the heads ``ablate`` ablated (``kind``, see ``ablation``)."""
+    ``icl_positions(T)``), optionally with the heads ``ablate`` ablated (``kind``, see ``ablation``; ``z``:
+    the data's ``clean_z`` when already computed)."""
     T = tokens.shape[1]
     d_early, d_late = icl_positions(T)
     early = d_early if early is None else early
     late = d_late if late is None else late
     if not 1 <= early < late <= T - 1:
         raise ValueError(f"ICL positions need 1 <= early < late <= T-1 = {T - 1}; got early={early}, late={late}")
-    hooks = ablation_hooks(model, tokens, ablate, kind) if ablate else ()
+    hooks = ablation_hooks(model, tokens, ablate, kind, z) if ablate else ()
     loss = per_token_loss(model, tokens, hooks)  # column t predicts token t+1
     return (loss[:, late - 1].mean() - loss[:, early - 1].mean()).item()
 
@@ -45,6 +46,7 @@ def per_head_icl_scores(model, tokens: torch.Tensor, heads=None, kind: str = "me
     ICL score. ``positions``: ``early``/``late`` as in ``icl_score``."""
     heads = parse_heads(model, heads if heads is not None else head_names(model))
     out = {"none": icl_score(model, tokens, **positions)}
+    z = clean_z(model, tokens) if kind != "zero" else None
     for l, h in heads:
-        out[f"{l}:{h}"] = icl_score(model, tokens, ablate=[(l, h)], kind=kind, **positions)
+        out[f"{l}:{h}"] = icl_score(model, tokens, ablate=[(l, h)], kind=kind, z=z, **positions)
     return out

@@ -163,6 +163,7 @@ def analyze_clusters(store: ResultStore, data: Sequence[str], n_clusters: int, m
     out_dir = Path(out_dir)
     write_json_atomically(out_dir / "clusters.json", {**clustering.to_dict(), "data": list(data), "layer": layer,
                                                       "colours": colours, "applied": applied}, indent=1)
-    figures.plot_clusters([c for _, c in parts], [s for s, _ in parts], list(data), colours, out_dir / "clusters.png",
+    figures.plot_clusters([c for _, c in parts], [s for s, _ in parts], list(data), colours, clustering.labels,
+                          out_dir / "clusters.png",
                           f"{method} clustering, {n_clusters} clusters, on {' + '.join(data)}")
     return clustering, applied
