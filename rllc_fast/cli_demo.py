@@ -7,7 +7,7 @@ import sys
 
 def _toy_arguments(p) -> None:
     p.add_argument("--cache", help="folder for trained toy runs (default $RLLC_CACHE, else ~/.cache/rllc_fast)")
-    p.add_argument("--quick", action="store_true", help="the small version (about 1.5 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="the small version (about 2 minutes on 2 cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the toy run (weights, data, SGLD; default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or logs")
 
@@ -20,7 +20,7 @@ def add_parsers(sub) -> None:
             "Train (or reuse from the cache) a 2-layer attention-only model on a synthetic mixture "
             "(n-grams, repeated spans, brackets, code-like), sweep whole-model LLC and per-head wrLLC on the "
             "mixture and per-head drLLC on the code-like source over every checkpoint, label previous-token "
-            "and induction heads, and write a report. About 7.5 minutes on 2 CPU cores (--quick: about 1.5)."
+            "and induction heads, and write a report. About 9 minutes on 2 CPU cores (--quick: about 2)."
         ),
     )
     demo.add_argument("--out", default="rllc-demo", help="output folder (default ./rllc-demo)")

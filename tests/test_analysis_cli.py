@@ -57,6 +57,12 @@ def test_every_subcommand_writes_rows_and_a_figure(run):
     assert counts["cluster"] == n_heads
     clusters = json.loads((out / "clusters.json").read_text())
     assert set(clusters["labels"]) == {"0:0", "0:1", "1:0", "1:1"} and set(clusters["colours"]) == set(clusters["labels"])
+    # a clustering fitted on one run labels another run's heads (here the same run: the same labels)
+    applied = rllc("analyze", "cluster", "--data", "mix", "--clusters", "2", "--method", "kmeans", "--apply-to",
+                   store.path, *common, cwd=root)
+    assert applied.returncode == 0, applied.stderr
+    fitted = json.loads((out / "clusters.json").read_text())
+    assert fitted["applied"][str(store.path)] == fitted["labels"]
     # rerunning replaces rows instead of duplicating them
     assert rllc("analyze", "composition", "--checkpoints", ckpts, *common, cwd=root).returncode == 0
     assert len(store.analysis_rows("composition")) == counts["composition"]
