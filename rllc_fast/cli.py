@@ -120,7 +120,10 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--num-contexts", type=int, default=256, help="contexts per data distribution (default 256)")
     p.add_argument("--like", help="a checkpoint whose architecture every checkpoint must match "
                                   "(default: the first checkpoint that loads); needed for plain state dicts")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
+    p.add_argument("--distributed", action="store_true",
+                   help="run as one rank of a torchrun job (detected anyway when torchrun sets WORLD_SIZE > 1): "
+                        "each rank computes a cost-balanced shard into STORE.rank<R>.sqlite, rank 0 merges")
     _sgld_arguments(p)
     _hessian_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or logs")
@@ -205,18 +208,30 @@ def _cmd_sweep(args) -> int:
             like = Checkpoint(Path(args.like), 0, kind).load()
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"rllc sweep: {err}") from None
+    from .distributed import rank_from_env
+
+    rank = rank_from_env()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    _log(args, f"{len(series)} checkpoint(s) x {len(data)} data x {len(sets)} component set(s) -> {args.store}"
-               f" ({args.metric})")
+    if rank.is_main:
+        _log(args, f"{len(series)} checkpoint(s) x {len(data)} data x {len(sets)} component set(s) -> {args.store}"
+                   f" ({args.metric}{f', {rank.world_size} ranks' if rank.active else ''})")
     llc = args.metric == "llc"
     try:
         report = run_sweep(series, data, _sgld_config(args) if llc else None, args.store, sets, like=like,
                            engine=args.engine, device=device, max_memory=args.max_memory, progress=not args.quiet,
-                           log=lambda m: _log(args, m), metric=args.metric,
-                           hessian_options=None if llc else _hessian_options(args))
+                           log=lambda m: _log(args, m) if rank.is_main else None, metric=args.metric,
+                           hessian_options=None if llc else _hessian_options(args),
+                           distributed=True if args.distributed else None)
     except ValueError as err:
         raise SystemExit(f"rllc sweep: {err}") from None
-    print(report.summary())
+    finally:
+        if rank.active:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    if rank.is_main:
+        print(report.summary())
     return 0 if not report.failed else 3
 
 

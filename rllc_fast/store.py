@@ -296,6 +296,42 @@ class ResultStore:
                         (unit.checkpoint, unit.data, unit.component_set))
         return len(rows)
 
+    def unit_count(self) -> int:
+        """How many (checkpoint, data, component set) units have rows here (estimates, metrics or failures)."""
+        with self._connect() as con:
+            return con.execute("SELECT COUNT(*) FROM (SELECT checkpoint, data, component_set FROM estimates UNION "
+                               "SELECT checkpoint, data, component_set FROM metrics UNION SELECT checkpoint, data, "
+                               "component_set FROM failures)").fetchone()[0]
+
+    def merge_from(self, other_path: str | os.PathLike) -> int:
+        """Copy every row of another store file (same schema; e.g. a rank's file of a distributed sweep)
+        into this one in one transaction, replacing rows with the same key; a unit stored there clears
+        its failure record here. Returns the number of rows copied."""
+        other_path = os.fspath(other_path)
+        if not os.path.isfile(other_path):
+            raise FileNotFoundError(f"no store at {other_path}")
+        ResultStore(other_path)  # creates missing tables, checks the schema version
+        total = 0
+        con = self._open()
+        try:
+            con.execute("ATTACH DATABASE ? AS other", (other_path,))  # not allowed inside a transaction
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                for table in ("estimates", "metrics", "analyses"):
+                    total += con.execute(f"INSERT OR REPLACE INTO {table} SELECT * FROM other.{table}").rowcount
+                con.execute("DELETE FROM failures WHERE (checkpoint, data, component_set) IN (SELECT checkpoint, "
+                            "data, component_set FROM other.estimates UNION SELECT checkpoint, data, component_set "
+                            "FROM other.metrics)")
+                total += con.execute("INSERT OR REPLACE INTO failures SELECT * FROM other.failures").rowcount
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+            con.execute("DETACH DATABASE other")
+        finally:
+            con.close()
+        return total
+
     def record_failure(self, unit: UnitKey, config_key: str, error: str) -> None:
         with self._connect() as con:
             con.execute(

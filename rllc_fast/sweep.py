@@ -20,6 +20,8 @@ import torch
 from .components import as_component_dict, heads, layers, whole
 from .config import SGLDConfig
 from .data import ModelDistribution
+from .distributed import (Rank, barrier, device_for, init as dist_init, merge_rank_stores, rank_from_env,
+                          rank_store_path, rank_store_paths, shard)
 from .engine.common import Progress
 from .llc import estimate_llc
 from .losses import check_tokens
@@ -156,6 +158,7 @@ def run_sweep(
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
     metric: str = "llc",
     hessian_options: Optional[Mapping] = None,
+    distributed: Optional[bool] = None,
 ) -> SweepReport:
     """Estimate every (checkpoint, data, component set) into ``store`` and return a ``SweepReport``.
 
@@ -166,6 +169,11 @@ def run_sweep(
     metric:         "llc" (default: SGLD with ``config``, ``engine``) or a Hessian metric from ``METRICS``
                     ("hessian-trace", "fim-trace", "hessian-rank"), computed by ``rllc_fast.hessian`` with the
                     keyword arguments ``hessian_options`` (e.g. ``{"num_probes": 20}``); ``config`` is then unused.
+    distributed:    None (default): run as one rank of a ``torchrun`` job when its environment says
+                    ``WORLD_SIZE > 1``, else in one process; False: always one process; True: like None,
+                    and say so when there is only one rank. See ``rllc_fast.distributed``: each rank computes
+                    a cost-balanced shard into its own file beside the store, rank 0 merges; every rank
+                    returns the report of the whole job.
     """
     t_start = time.time()
     if isinstance(checkpoints, (str, bytes)) or hasattr(checkpoints, "__fspath__"):
@@ -184,12 +192,32 @@ def run_sweep(
     job = _LLCJob(config, engine, device, max_memory, log) if metric == "llc" else \
         _HessianJob(metric, hessian_options, device or "cpu")
     store = store if isinstance(store, ResultStore) else ResultStore(store)
+    rank = rank_from_env() if distributed is not False else Rank()
+    if distributed and not rank.active:
+        log("distributed sweep: no torchrun environment (WORLD_SIZE > 1); running in one process")
+    target = store
+    if rank.active:
+        dist_init(rank)
+        device = device_for(rank, device)
+        if rank.is_main:
+            merged = merge_rank_stores(store)  # finished work of an interrupted distributed run
+            if merged:
+                log(f"merged {merged} rows left by an earlier distributed run into {store.path}")
+        barrier(rank)
+        target = ResultStore(rank_store_path(store.path, rank.rank))
     keys = {name: job.key(data_fingerprint(d)) for name, d in data.items()}
     report = SweepReport()
-    bar = Progress(len(checkpoints) * len(data) * len(sets), progress, desc="sweep", unit="unit")
+    all_units = [(ckpt, UnitKey(ckpt.name, ckpt.step, d, s), d, s) for ckpt in checkpoints for d in data for s in sets]
+    owner = shard([_unit_cost(s, like, checkpoints) for _, _, _, s in all_units], rank.world_size) \
+        if rank.active else [0] * len(all_units)
+    mine = [u for u, r in zip(all_units, owner) if r == rank.rank]
+    show = progress and rank.is_main
+    bar = Progress(len(all_units) if rank.active else len(mine), show, desc="sweep", unit="unit")
     reference = like
-    for ckpt in checkpoints:
-        units = [(UnitKey(ckpt.name, ckpt.step, d, s), d, s) for d in data for s in sets]
+    by_checkpoint: Dict[str, list] = {}
+    for ckpt, unit, data_name, set_name in mine:
+        by_checkpoint.setdefault(ckpt.name, [ckpt]).append((unit, data_name, set_name))
+    for ckpt, *units in by_checkpoint.values():
         model, load_error = None, None
         for unit, data_name, set_name in units:
             bar.set_description(f"step {ckpt.step} {data_name} {set_name}")
@@ -203,7 +231,7 @@ def run_sweep(
                     load_error = str(err)
                     log(f"skipping checkpoint: {load_error}")
             if load_error is not None:
-                store.record_failure(unit, keys[data_name], load_error)
+                target.record_failure(unit, keys[data_name], load_error)
                 report.failed[unit] = load_error
                 bar.update(1)
                 continue
@@ -216,12 +244,73 @@ def run_sweep(
                 continue
             t0 = time.time()
             result = job.run(model, data[data_name], todo, unit)
-            report.rows_written += job.write(store, unit, keys[data_name], result, time.time() - t0)
+            report.rows_written += job.write(target, unit, keys[data_name], result, time.time() - t0)
             report.computed.append(unit)
-            bar.update(1)
+            bar.update(1 + (_others_finished(store, rank, bar) if show and rank.active else 0))
+    if rank.active:
+        report = _finish_distributed(store, rank, report, bar, log)
     bar.close()
     report.seconds = time.time() - t_start
     return report
+
+
+def _unit_cost(set_name: str, like, checkpoints) -> float:
+    """A unit's relative cost for sharding: its component count (one batched replica each) plus one for the
+    shared forward pass, from the architecture of ``like`` or of the first checkpoint's stored config."""
+    cfg = getattr(like, "cfg", like)
+    if cfg is None:
+        cfg = _first_config(tuple(checkpoints))
+    n_layers, n_heads = (getattr(cfg, "n_layers", 1), getattr(cfg, "n_heads", 1)) if cfg is not None else (1, 1)
+    return 1.0 + {"whole": 1, "layers": n_layers, "heads": n_layers * n_heads}.get(set_name, 1)
+
+
+_CONFIGS: Dict[tuple, object] = {}
+
+
+def _first_config(checkpoints: tuple):
+    """The model config of the first checkpoint that loads (cached; None when none does)."""
+    key = tuple(str(c.path) for c in checkpoints)
+    if key not in _CONFIGS:
+        _CONFIGS[key] = None
+        for ckpt in checkpoints:
+            try:
+                _CONFIGS[key] = ckpt.load().cfg
+                break
+            except CheckpointError:
+                continue
+    return _CONFIGS[key]
+
+
+def _others_finished(store: ResultStore, rank: Rank, bar: Progress) -> int:
+    """Rank 0's progress for the whole job: units the other ranks have written since the last call."""
+    seen = getattr(bar, "_others_seen", 0)
+    now = sum(ResultStore(p).unit_count() for p in rank_store_paths(store.path)
+              if p != rank_store_path(store.path, rank.rank))
+    bar._others_seen = max(seen, now)
+    return max(0, now - seen)
+
+
+def _finish_distributed(store: ResultStore, rank: Rank, report: SweepReport, bar: Progress, log) -> SweepReport:
+    """Wait for every rank, merge their files into ``store`` (rank 0), and return the whole job's report."""
+    import torch.distributed as dist
+
+    barrier(rank)
+    if rank.is_main:
+        merged = merge_rank_stores(store)
+        log(f"distributed sweep: {rank.world_size} ranks; merged {merged} rows into {store.path}")
+    parts = [None] * rank.world_size
+    dist.all_gather_object(parts, (report.computed, report.skipped, report.failed, report.rows_written))
+    barrier(rank)
+    whole = SweepReport()
+    for computed, skipped, failed, rows in parts:
+        whole.computed += computed
+        whole.skipped += skipped
+        whole.failed.update(failed)
+        whole.rows_written += rows
+    if bar._bar is not None:
+        bar._bar.n = len(whole.computed) + len(whole.skipped) + len(whole.failed)
+        bar._bar.refresh()
+    return whole
 
 
 def _check_data(data: Mapping[str, object], model) -> None:
