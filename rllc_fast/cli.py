@@ -172,8 +172,8 @@ def _hessian_options(args) -> dict:
     return options
 
 
-def _data_specs(specs):
-    """``[NAME=]SPEC`` strings as ``{name: spec}``; names must be unique."""
+def _data_specs(specs, command: str = "rllc sweep"):
+    """``[NAME=]SPEC`` strings as ``{name: spec}``; names must be unique (errors name ``command``)."""
     out = {}
     for item in specs:
         name, sep, spec = item.partition("=")
@@ -181,9 +181,9 @@ def _data_specs(specs):
             spec = item
             name = item if not os.path.exists(item) else os.path.splitext(os.path.basename(item))[0]
         if not name or not spec:
-            raise SystemExit(f"rllc sweep: --data {item!r}: expected [NAME=]SPEC")
+            raise SystemExit(f"{command}: --data {item!r}: expected [NAME=]SPEC")
         if name in out:
-            raise SystemExit(f"rllc sweep: two --data distributions are named {name!r}; name them NAME=SPEC")
+            raise SystemExit(f"{command}: two --data distributions are named {name!r}; name them NAME=SPEC")
         out[name] = spec
     return out
 

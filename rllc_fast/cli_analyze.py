@@ -102,7 +102,7 @@ def _load_data(args, like_model):
     from .cli import _data_specs
     from .data import data_from_spec, load_tokenizer
 
-    (name, spec), = _data_specs([args.data]).items()
+    (name, spec), = _data_specs([args.data], f"rllc analyze {args.analysis}").items()
     context = args.context or min(64, like_model.cfg.n_ctx)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     return name, spec, data_from_spec(spec, context, args.num_contexts, tokenizer, seed=args.seed)
@@ -117,10 +117,12 @@ def _cmd_analyze(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     what = f"rllc analyze {args.analysis}"
     try:
+        if args.analysis == "cluster":  # checked before ResultStore would create them
+            for flag, path in [("--store", args.store)] + [("--apply-to", p) for p in args.apply_to]:
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"{flag} {path} does not exist")
         store = ResultStore(args.store)
         if args.analysis == "cluster":
-            if not os.path.isfile(args.store):
-                raise FileNotFoundError(f"--store {args.store} does not exist")
             others = [ResultStore(p) for p in args.apply_to]
             clustering, applied = runs.analyze_clusters(store, args.data, args.clusters, args.method, out, args.layer,
                                                         args.seed, args.resample, others)

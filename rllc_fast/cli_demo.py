@@ -73,7 +73,8 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_train_toy(args) -> int:
-    from .toy import QUICK_RECIPE, ToyRecipe, scores_by_head, train_toy
+    from .analysis.head_scores import scores_by_head
+    from .toy import QUICK_RECIPE, ToyRecipe, train_toy
 
     _positive("steps", args.steps)
     recipe = QUICK_RECIPE if args.quick else ToyRecipe()

@@ -23,7 +23,8 @@ from typing import Callable, Optional
 
 from .atomic import write_json_atomically
 from .config import SGLDConfig
-from .toy import QUICK_RECIPE, ToyRecipe, default_cache_dir, scores_by_head, train_toy
+from .analysis.head_scores import scores_by_head
+from .toy import QUICK_RECIPE, ToyRecipe, default_cache_dir, train_toy
 
 BASE, REFINED = "mixture", "code"
 

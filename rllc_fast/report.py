@@ -43,13 +43,26 @@ def _head_key(name: str):
     return int(layer), int(head)
 
 
+#: One colour per head type (the demo's figure and ``rllc analyze``).
+TYPE_COLORS = {"induction": "#d62728", "previous-token": "#1f77b4", "current-token": "#2ca02c",
+               "multigram": "#9a9a9a", "other": "#9a9a9a"}
+
+
+def head_colour(name: str, i: int, n: int, colours: Optional[dict] = None):
+    """``colours[name]`` when given, else the ``i``-th colour of a qualitative palette sized for ``n`` lines."""
+    if colours and name in colours:
+        return colours[name]
+    cmap = _pyplot().get_cmap("tab10" if n <= 10 else "tab20")
+    return cmap(i % cmap.N)
+
+
 def _plot_lines(ax, df, value_col: str = "llc_mean", err_col: Optional[str] = "llc_sem",
                 colours: Optional[dict] = None) -> None:
-    colors = _pyplot().get_cmap("tab10" if df["component"].nunique() <= 10 else "tab20")
+    n = df["component"].nunique()
     for i, (name, g) in enumerate(sorted(df.groupby("component"), key=lambda kv: _sort_key(kv[0]))):
         g = g.sort_values("step")
         x, y = g["step"].to_numpy(), g[value_col].to_numpy(float)
-        color = (colours or {}).get(name) or colors(i % colors.N)
+        color = head_colour(name, i, n, colours)
         ax.plot(x, y, marker="o", markersize=3, linewidth=1.5, label=name, color=color)
         if err_col is not None and err_col in g:
             e = g[err_col].to_numpy(float)
@@ -233,9 +246,6 @@ def pd_unique(a, b, column: str) -> list:
 
 def pd_nunique(a, b, column: str) -> int:
     return len(pd_unique(a, b, column))
-
-
-TYPE_COLORS = {"induction": "#d62728", "previous-token": "#1f77b4", "other": "#9a9a9a"}
 
 
 def head_types_figure(df, metrics: Sequence[dict], head_types: dict, base: str, refined: str, title: str = ""):

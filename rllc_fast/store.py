@@ -239,7 +239,7 @@ class ResultStore:
         dict with ``head`` and ``value`` and optionally ``checkpoint``, ``step``, ``data``, ``name``,
         ``other``, ``info``. Returns the row count."""
         packed = [(analysis, r.get("checkpoint", ""), int(r.get("step", -1)), r.get("data", ""), r.get("name", ""),
-                   r["head"], r.get("other", ""), _nan_to_none(float(r["value"])) if r["value"] is not None else None,
+                   r["head"], r.get("other", ""), _nan_to_none(r["value"]),
                    json.dumps(r.get("info", {}), sort_keys=True, default=str), _now()) for r in rows]
         with self._connect() as con:
             con.executemany(f"INSERT OR REPLACE INTO analyses VALUES ({', '.join('?' * 10)})", packed)

@@ -9,6 +9,7 @@ cannot be loaded is recorded in the store's ``failures`` table and the sweep goe
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sys
 import time
@@ -208,18 +209,23 @@ def run_sweep(
     keys = {name: job.key(data_fingerprint(d)) for name, d in data.items()}
     report = SweepReport()
     all_units = [(ckpt, UnitKey(ckpt.name, ckpt.step, d, s), d, s) for ckpt in checkpoints for d in data for s in sets]
-    owner = shard([_unit_cost(s, like, checkpoints) for _, _, _, s in all_units], rank.world_size) \
-        if rank.active else [0] * len(all_units)
-    mine = [u for u, r in zip(all_units, owner) if r == rank.rank]
-    show = progress and rank.is_main
-    bar = Progress(len(all_units) if rank.active else len(mine), show, desc="sweep", unit="unit")
+    if rank.active:
+        cfg = getattr(like, "cfg", like) or _first_config(checkpoints)
+        owner = shard([_unit_cost(s, cfg) for _, _, _, s in all_units], rank.world_size)
+        mine = [u for u, r in zip(all_units, owner) if r == rank.rank]
+    else:
+        mine = all_units
+    bar = Progress(len(all_units), progress and rank.is_main, desc="sweep", unit="unit")
+
+    def advance() -> None:
+        """One more of this rank's units is done; rank 0 also counts what the other ranks have written."""
+        own = len(report.computed) + len(report.skipped) + len(report.failed)
+        bar.update_to(own + (_units_of_other_ranks(store, rank) if rank.active and bar.enabled else 0))
+
     reference = like
-    by_checkpoint: Dict[str, list] = {}
-    for ckpt, unit, data_name, set_name in mine:
-        by_checkpoint.setdefault(ckpt.name, [ckpt]).append((unit, data_name, set_name))
-    for ckpt, *units in by_checkpoint.values():
+    for ckpt, units in itertools.groupby(mine, key=lambda u: u[0]):  # each checkpoint loaded once
         model, load_error = None, None
-        for unit, data_name, set_name in units:
+        for _, unit, data_name, set_name in units:
             bar.set_description(f"step {ckpt.step} {data_name} {set_name}")
             if load_error is None and model is None:
                 try:
@@ -233,20 +239,20 @@ def run_sweep(
             if load_error is not None:
                 target.record_failure(unit, keys[data_name], load_error)
                 report.failed[unit] = load_error
-                bar.update(1)
+                advance()
                 continue
             comps = as_component_dict(model, sets[set_name](model))
             done = job.done(store, unit, keys[data_name])
             todo = {k: c for k, c in comps.items() if k not in done}
             if not todo:
                 report.skipped.append(unit)
-                bar.update(1)
+                advance()
                 continue
             t0 = time.time()
             result = job.run(model, data[data_name], todo, unit)
             report.rows_written += job.write(target, unit, keys[data_name], result, time.time() - t0)
             report.computed.append(unit)
-            bar.update(1 + (_others_finished(store, rank, bar) if show and rank.active else 0))
+            advance()
     if rank.active:
         report = _finish_distributed(store, rank, report, bar, log)
     bar.close()
@@ -254,40 +260,27 @@ def run_sweep(
     return report
 
 
-def _unit_cost(set_name: str, like, checkpoints) -> float:
+def _unit_cost(set_name: str, cfg) -> float:
     """A unit's relative cost for sharding: its component count (one batched replica each) plus one for the
-    shared forward pass, from the architecture of ``like`` or of the first checkpoint's stored config."""
-    cfg = getattr(like, "cfg", like)
-    if cfg is None:
-        cfg = _first_config(tuple(checkpoints))
+    shared forward pass, from the model config ``cfg`` (None: every set counts as one component)."""
     n_layers, n_heads = (getattr(cfg, "n_layers", 1), getattr(cfg, "n_heads", 1)) if cfg is not None else (1, 1)
     return 1.0 + {"whole": 1, "layers": n_layers, "heads": n_layers * n_heads}.get(set_name, 1)
 
 
-_CONFIGS: Dict[tuple, object] = {}
+def _first_config(checkpoints):
+    """The model config of the first checkpoint that loads (None when none does)."""
+    for ckpt in checkpoints:
+        try:
+            return ckpt.load().cfg
+        except CheckpointError:
+            continue
+    return None
 
 
-def _first_config(checkpoints: tuple):
-    """The model config of the first checkpoint that loads (cached; None when none does)."""
-    key = tuple(str(c.path) for c in checkpoints)
-    if key not in _CONFIGS:
-        _CONFIGS[key] = None
-        for ckpt in checkpoints:
-            try:
-                _CONFIGS[key] = ckpt.load().cfg
-                break
-            except CheckpointError:
-                continue
-    return _CONFIGS[key]
-
-
-def _others_finished(store: ResultStore, rank: Rank, bar: Progress) -> int:
-    """Rank 0's progress for the whole job: units the other ranks have written since the last call."""
-    seen = getattr(bar, "_others_seen", 0)
-    now = sum(ResultStore(p).unit_count() for p in rank_store_paths(store.path)
-              if p != rank_store_path(store.path, rank.rank))
-    bar._others_seen = max(seen, now)
-    return max(0, now - seen)
+def _units_of_other_ranks(store: ResultStore, rank: Rank) -> int:
+    """Units the other ranks have written to their files so far (rank 0's view of the whole job)."""
+    own = rank_store_path(store.path, rank.rank)
+    return sum(ResultStore(p).unit_count() for p in rank_store_paths(store.path) if p != own)
 
 
 def _finish_distributed(store: ResultStore, rank: Rank, report: SweepReport, bar: Progress, log) -> SweepReport:
@@ -307,9 +300,7 @@ def _finish_distributed(store: ResultStore, rank: Rank, report: SweepReport, bar
         whole.skipped += skipped
         whole.failed.update(failed)
         whole.rows_written += rows
-    if bar._bar is not None:
-        bar._bar.n = len(whole.computed) + len(whole.skipped) + len(whole.failed)
-        bar._bar.refresh()
+    bar.update_to(len(whole.computed) + len(whole.skipped) + len(whole.failed))
     return whole
 
 

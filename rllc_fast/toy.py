@@ -101,11 +101,6 @@ class ToyRun:
         return {h: t if t in ("induction", "previous-token") else "other" for h, t in labels.items()}
 
 
-def scores_by_head(matrix) -> Dict[str, float]:
-    """``{"l:h": score}`` (layer, then head order) from a ``[layers][heads]`` score matrix."""
-    return {f"{l}:{h}": float(v) for l, row in enumerate(matrix) for h, v in enumerate(row)}
-
-
 def default_cache_dir() -> Path:
     """``$RLLC_CACHE`` or ``$XDG_CACHE_HOME/rllc_fast`` or ``~/.cache/rllc_fast``."""
     if os.environ.get("RLLC_CACHE"):

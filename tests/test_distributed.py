@@ -74,7 +74,7 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun gives each of 2 ranks; same floats
 
 
-def _torchrun(root, args):
+def _torchrun(args):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "rllc_fast.cli",
             *args]
 
@@ -101,7 +101,7 @@ def test_two_gloo_ranks_give_the_single_process_rows(setup):
     single = subprocess.run([sys.executable, "-m", "rllc_fast.cli", *_sweep_args(root, ckpts, root / "one.sqlite", 6)],
                             env=_env(), capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-2000:]
-    two, retried = _run_job(_torchrun(root, _sweep_args(root, ckpts, root / "two.sqlite", 6)))
+    two, retried = _run_job(_torchrun(_sweep_args(root, ckpts, root / "two.sqlite", 6)))
     assert two.returncode == 0, two.stderr[:6000]
     assert retried or "8 unit(s) computed (20 rows)" in two.stdout  # 4 checkpoints x (4 heads + whole)
     a, b = _rows(root / "one.sqlite"), _rows(root / "two.sqlite")
@@ -133,7 +133,7 @@ def test_a_killed_rank_loses_no_work_and_a_rerun_completes(setup):
     root, ckpts = setup
     store = root / "killed.sqlite"
     args = _sweep_args(root, ckpts, store, 40)
-    launcher = subprocess.Popen(_torchrun(root, args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    launcher = subprocess.Popen(_torchrun(args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, cwd=root)
     rank1_file, victim, deadline = rank_store_path(store, 1), None, time.time() + 300
     while time.time() < deadline and launcher.poll() is None:
@@ -149,7 +149,7 @@ def test_a_killed_rank_loses_no_work_and_a_rerun_completes(setup):
     assert ResultStore(rank1_file).unit_count() >= 1
     kept = sum(ResultStore(p).unit_count() for p in rank_store_paths(store))  # both ranks' finished units
     assert kept < 8
-    rerun, retried = _run_job(_torchrun(root, args))
+    rerun, retried = _run_job(_torchrun(args))
     assert rerun.returncode == 0, rerun.stderr[:6000]
     if not retried:  # the rerun computed exactly what no rank had finished
         assert f"{8 - kept} unit(s) computed" in rerun.stdout and f"{kept} already stored" in rerun.stdout, rerun.stdout

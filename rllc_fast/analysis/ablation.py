@@ -72,13 +72,18 @@ def clean_z(model, tokens: torch.Tensor) -> Dict[int, torch.Tensor]:
     return _record_z(model, tokens, range(model.cfg.n_layers))
 
 
+def check_kind(kind: str) -> None:
+    """Raise ``ValueError`` naming the choices unless ``kind`` is one of ``KINDS``."""
+    if kind not in KINDS:
+        raise ValueError(f"ablation kind {kind!r}: choose from {KINDS}")
+
+
 def ablation_hooks(model, tokens: torch.Tensor, heads, kind: str = "mean",
                    z: Optional[Dict[int, torch.Tensor]] = None) -> list:
     """TransformerLens ``fwd_hooks`` that ablate ``heads`` (see ``parse_heads``) with ``kind`` when the model
     is run on ``tokens`` (the mean and the resampled contexts come from ``tokens`` itself; ``z``: their
     ``clean_z``, computed here when not given)."""
-    if kind not in KINDS:
-        raise ValueError(f"ablation kind {kind!r}: choose from {KINDS}")
+    check_kind(kind)
     heads = parse_heads(model, heads)
     by_layer: Dict[int, List[int]] = {}
     for l, h in heads:
@@ -121,8 +126,7 @@ def ablation_scores(model, tokens: torch.Tensor, heads=None, kind: str = "mean",
     """``{"l:h": ablation score}`` (nats/token; see the module doc) for each of ``heads`` (default all) ablated
     alone, or ``{"l:h+l:h...": score}`` for all of them ablated at once when ``together``."""
     heads = parse_heads(model, heads if heads is not None else head_names(model))
-    if kind not in KINDS:
-        raise ValueError(f"ablation kind {kind!r}: choose from {KINDS}")
+    check_kind(kind)  # before the clean passes
     clean = per_token_loss(model, tokens).mean().item()
     z = clean_z(model, tokens) if kind != "zero" else None
     groups = [heads] if together else [[hd] for hd in heads]

@@ -113,10 +113,6 @@ class Clustering:
     relabel: Dict[int, int] = field(repr=False, default_factory=dict)
     resample: bool = False
 
-    def _prepare(self, X: np.ndarray) -> np.ndarray:
-        return znormalise(X, self.lengths)[..., None] if self.method == "sbd" else (
-            X[..., None] if self.method == "dtw" else X)
-
     def predict(self, curves: Union[Curves, Sequence[Curves]]) -> Dict[str, int]:
         """Cluster labels for another run's curves (the same number of curve sets as the fit; each set is
         resampled to the fitted length when it differs and ``resample`` was set at fit time)."""
@@ -132,7 +128,7 @@ class Clustering:
         if self.method == "ward":
             raw = np.argmin(((X[:, None] - self.centroids[None]) ** 2).sum(-1), axis=1)
         else:
-            raw = self.estimator.predict(self._prepare(X))
+            raw = self.estimator.predict(_prepare(self.method, X, self.lengths))
         return {n: self.relabel.get(int(r), int(r)) for n, r in zip(names, raw)}
 
     def colours(self) -> Dict[str, tuple]:
@@ -150,6 +146,14 @@ class Clustering:
     def to_dict(self) -> dict:
         return {"method": self.method, "n_clusters": self.n_clusters, "labels": self.labels, "scores": self.scores,
                 "lengths": self.lengths}
+
+
+def _prepare(method: str, X: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
+    """``X [heads, length]`` as the method's estimator takes it: tslearn wants ``[heads, length, 1]``, and
+    shape-based clustering curves z-normalised per segment."""
+    if method == "sbd":
+        return znormalise(X, lengths)[..., None]
+    return X[..., None] if method == "dtw" else X
 
 
 def _tslearn_clustering():
@@ -189,23 +193,21 @@ def cluster_curves(curves: Union[Curves, Sequence[Curves]], n_clusters: int, met
     if not 1 <= n_clusters <= len(names):
         raise ValueError(f"n_clusters={n_clusters} but only {len(names)} heads are clustered; choose 1..{len(names)}")
     estimator = centroids = None
+    prepared = _prepare(method, X, lengths)
     if method == "kmeans":
         from sklearn.cluster import KMeans
 
-        estimator = KMeans(n_clusters, n_init=10, random_state=seed).fit(X)
-        prepared, raw = X, estimator.labels_
+        estimator = KMeans(n_clusters, n_init=10, random_state=seed).fit(prepared)
+        raw = estimator.labels_
     elif method == "ward":
         from sklearn.cluster import AgglomerativeClustering
 
-        prepared = X
-        raw = AgglomerativeClustering(n_clusters, linkage="ward").fit_predict(X)
+        raw = AgglomerativeClustering(n_clusters, linkage="ward").fit_predict(prepared)
         centroids = np.stack([X[raw == c].mean(0) for c in range(n_clusters)])
     elif method == "dtw":
-        prepared = X[..., None]
         estimator = _tslearn_clustering().TimeSeriesKMeans(n_clusters, metric="dtw", n_init=3, random_state=seed).fit(prepared)
         raw = estimator.labels_
     else:
-        prepared = znormalise(X, lengths)[..., None]
         estimator = _tslearn_clustering().KShape(n_clusters, n_init=5, random_state=seed).fit(prepared)
         raw = estimator.labels_
     raw = np.asarray(raw)

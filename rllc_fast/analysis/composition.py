@@ -14,6 +14,7 @@ compare against.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Dict, Iterable
 
 import torch
@@ -77,10 +78,8 @@ def composition_rows(model, step: int = 0) -> Iterable[dict]:
     """Long-format rows ``{"step", "kind", "earlier", "later", "score"}`` for every composing pair."""
     scores = composition_scores(model)
     L, H = scores["Q"].shape[:2]
+    pairs = [(l1, h1, l2, h2) for l1, h1, l2, h2 in itertools.product(range(L), range(H), range(L), range(H)) if l1 < l2]
     for kind, s in scores.items():
-        for l1 in range(L):
-            for h1 in range(H):
-                for l2 in range(l1 + 1, L):
-                    for h2 in range(H):
-                        yield {"step": step, "kind": kind, "earlier": f"{l1}:{h1}", "later": f"{l2}:{h2}",
-                               "score": float(s[l1, h1, l2, h2])}
+        for l1, h1, l2, h2 in pairs:
+            yield {"step": step, "kind": kind, "earlier": f"{l1}:{h1}", "later": f"{l2}:{h2}",
+                   "score": float(s[l1, h1, l2, h2])}

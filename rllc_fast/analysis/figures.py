@@ -8,19 +8,10 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from ..report import _head_key, _log_x, _pyplot, _save, _sort_key
+from ..report import TYPE_COLORS, _head_key, _log_x, _pyplot, _save, _sort_key, head_colour
 
-TYPE_COLOURS = {"induction": "#d62728", "previous-token": "#1f77b4", "current-token": "#2ca02c",
-                "multigram": "#9a9a9a", "other": "#9a9a9a"}
 PATTERN_COLOURS = {"induction": "#d62728", "dyck": "#9467bd", "skip-ngram": "#ff7f0e", "ngram": "#2ca02c",
                    "unexplained": "#dddddd"}
-
-
-def _head_colour(name: str, i: int, colours: Optional[Dict[str, object]], n: int):
-    if colours and name in colours:
-        return colours[name]
-    cmap = _pyplot().get_cmap("tab10" if n <= 10 else "tab20")
-    return cmap(i % cmap.N)
 
 
 def plot_per_head_over_training(df, path, title: str, ylabel: str, panels: str = "name",
@@ -36,7 +27,7 @@ def plot_per_head_over_training(df, path, title: str, ylabel: str, panels: str =
         for i, head in enumerate(heads):
             g = sub[sub["head"] == head].sort_values("step")
             ax.plot(g["step"], g["value"], marker="o", markersize=2.5, linewidth=1.4, label=head,
-                    color=_head_colour(head, i, colours, len(heads)), linestyle=(styles or {}).get(head, "-"))
+                    color=head_colour(head, i, len(heads), colours), linestyle=(styles or {}).get(head, "-"))
         _log_x(ax, sub["step"])
         ax.set_title(str(key))
         ax.legend(fontsize=7, ncol=2, title="head", title_fontsize=7)
@@ -61,14 +52,14 @@ def plot_composition(df, path, kind: str, head_types: Optional[Dict[str, str]] =
         later = sorted(sub["other"].unique(), key=_sort_key)
         for i, other in enumerate(later):
             g = sub[sub["other"] == other].sort_values("step")
-            colour = TYPE_COLOURS.get((head_types or {}).get(other, ""), None) if head_types else None
+            colour = TYPE_COLORS.get((head_types or {}).get(other, ""), None) if head_types else None
             ax.plot(g["step"], g["value"], linewidth=1.3, label=other,
-                    color=colour or _head_colour(other, i, None, len(later)))
+                    color=colour or head_colour(other, i, len(later)))
         _log_x(ax, sub["step"])
         ax.set_title(f"from {head}", fontsize=9)
         if head_types and head in head_types:
             for spine in ax.spines.values():
-                spine.set_edgecolor(TYPE_COLOURS.get(head_types[head], "#000000"))
+                spine.set_edgecolor(TYPE_COLORS.get(head_types[head], "#000000"))
                 spine.set_linewidth(2)
         ax.legend(fontsize=6, ncol=2, title="into", title_fontsize=6)
     for ax in list(axes.flat)[len(earlier):]:

@@ -22,6 +22,13 @@ import torch
 HEAD_TYPES = ("induction", "previous-token", "current-token", "multigram")
 
 
+def scores_by_head(matrix) -> Dict[str, float]:
+    """``{"l:h": score}`` (layer, then head order) from a ``[layers][heads]`` score matrix (nested lists or a
+    tensor)."""
+    rows = matrix.tolist() if hasattr(matrix, "tolist") else matrix
+    return {f"{l}:{h}": float(v) for l, row in enumerate(rows) for h, v in enumerate(row)}
+
+
 def attention_patterns(model, tokens: torch.Tensor) -> torch.Tensor:
     """``[layers, N, heads, T, T]`` attention probabilities of a TransformerLens model on ``tokens [N, T]``."""
     names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]

@@ -1,46 +1,45 @@
 """The analyses of ``rllc analyze`` over a checkpoint series, writing long-format rows to a ``ResultStore``
-(table ``analyses``) and one figure each. Every function returns the rows it wrote as a DataFrame."""
+(table ``analyses``) and one figure each (see each function for what it returns)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 
 from ..store import ResultStore
 from . import figures
+from .head_scores import scores_by_head
 
-Log = Callable[[str], None]
 
-
-def _progress(items, desc: str, progress: bool):
+def _progress(items, desc: str, progress: bool, unit: str = "ckpt"):
     if not progress:
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, unit="ckpt")
+    return tqdm(items, desc=desc, unit=unit)
 
 
-def _models(series, like=None):
-    for ck in series:
+def _models(series, desc: str, progress: bool, like=None):
+    """``(checkpoint, model)`` pairs, each model loaded only when its turn comes (one in memory at a time)."""
+    for ck in _progress(series, desc, progress):
         yield ck, ck.load(like=like)
 
 
 def analyze_scores(series, tokens: torch.Tensor, data: str, store: ResultStore, out_dir, thresholds: Mapping[str, float] = {},
                    low: int = 0, vocab: Optional[int] = None, like=None, progress: bool = True):
     """Head scores (``score_heads``) at every checkpoint on ``tokens``, and ``classify_heads`` at the last one
-    (analysis ``head-type``, the label in ``other``). Figure ``head_scores.png``."""
+    (analysis ``head-type``, the label in ``other``). Figure ``head_scores.png``. Returns ``(the head-score
+    rows of ``data``, {head: label})``."""
     from .head_scores import classify_heads, score_heads
 
     rows, final = [], None
-    for ck, model in _progress(list(_models(series, like)), "head scores", progress):
+    for ck, model in _models(series, "head scores", progress, like):
         length = min(24, model.cfg.n_ctx // 2)
         scores = score_heads(model, tokens, length=length, num=32, low=low, vocab=vocab)
         for kind, matrix in scores.items():
-            for l, row in enumerate(matrix.tolist()):
-                for h, v in enumerate(row):
-                    rows.append({"checkpoint": ck.name, "step": ck.step, "data": data, "name": kind,
-                                 "head": f"{l}:{h}", "value": v})
+            rows += [{"checkpoint": ck.name, "step": ck.step, "data": data, "name": kind, "head": head, "value": v}
+                     for head, v in scores_by_head(matrix).items()]
         final = (ck, scores)
     store.write_analysis("head-score", rows)
     ck, scores = final
@@ -50,18 +49,19 @@ def analyze_scores(series, tokens: torch.Tensor, data: str, store: ResultStore, 
     df = store.analysis_rows("head-score")
     df = df[df["data"] == data]
     figures.plot_per_head_over_training(df, Path(out_dir) / "head_scores.png", f"head scores on {data}", "score",
-                                        colours={h: figures.TYPE_COLOURS[t] for h, t in labels.items()
+                                        colours={h: figures.TYPE_COLORS[t] for h, t in labels.items()
                                                  if t != "multigram"})
     return df, labels
 
 
 def analyze_composition(series, store: ResultStore, out_dir, head_types: Optional[Dict[str, str]] = None,
                         like=None, progress: bool = True):
-    """Q-, K-, V-composition of every head pair at every checkpoint; figures ``composition_{Q,K,V}.png``."""
+    """Q-, K-, V-composition of every head pair at every checkpoint; figures ``composition_{Q,K,V}.png``.
+    Returns the store's composition rows."""
     from .composition import composition_rows
 
     rows = []
-    for ck, model in _progress(list(_models(series, like)), "composition", progress):
+    for ck, model in _models(series, "composition", progress, like):
         rows += [{"checkpoint": ck.name, "step": ck.step, "name": r["kind"], "head": r["earlier"], "other": r["later"],
                   "value": r["score"]} for r in composition_rows(model, ck.step)]
     store.write_analysis("composition", rows)
@@ -74,12 +74,12 @@ def analyze_composition(series, store: ResultStore, out_dir, head_types: Optiona
 def analyze_ablation(series, tokens: torch.Tensor, data: str, store: ResultStore, out_dir, kinds: Sequence[str] = ("mean",),
                      heads=None, like=None, progress: bool = True):
     """Ablation scores of each head (``kinds``) and the per-head ICL score with that head mean-ablated, at
-    every checkpoint; figures ``ablation.png`` and ``icl.png``."""
+    every checkpoint; figures ``ablation.png`` and ``icl.png``. Returns the ablation and ICL rows of ``data``."""
     from .ablation import ablation_scores
     from .icl import per_head_icl_scores
 
     rows, icl = [], []
-    for ck, model in _progress(list(_models(series, like)), "ablations", progress):
+    for ck, model in _models(series, "ablations", progress, like):
         for kind in kinds:
             for head, value in ablation_scores(model, tokens, heads, kind).items():
                 rows.append({"checkpoint": ck.name, "step": ck.step, "data": data, "name": kind, "head": head,
@@ -110,7 +110,7 @@ def analyze_tokens(checkpoint, tokens: torch.Tensor, data: str, store: ResultSto
     model = checkpoint.load(like=like)
     names = [f"{l}:{h}" for l, h in parse_heads(model, heads if heads is not None else head_names(model))]
     summaries, rows = {}, []
-    for head in _progress(names, f"tokens in context (step {checkpoint.step})", progress):
+    for head in _progress(names, f"tokens in context (step {checkpoint.step})", progress, unit="head"):
         _, summary = head_tokens_in_context(model, tokens, head, k, "mean", brackets)
         summaries[head] = summary
         base = {"checkpoint": checkpoint.name, "step": checkpoint.step, "data": data, "head": head}

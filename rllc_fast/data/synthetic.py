@@ -30,7 +30,6 @@ import torch
 
 SYNTHETIC_VOCAB = 128
 BRACKETS = 4
-KEYWORDS = np.arange(8, 24)
 WORDS = np.arange(24, SYNTHETIC_VOCAB)
 #: Bumped whenever a source's generator changes, so cached runs trained on older data are not reused.
 DATA_VERSION = 4

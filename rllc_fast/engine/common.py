@@ -64,6 +64,15 @@ class Progress:
         if self._bar is not None:
             self._bar.update(n)
 
+    @property
+    def enabled(self) -> bool:
+        return self._bar is not None
+
+    def update_to(self, n: int) -> None:
+        """Show ``n`` done (never moves backwards)."""
+        if self._bar is not None and n > self._bar.n:
+            self._bar.update(n - self._bar.n)
+
     def set_description(self, text: str) -> None:
         if self._bar is not None:
             self._bar.set_description(text)
