@@ -5,7 +5,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(rllc_fast, m) {
-  m.def("sgld_step(Tensor(a!) w, Tensor grad, Tensor w_star, Tensor lengths, Tensor? noise, Tensor? rng_state, float step_size, float nbeta, float localization) -> Tensor",
+  m.def("sgld_step(Tensor(a!) w, Tensor grad, Tensor w_star, Tensor lengths, Tensor? noise, Tensor? rng_state, float step_size, float nbeta, float localization, Tensor(b!)? square_avg=None, float rmsprop_alpha=0.99, float rmsprop_eps=0.1) -> Tensor",
         {at::Tag::nondeterministic_seeded});
   m.def("rademacher(int num_probes, int n, Tensor rng_state) -> Tensor",
         {at::Tag::nondeterministic_seeded});

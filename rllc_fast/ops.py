@@ -3,15 +3,21 @@
 Ops (schemas are defined in ``csrc/ops.cpp``; ``SCHEMAS`` below is the same text, used when the
 compiled extension is absent, and a test keeps the two identical):
 
-- ``sgld_step(w, grad, w_star, lengths, noise, rng_state, step_size, nbeta, localization) -> sq_dist``
+- ``sgld_step(w, grad, w_star, lengths, noise, rng_state, step_size, nbeta, localization,
+  square_avg=None, rmsprop_alpha=0.99, rmsprop_eps=0.1) -> sq_dist``
   updates every replica of a packed ``[R, n]`` buffer in place,
   ``w[r, j] <- w - eps/2 (nbeta g + gamma (w - w*)) + sqrt(eps) xi`` for ``j < lengths[r]``
   (elements ``j >= lengths[r]`` are padding and untouched bit for bit), in float32 whatever the
   storage type; ``xi`` is ``noise`` when given, else drawn from ``rng_state = [seed, offset]``
-  (int64, on the data's device: Philox on CUDA with subsequence = element index). Returns
-  ``||w_r - w*_r||^2`` after the update, ``[R]`` float32.
+  (int64, on the data's device: on CUDA Philox4x32-10 with counter (offset, flat element index
+  ``r * n + j``) and key seed, so the draw does not depend on the launch grid; on CPU a torch
+  generator seeded from both). With ``square_avg`` (float32 ``[R, n]``, updated in place) the step is
+  RMSProp-preconditioned as ``rllc_fast.sgld.rmsprop_sgld_delta`` writes it:
+  ``a <- alpha a + (1 - alpha) g^2``, ``P = 1 / (sqrt(a) + rmsprop_eps)``, drift times ``P`` and
+  noise times ``sqrt(P)``. Returns ``||w_r - w*_r||^2`` after the update, ``[R]`` float32.
 - ``rademacher(num_probes, n, rng_state) -> [P, n]`` float32 of +-1, counter-based from
-  ``rng_state = [seed, offset]`` (reproducible; the CPU and CUDA streams differ).
+  ``rng_state = [seed, offset]`` (reproducible; Philox bit 0 of entry ``p * n + j`` on CUDA, a
+  torch generator on CPU, so the two streams differ).
 - ``blocked_dot(v, hv, offsets) -> [P, B]`` float32: ``sum_{j in block b} v[p, j] * hv[p, j]``
   with block ``b`` the columns ``offsets[b]:offsets[b+1]`` (per-block Hutchinson terms).
 """
@@ -19,12 +25,13 @@ from __future__ import annotations
 
 import torch
 
-from .sgld import sgld_delta
+from .sgld import rmsprop_sgld_delta, sgld_delta
 
 SCHEMAS = {
     "sgld_step": (
         "sgld_step(Tensor(a!) w, Tensor grad, Tensor w_star, Tensor lengths, Tensor? noise, "
-        "Tensor? rng_state, float step_size, float nbeta, float localization) -> Tensor"
+        "Tensor? rng_state, float step_size, float nbeta, float localization, Tensor(b!)? square_avg=None, "
+        "float rmsprop_alpha=0.99, float rmsprop_eps=0.1) -> Tensor"
     ),
     "rademacher": "rademacher(int num_probes, int n, Tensor rng_state) -> Tensor",
     "blocked_dot": "blocked_dot(Tensor v, Tensor hv, Tensor offsets) -> Tensor",
@@ -62,7 +69,8 @@ def _check(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def check_sgld_args(w, grad, w_star, lengths, noise, rng_state) -> None:
+def check_sgld_args(w, grad, w_star, lengths, noise, rng_state, square_avg=None, rmsprop_alpha=0.99,
+                    rmsprop_eps=0.1) -> None:
     """The checks ``csrc`` makes with TORCH_CHECK, with the same messages."""
     _check(w.dim() == 2, f"sgld_step: w must be 2-D [replicas, n], got shape {tuple(w.shape)}")
     _check(w.dtype in (torch.float32, torch.bfloat16, torch.float16),
@@ -84,6 +92,14 @@ def check_sgld_args(w, grad, w_star, lengths, noise, rng_state) -> None:
         _check(rng_state is not None, "sgld_step: pass noise or rng_state ([seed, offset] int64)")
     if rng_state is not None:
         _check_rng_state("sgld_step", rng_state, w.device)
+    if square_avg is not None:
+        _check(square_avg.shape == w.shape,
+               f"sgld_step: square_avg must have w's shape {tuple(w.shape)}, got {tuple(square_avg.shape)}")
+        _check(square_avg.dtype == torch.float32, f"sgld_step: square_avg must be float32, got {square_avg.dtype}")
+        _check(square_avg.device == w.device, f"sgld_step: square_avg must be on w's device {w.device}")
+        _check(square_avg.is_contiguous(), "sgld_step: square_avg must be contiguous")
+        _check(0 <= rmsprop_alpha < 1, f"sgld_step: rmsprop_alpha must be in [0, 1), got {rmsprop_alpha}")
+        _check(rmsprop_eps > 0, f"sgld_step: rmsprop_eps must be > 0, got {rmsprop_eps}")
 
 
 def _check_rng_state(op: str, rng_state, device) -> None:
@@ -113,8 +129,9 @@ def _cpu_generator(rng_state: torch.Tensor) -> torch.Generator:
 TILE_ELEMENTS = 1 << 17
 
 
-def _sgld_step_fallback(w, grad, w_star, lengths, noise, rng_state, step_size, nbeta, localization):
-    check_sgld_args(w, grad, w_star, lengths, noise, rng_state)
+def _sgld_step_fallback(w, grad, w_star, lengths, noise, rng_state, step_size, nbeta, localization,
+                        square_avg=None, rmsprop_alpha=0.99, rmsprop_eps=0.1):
+    check_sgld_args(w, grad, w_star, lengths, noise, rng_state, square_avg, rmsprop_alpha, rmsprop_eps)
     if noise is None:
         noise = torch.randn(w.shape, generator=_cpu_generator(rng_state.cpu())).to(w.device)
     replicas, n = w.shape
@@ -128,17 +145,25 @@ def _sgld_step_fallback(w, grad, w_star, lengths, noise, rng_state, step_size, n
             c1 = min(c0 + cols, n)
             tile = (slice(r0, r1), slice(c0, c1))
             v = w[tile]
-            delta = sgld_delta(v, grad[tile], w_star[tile], noise[tile], step_size, nbeta, localization)
-            if masked:  # padding keeps its bits (even -0.0 and NaN): select, never add zero
+            if masked:
                 keep = torch.arange(c0, c1, device=w.device) < lengths[r0:r1, None]
+            if square_avg is None:
+                delta = sgld_delta(v, grad[tile], w_star[tile], noise[tile], step_size, nbeta, localization)
+            else:  # the running mean of padding keeps its bits too
+                avg = square_avg[tile].clone() if masked else square_avg[tile]
+                delta = rmsprop_sgld_delta(v, grad[tile], w_star[tile], noise[tile], avg, step_size, nbeta,
+                                           localization, rmsprop_alpha, rmsprop_eps)
+                if masked:
+                    square_avg[tile].copy_(torch.where(keep, avg, square_avg[tile]))
+            if masked:  # padding keeps its bits (even -0.0 and NaN): select, never add zero
                 v.copy_(torch.where(keep, (v.float() + delta).to(w.dtype), v))
             elif w.dtype == torch.float32:
                 v.add_(delta)
             else:
                 v.copy_(v.float().add_(delta))
             diff = torch.sub(v.float(), w_star[tile].float())
-            if masked:
-                diff.mul_(keep)
+            if masked:  # padding may hold anything, NaN included: it must not reach the sum
+                diff.masked_fill_(~keep, 0.0)
             sq_dist[r0:r1] += diff.pow_(2).sum(dim=1)
     return sq_dist
 
@@ -166,7 +191,8 @@ torch.library.register_kernel("rllc_fast::blocked_dot", _DEVICES, _blocked_dot_f
 
 
 @torch.library.register_fake("rllc_fast::sgld_step")
-def _(w, grad, w_star, lengths, noise, rng_state, step_size, nbeta, localization):
+def _(w, grad, w_star, lengths, noise, rng_state, step_size, nbeta, localization, square_avg=None,
+      rmsprop_alpha=0.99, rmsprop_eps=0.1):
     return w.new_empty((w.shape[0],), dtype=torch.float32)
 
 
@@ -181,10 +207,13 @@ def _(v, hv, offsets):
 
 
 # ---------------------------------------------------------------------------- Python entry points
-def sgld_step(w, grad, w_star, lengths, *, step_size, nbeta, localization, noise=None, rng_state=None):
-    """One masked multi-replica SGLD step in place; returns ``||w - w*||^2`` per replica ``[R]``."""
+def sgld_step(w, grad, w_star, lengths, *, step_size, nbeta, localization, noise=None, rng_state=None,
+              square_avg=None, rmsprop_alpha=0.99, rmsprop_eps=0.1):
+    """One masked multi-replica SGLD step in place (RMSProp-preconditioned when ``square_avg`` is
+    given, which it updates in place); returns ``||w - w*||^2`` per replica ``[R]``."""
     return torch.ops.rllc_fast.sgld_step(
-        w, grad, w_star, lengths, noise, rng_state, float(step_size), float(nbeta), float(localization)
+        w, grad, w_star, lengths, noise, rng_state, float(step_size), float(nbeta), float(localization),
+        square_avg, float(rmsprop_alpha), float(rmsprop_eps),
     )
 
 

@@ -5,6 +5,8 @@ against the CPU fallback: same formula, noise checked statistically, reproducibl
 """
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,14 +18,21 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _literal_sgld(w, grad, w_star, lengths, noise, eps, nbeta, gamma):
-    """The formula written out per replica tensor, element range by element range."""
-    out = w.clone()
+def _literal_sgld(w, grad, w_star, lengths, noise, eps, nbeta, gamma, square_avg=None, alpha=0.99, reps=0.1):
+    """The formula written out per replica tensor, element range by element range.
+
+    Returns the new ``w`` (and the new ``square_avg`` when one is given: the RMSProp variant)."""
+    out, avg = w.clone(), None if square_avg is None else square_avg.clone()
     for r in range(w.shape[0]):
         k = int(lengths[r])
         v, g, v0, xi = w[r, :k].float(), grad[r, :k].float(), w_star[r, :k].float(), noise[r, :k]
-        out[r, :k] = (v - eps / 2 * (nbeta * g + gamma * (v - v0)) + math.sqrt(eps) * xi).to(w.dtype)
-    return out
+        if avg is None:
+            out[r, :k] = (v - eps / 2 * (nbeta * g + gamma * (v - v0)) + math.sqrt(eps) * xi).to(w.dtype)
+        else:
+            avg[r, :k] = alpha * avg[r, :k] + (1 - alpha) * g * g
+            P = 1 / (torch.sqrt(avg[r, :k]) + reps)
+            out[r, :k] = (v - eps / 2 * P * (nbeta * g + gamma * (v - v0)) + torch.sqrt(eps * P) * xi).to(w.dtype)
+    return out if avg is None else (out, avg)
 
 
 def _inputs(device, dtype=torch.float32, R=5, n=37, seed=0):
@@ -50,6 +59,34 @@ def test_sgld_step_matches_literal_loop_and_leaves_padding_untouched(device, dty
     mask = torch.arange(w.shape[1], device=device) < lengths[:, None]
     want = (((w.float() - w_star.float()) * mask) ** 2).sum(1)
     torch.testing.assert_close(sq, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsprop_step_matches_literal_loop_and_leaves_padding_untouched(device, dtype):
+    w, grad, w_star, lengths, noise = _inputs(device, dtype)
+    avg = torch.rand(w.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    want_w, want_avg = _literal_sgld(w.cpu(), grad.cpu(), w_star.cpu(), lengths.cpu(), noise.cpu(), 1e-2, 30.0,
+                                     200.0, avg.cpu(), alpha=0.9, reps=0.05)
+    w0, avg0 = w.clone(), avg.clone()
+    sq = ops.sgld_step(w, grad, w_star, lengths, step_size=1e-2, nbeta=30.0, localization=200.0, noise=noise,
+                       square_avg=avg, rmsprop_alpha=0.9, rmsprop_eps=0.05)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(w.cpu(), want_w, **tol)
+    torch.testing.assert_close(avg.cpu(), want_avg, rtol=1e-6, atol=1e-6)
+    for r, k in enumerate(lengths.tolist()):
+        assert torch.equal(w[r, k:], w0[r, k:]) and torch.equal(avg[r, k:], avg0[r, k:])
+    mask = torch.arange(w.shape[1], device=device) < lengths[:, None]
+    torch.testing.assert_close(sq, (((w.float() - w_star.float()) * mask) ** 2).sum(1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_in_padding_stays_out_of_the_distance(device):
+    w, grad, w_star, lengths, noise = _inputs(device)
+    w[2, 5:] = float("nan")  # replica 2 uses 5 elements
+    sq = ops.sgld_step(w, grad, w_star, lengths, step_size=1e-2, nbeta=30.0, localization=200.0, noise=noise)
+    assert torch.isfinite(sq).all()
+    assert torch.isnan(w[2, 5:]).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -116,6 +153,8 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.rllc_fast.sgld_step.default,
                           (w, grad, w_star, lengths, None, rng, 1e-3, 30.0, 200.0),
                           test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.rllc_fast.sgld_step.default,
+                          (w, grad, w_star, lengths, noise, None, 1e-3, 30.0, 200.0, torch.rand_like(w), 0.9, 0.1))
     torch.library.opcheck(torch.ops.rllc_fast.rademacher.default, (4, 10, rng),
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.rllc_fast.blocked_dot.default,
@@ -135,21 +174,48 @@ def test_opcheck(device):
         (lambda a: a.update(noise=a["noise"][:, :2]), "noise must have w's shape"),
         (lambda a: a.update(noise=None), "pass noise or rng_state"),
         (lambda a: a.update(noise=None, rng_state=torch.tensor([1.0, 2.0], device=a["w"].device)), "rng_state must be int64"),
+        (lambda a: a.update(square_avg=torch.zeros_like(a["w"]).double()), "square_avg must be float32"),
+        (lambda a: a.update(square_avg=torch.zeros_like(a["w"])[:, :4]), "square_avg must have w's shape"),
+        (lambda a: a.update(square_avg=torch.zeros_like(a["w"]), alpha=1.0), "rmsprop_alpha must be in"),
+        (lambda a: a.update(square_avg=torch.zeros_like(a["w"]), reps=0.0), "rmsprop_eps must be > 0"),
     ],
 )
 def test_bad_arguments_name_the_argument(device, change, match):
     w, grad, w_star, lengths, noise = _inputs(device)
-    args = dict(w=w, grad=grad, w_star=w_star, lengths=lengths, noise=noise, rng_state=None)
+    args = dict(w=w, grad=grad, w_star=w_star, lengths=lengths, noise=noise, rng_state=None, square_avg=None,
+                alpha=0.99, reps=0.1)
     change(args)
     with pytest.raises(ValueError, match=match):
         torch.ops.rllc_fast.sgld_step(args["w"], args["grad"], args["w_star"], args["lengths"], args["noise"],
-                                      args["rng_state"], 1e-3, 30.0, 200.0)
+                                      args["rng_state"], 1e-3, 30.0, 200.0, args["square_avg"], args["alpha"],
+                                      args["reps"])
 
 
 def test_python_schemas_equal_the_cpp_definitions():
     source = (ROOT / "csrc" / "ops.cpp").read_text()
     cpp = dict((m.group(1), m.group(0)[1:-1]) for m in re.finditer(r'"(\w+)\([^"]*"', source))
     assert cpp == ops.SCHEMAS
+
+
+def test_package_works_without_the_compiled_extension():
+    """With ``rllc_fast._C`` unimportable, ops.py defines the schemas itself and the fallback serves."""
+    code = """
+import sys
+sys.modules["rllc_fast._C"] = None  # makes `from . import _C` raise ImportError
+import torch
+from rllc_fast import ops
+assert not ops._EXTENSION and "extension not built" in ops.backend(), ops.backend()
+assert str(torch.ops.rllc_fast.sgld_step.default._schema) == "rllc_fast::" + ops.SCHEMAS["sgld_step"].replace(
+    "0.99", "0.98999999999999999").replace("0.1)", "0.10000000000000001)")
+w = torch.zeros(2, 3); z = torch.zeros_like(w); avg = torch.zeros_like(w)
+sq = ops.sgld_step(w, z, z, torch.tensor([3, 1]), step_size=1.0, nbeta=1.0, localization=0.0, noise=torch.ones_like(w),
+                   square_avg=avg, rmsprop_eps=0.01)
+assert torch.equal(w, torch.tensor([[10.0, 10.0, 10.0], [10.0, 0.0, 0.0]])), w  # sqrt(1 / (0 + 0.01)) = 10
+assert torch.equal(sq, torch.tensor([300.0, 100.0]))
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 def test_backend_reports_an_implementation():
@@ -170,3 +236,106 @@ def test_rmsprop_delta_is_the_written_formula():
     expect = -eps / 2 * P * (nbeta * grad + gamma * (v - v_star)) + (eps * P).sqrt() * noise
     torch.testing.assert_close(avg, a1)
     torch.testing.assert_close(delta, expect)
+
+
+# ---------------------------------------------------------------------------- CUDA kernels only
+# These need a GPU and the extension built with CUDA (FORCE_CUDA=1 pip install ...); without a GPU
+# they are skipped, which the README's test section and the GPU results JSON say.
+needs_cuda_kernels = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda_kernels
+def test_cuda_kernels_are_built_where_a_gpu_is():
+    assert ops.CUDA_KERNELS, ("a GPU is visible but rllc_fast._C has no CUDA kernels: rebuild with "
+                              "FORCE_CUDA=1 pip install --no-build-isolation -e .")
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rmsprop", [False, True])
+def test_cuda_op_equals_the_cpu_fallback(dtype, rmsprop):
+    args = _inputs("cpu", dtype, R=5, n=3001)
+    avg = torch.rand(args[0].shape, generator=torch.Generator().manual_seed(2)) if rmsprop else None
+    kw = dict(step_size=1e-3, nbeta=30.0, localization=200.0, rmsprop_alpha=0.9, rmsprop_eps=0.1)
+    cuda_args = [a.cuda() for a in args]
+    cuda_avg = avg.cuda() if rmsprop else None
+    sq_cpu = ops.sgld_step(*args[:4], noise=args[4], square_avg=avg, **kw)
+    sq_gpu = ops.sgld_step(*cuda_args[:4], noise=cuda_args[4], square_avg=cuda_avg, **kw)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-5)  # 1 bf16 ulp
+    torch.testing.assert_close(cuda_args[0].cpu(), args[0], **tol)
+    torch.testing.assert_close(sq_gpu.cpu(), sq_cpu, rtol=1e-4, atol=1e-4)
+    if rmsprop:
+        torch.testing.assert_close(cuda_avg.cpu(), avg, rtol=1e-6, atol=1e-6)
+
+
+@needs_cuda_kernels
+def test_cuda_noise_is_the_philox_stream_of_each_element():
+    """xi of flat element r * n + j from Philox(seed, step); n > 1024 * 256 so the grid-stride loop
+    covers some elements on a second pass: the draw must not depend on the launch grid."""
+    from philox_reference import philox_normal
+
+    R, n, seed, step = 2, 300_001, 2**62 + 12345, 7
+    w = torch.zeros(R, n, device="cuda")
+    z = torch.zeros_like(w)
+    ops.sgld_step(w, z, z, torch.full((R,), n, device="cuda"), step_size=1.0, nbeta=0.0, localization=0.0,
+                  rng_state=torch.tensor([seed, step], device="cuda"))
+    want = torch.from_numpy(philox_normal(seed, step, range(R * n))).reshape(R, n)
+    torch.testing.assert_close(w.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_cuda_kernels
+def test_cuda_rademacher_is_the_philox_stream():
+    from philox_reference import philox_rademacher
+
+    P, n = 3, 100_003
+    v = ops.rademacher(P, n, torch.tensor([99, 4], device="cuda"))
+    want = torch.from_numpy(philox_rademacher(99, 4, range(P * n))).reshape(P, n)
+    assert torch.equal(v.cpu(), want)
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("rmsprop", [False, True])
+def test_cuda_graph_of_a_full_sgld_step_replays_like_eager_steps(rmsprop):
+    """Gradient (of a least-squares loss per replica), the fused step and the step counter, captured
+    once and replayed: bit-for-bit the same as the same steps run eagerly."""
+    R, n, m, steps = 6, 257, 40, 5
+    g = torch.Generator().manual_seed(3)
+    A, b = torch.randn(m, n, generator=g).cuda() / n, torch.randn(R, m, generator=g).cuda()
+    w0 = torch.randn(R, n, generator=g).cuda()
+    lengths = torch.tensor([n, n, 100, 0, n - 1, 7], device="cuda")
+
+    def make_state():
+        return dict(w=w0.clone(), grad=torch.zeros_like(w0), rng=torch.tensor([11, 0], device="cuda"),
+                    avg=torch.zeros_like(w0) if rmsprop else None, sq=torch.zeros(R, device="cuda"))
+
+    def full_step(s):
+        s["grad"].copy_(2 * (s["w"] @ A.T - b) @ A)
+        s["sq"].copy_(ops.sgld_step(s["w"], s["grad"], w0, lengths, step_size=1e-3, nbeta=30.0, localization=200.0,
+                                    rng_state=s["rng"], square_avg=s["avg"]))
+        s["rng"][1] += 1
+
+    eager = make_state()
+    for _ in range(steps):
+        full_step(eager)
+    torch.cuda.synchronize()
+
+    graphed = make_state()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture, then reset the state
+        full_step(make_state())
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        full_step(graphed)
+    # capture does not run the step: graphed is still at its initial state
+    assert torch.equal(graphed["w"], w0) and int(graphed["rng"][1]) == 0
+    for _ in range(steps):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert int(graphed["rng"][1]) == steps
+    assert torch.equal(graphed["w"], eager["w"]) and torch.equal(graphed["sq"], eager["sq"])
+    if rmsprop:
+        assert torch.equal(graphed["avg"], eager["avg"])
+    for r, k in enumerate(lengths.tolist()):
+        assert torch.equal(graphed["w"][r, k:], w0[r, k:])

@@ -1,23 +1,34 @@
 // Header-only Philox4x32-10 (Salmon et al. 2011) and the normal/Rademacher draws built on it.
 // Counter = (offset lo, offset hi, element lo, element hi), key = seed: the draw for an element
 // depends only on (seed, offset, element index), never on the launch grid.
+// Also compiles as plain host C++ (tests/csrc/philox_host.cpp checks it against the Random123
+// known-answer vectors and tests/philox_reference.py).
 #pragma once
 #include <cstdint>
+
+#ifdef __CUDACC__
+#define RLLC_HD __host__ __device__ __forceinline__
+#define RLLC_UNROLL _Pragma("unroll")
+#else
+#define RLLC_UNROLL
+#include <cmath>
+#define RLLC_HD inline
+#endif
 
 namespace rllc_fast {
 
 struct Philox4 { uint32_t x, y, z, w; };
 
-__host__ __device__ __forceinline__ uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
+RLLC_HD uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
   const uint64_t product = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
   *hi = static_cast<uint32_t>(product >> 32);
   return static_cast<uint32_t>(product);
 }
 
-__host__ __device__ __forceinline__ Philox4 philox4x32_10(Philox4 ctr, uint32_t k0, uint32_t k1) {
+RLLC_HD Philox4 philox4x32_10(Philox4 ctr, uint32_t k0, uint32_t k1) {
   constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
   constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
-#pragma unroll
+  RLLC_UNROLL
   for (int round = 0; round < 10; ++round) {
     uint32_t hi0, hi1;
     const uint32_t lo0 = mulhilo32(kM0, ctr.x, &hi0);
@@ -29,7 +40,7 @@ __host__ __device__ __forceinline__ Philox4 philox4x32_10(Philox4 ctr, uint32_t 
   return ctr;
 }
 
-__host__ __device__ __forceinline__ Philox4 philox_bits(int64_t seed, int64_t offset, int64_t element) {
+RLLC_HD Philox4 philox_bits(int64_t seed, int64_t offset, int64_t element) {
   const uint64_t s = static_cast<uint64_t>(seed), o = static_cast<uint64_t>(offset);
   const uint64_t e = static_cast<uint64_t>(element);
   return philox4x32_10(Philox4{static_cast<uint32_t>(o), static_cast<uint32_t>(o >> 32),
@@ -38,14 +49,18 @@ __host__ __device__ __forceinline__ Philox4 philox_bits(int64_t seed, int64_t of
 }
 
 // One N(0, 1) draw by Box-Muller from the first two 32-bit words.
-__device__ __forceinline__ float philox_normal(int64_t seed, int64_t offset, int64_t element) {
+RLLC_HD float philox_normal(int64_t seed, int64_t offset, int64_t element) {
   const Philox4 r = philox_bits(seed, offset, element);
   const float u1 = (static_cast<float>(r.x) + 1.0f) * 2.3283064365386963e-10f;  // (0, 1]
-  const float u2 = static_cast<float>(r.y) * 2.3283064365386963e-10f;           // [0, 1)
+  const float u2 = static_cast<float>(r.y) * 2.3283064365386963e-10f;           // [0, 1]
+#ifdef __CUDA_ARCH__
   return sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
+#else
+  return std::sqrt(-2.0f * std::log(u1)) * static_cast<float>(std::cos(6.283185307179586 * u2));
+#endif
 }
 
-__device__ __forceinline__ float philox_rademacher(int64_t seed, int64_t offset, int64_t element) {
+RLLC_HD float philox_rademacher(int64_t seed, int64_t offset, int64_t element) {
   return (philox_bits(seed, offset, element).x & 1u) ? 1.0f : -1.0f;
 }
 

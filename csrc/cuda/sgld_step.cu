@@ -2,6 +2,8 @@
 //   w[r, j] <- w - eps/2 (nbeta g + gamma (w - w*)) + sqrt(eps) xi     for j < lengths[r]
 // in float32 whatever the storage type, with xi from `noise` or Philox(seed, offset, element),
 // and ||w_r - w*_r||^2 accumulated per replica. One launch for all replicas: grid (chunks, R).
+// With square_avg (float32), RMSProp-preconditioned as rllc_fast.sgld.rmsprop_sgld_delta:
+//   a <- alpha a + (1 - alpha) g^2;  P = 1 / (sqrt(a) + rms_eps);  drift *= P;  noise *= sqrt(P).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
@@ -36,7 +38,9 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) sgld_step_kernel(
     scalar_t* __restrict__ w, const scalar_t* __restrict__ grad, const scalar_t* __restrict__ w_star,
     const int64_t* __restrict__ lengths, const float* __restrict__ noise, const int64_t* __restrict__ rng,
-    int64_t n, float half_eps, float nbeta, float gamma, float sqrt_eps, float* __restrict__ sq_dist) {
+    float* __restrict__ square_avg, int64_t n, float eps, float nbeta, float gamma, float alpha, float rms_eps,
+    float* __restrict__ sq_dist) {
+  const float half_eps = 0.5f * eps, sqrt_eps = sqrtf(eps);
   const int64_t r = blockIdx.y;
   const int64_t len = lengths[r] < n ? lengths[r] : n;
   const int64_t seed = rng != nullptr ? rng[0] : 0, offset = rng != nullptr ? rng[1] : 0;
@@ -47,8 +51,17 @@ __global__ void __launch_bounds__(kThreads) sgld_step_kernel(
     const float v = static_cast<float>(w[idx]);
     const float v0 = static_cast<float>(w_star[idx]);
     const float xi = noise != nullptr ? noise[idx] : philox_normal(seed, offset, idx);
-    const float drift = nbeta * static_cast<float>(grad[idx]) + gamma * (v - v0);
-    const scalar_t stored = static_cast<scalar_t>(v - half_eps * drift + sqrt_eps * xi);
+    const float g = static_cast<float>(grad[idx]);
+    float drift = gamma * (v - v0) + nbeta * g;
+    float noise_scale = sqrt_eps;
+    if (square_avg != nullptr) {
+      const float a = alpha * square_avg[idx] + (1.0f - alpha) * g * g;
+      square_avg[idx] = a;
+      const float precond = 1.0f / (sqrtf(a) + rms_eps);
+      drift *= precond;
+      noise_scale = sqrtf(eps * precond);
+    }
+    const scalar_t stored = static_cast<scalar_t>(v - half_eps * drift + noise_scale * xi);
     w[idx] = stored;
     const float d = static_cast<float>(stored) - v0;
     acc += d * d;
@@ -60,7 +73,8 @@ __global__ void __launch_bounds__(kThreads) sgld_step_kernel(
 at::Tensor sgld_step_cuda(at::Tensor w, const at::Tensor& grad, const at::Tensor& w_star,
                           const at::Tensor& lengths, const std::optional<at::Tensor>& noise,
                           const std::optional<at::Tensor>& rng_state, double step_size, double nbeta,
-                          double localization) {
+                          double localization, const std::optional<at::Tensor>& square_avg, double rmsprop_alpha,
+                          double rmsprop_eps) {
   TORCH_CHECK_VALUE(w.dim() == 2, "sgld_step: w must be 2-D [replicas, n], got shape ", w.sizes());
   TORCH_CHECK_VALUE(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16 ||
                         w.scalar_type() == at::kHalf,
@@ -85,6 +99,14 @@ at::Tensor sgld_step_cuda(at::Tensor w, const at::Tensor& grad, const at::Tensor
     TORCH_CHECK_VALUE(rng_state.has_value(), "sgld_step: pass noise or rng_state ([seed, offset] int64)");
   }
   if (rng_state.has_value()) check_rng_state("sgld_step", *rng_state, w.device());
+  if (square_avg.has_value()) {
+    TORCH_CHECK_VALUE(square_avg->sizes() == w.sizes(), "sgld_step: square_avg must have w's shape ", w.sizes(), ", got ", square_avg->sizes());
+    TORCH_CHECK_VALUE(square_avg->scalar_type() == at::kFloat, "sgld_step: square_avg must be float32, got ", square_avg->scalar_type());
+    TORCH_CHECK_VALUE(square_avg->device() == w.device(), "sgld_step: square_avg must be on w's device ", w.device());
+    TORCH_CHECK_VALUE(square_avg->is_contiguous(), "sgld_step: square_avg must be contiguous");
+    TORCH_CHECK_VALUE(0.0 <= rmsprop_alpha && rmsprop_alpha < 1.0, "sgld_step: rmsprop_alpha must be in [0, 1), got ", rmsprop_alpha);
+    TORCH_CHECK_VALUE(rmsprop_eps > 0.0, "sgld_step: rmsprop_eps must be > 0, got ", rmsprop_eps);
+  }
 
   const c10::cuda::CUDAGuard guard(w.device());
   const int64_t replicas = w.size(0), n = w.size(1);
@@ -96,12 +118,13 @@ at::Tensor sgld_step_cuda(at::Tensor w, const at::Tensor& grad, const at::Tensor
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const float* noise_ptr = noise.has_value() ? noise->data_ptr<float>() : nullptr;
   const int64_t* rng_ptr = (!noise.has_value() && rng_state.has_value()) ? rng_state->data_ptr<int64_t>() : nullptr;
+  float* avg_ptr = square_avg.has_value() ? square_avg->data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "sgld_step_cuda", [&] {
     sgld_step_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         w.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), w_star.data_ptr<scalar_t>(),
-        lengths.data_ptr<int64_t>(), noise_ptr, rng_ptr, n, static_cast<float>(0.5 * step_size),
-        static_cast<float>(nbeta), static_cast<float>(localization), static_cast<float>(std::sqrt(step_size)),
-        sq_dist.data_ptr<float>());
+        lengths.data_ptr<int64_t>(), noise_ptr, rng_ptr, avg_ptr, n, static_cast<float>(step_size),
+        static_cast<float>(nbeta), static_cast<float>(localization), static_cast<float>(rmsprop_alpha),
+        static_cast<float>(rmsprop_eps), sq_dist.data_ptr<float>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return sq_dist;

@@ -12,7 +12,7 @@ component's slices flattened in order; ``lengths[r]`` marks the used part). Each
      - **generic** (any ``nn.Module``, any component): a loop that writes the replica's row into the
        model, runs forward/backward with gradients for that component only, and puts ``w*`` back;
   3. one ``sgld_step`` op updates every replica at once (fused CUDA kernel on GPU, tiled PyTorch on
-     CPU), or the vectorised RMSProp update; a diverged replica (NaN/Inf loss) gets
+     CPU), RMSProp-preconditioned when asked; a diverged replica (NaN/Inf loss) gets
      ``lengths[r] = 0`` and is never touched again.
 On CPU each replica's noise comes from the same generator as in the reference engine, so with the
 same seed both engines follow the same chains up to float rounding; on CUDA the op draws Philox
@@ -33,7 +33,7 @@ from ..memory import default_budget, parse_bytes
 from ..models import tl_heads
 from ..ops import sgld_step
 from ..result import ComponentLLC
-from ..sgld import replica_generator, replica_seed, rmsprop_sgld_delta
+from ..sgld import replica_generator, replica_seed
 from .common import Progress, frozen_parameters, pack, pack_grad
 
 Replica = Tuple[str, Component, int]
@@ -137,23 +137,17 @@ def run_batched(
 
 
 class _Updater:
-    """The update of all replicas: the fused ``sgld_step`` op, or the vectorised RMSProp step."""
+    """The update of all replicas: one fused ``sgld_step`` op (RMSProp state passed to it when asked)."""
 
     def __init__(self, replicas, w, w_star, grad, lengths, config: SGLDConfig, device):
         self.replicas, self.w, self.w_star, self.grad, self.lengths = replicas, w, w_star, grad, lengths
         self.config = config
         self.on_cpu = device.type == "cpu"
-        self.rmsprop = config.sampler == "rmsprop"
-        self.noise = torch.zeros_like(w) if (self.on_cpu or self.rmsprop) else None
-        seed = replica_seed(config.seed, "batched", 0)
+        self.noise = torch.zeros_like(w) if self.on_cpu else None
         if self.on_cpu:
             self.gens = [replica_generator(config.seed, name, chain, device) for name, _, chain in replicas]
-        elif self.rmsprop:
-            self.gen = torch.Generator(device=device).manual_seed(seed)
-        self.rng_state = torch.tensor([seed, 0], device=device)
-        if self.rmsprop:
-            self.square_avg = torch.zeros_like(w)
-            self.cols = torch.arange(w.shape[1], device=device)
+        self.rng_state = torch.tensor([replica_seed(config.seed, "batched", 0), 0], device=device)
+        self.square_avg = torch.zeros_like(w) if config.sampler == "rmsprop" else None
 
     @torch.no_grad()
     def step(self, t: int) -> torch.Tensor:
@@ -162,20 +156,12 @@ class _Updater:
         if self.on_cpu:  # the reference engine's per-replica streams
             for r, (_, comp, _) in enumerate(self.replicas):
                 torch.randn(comp.numel, generator=self.gens[r], out=self.noise[r, : comp.numel])
-        elif self.rmsprop:
-            torch.randn(self.w.shape, generator=self.gen, out=self.noise)
-        if not self.rmsprop:
-            self.rng_state[1] = t
-            return sgld_step(self.w, self.grad, self.w_star, self.lengths, step_size=cfg.step_size,
-                             nbeta=cfg.nbeta, localization=cfg.localization,
-                             noise=self.noise if self.on_cpu else None,
-                             rng_state=None if self.on_cpu else self.rng_state)
-        mask = self.cols[None, :] < self.lengths[:, None]
-        delta = rmsprop_sgld_delta(self.w, self.grad * mask, self.w_star, self.noise, self.square_avg,
-                                   cfg.step_size, cfg.nbeta, cfg.localization, cfg.rmsprop_alpha, cfg.rmsprop_eps)
-        self.w.add_(delta * mask)
-        diff = self.w - self.w_star
-        return (diff * diff).sum(1)
+        self.rng_state[1] = t
+        return sgld_step(self.w, self.grad, self.w_star, self.lengths, step_size=cfg.step_size,
+                         nbeta=cfg.nbeta, localization=cfg.localization,
+                         noise=self.noise if self.on_cpu else None,
+                         rng_state=None if self.on_cpu else self.rng_state,
+                         square_avg=self.square_avg, rmsprop_alpha=cfg.rmsprop_alpha, rmsprop_eps=cfg.rmsprop_eps)
 
 
 class _GenericGrads:
