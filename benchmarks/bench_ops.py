@@ -1,5 +1,6 @@
 """sgld_step (one op over all replicas) against the unfused PyTorch expression and a per-replica
-loop (devinterp's way); Hutchinson's blocked reduction against a PyTorch per-block loop.
+loop (devinterp's way), plain and RMSProp-preconditioned; on a GPU also with the kernel's own Philox
+noise; Hutchinson's blocked reduction against a PyTorch per-block loop.
 
 Run:  python -m pytest benchmarks/bench_ops.py --benchmark-json=benchmarks/results/ops-<device>.json
 Each row's extra_info holds the replicas, elements, bytes moved per step, achieved GB/s and the
@@ -31,8 +32,9 @@ def _buffers(device, replicas, n):
     return make(), make(), make(), make(), torch.full((replicas,), n, device=device)
 
 
-def _record(benchmark, bandwidth_reference, device, replicas, n, kind):
-    bytes_moved = 5 * replicas * n * 4  # read w, grad, w*, noise; write w (float32)
+def _record(benchmark, bandwidth_reference, device, replicas, n, kind, arrays=5):
+    """``arrays``: float32 arrays read or written once per step (5: read w, grad, w*, noise; write w)."""
+    bytes_moved = arrays * replicas * n * 4
     seconds = benchmark.stats.stats.min
     ref, what = bandwidth_reference(device)
     benchmark.extra_info.update(
@@ -64,6 +66,24 @@ def test_sgld_step_op(benchmark, bandwidth_reference, device, case, replicas, n)
 
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)
     _record(benchmark, bandwidth_reference, device, replicas, n, "fused op (one call, all replicas)")
+
+
+CUDA_PARAMS = [c for c in PARAMS if c[0] == "cuda"]
+
+
+@pytest.mark.parametrize("device, case, replicas, n", CUDA_PARAMS, ids=[f"{d}-{c}" for d, c, _, _ in CUDA_PARAMS])
+def test_sgld_step_op_philox_noise(benchmark, bandwidth_reference, device, case, replicas, n):
+    """The engine's GPU call: noise drawn in the kernel (Philox), so 4 arrays move instead of 5."""
+    benchmark.group = f"sgld_step {case} {device}"
+    w, grad, w_star, _, lengths = _buffers(device, replicas, n)
+    rng = torch.tensor([1, 0], device=device)
+
+    def run():
+        ops.sgld_step(w, grad, w_star, lengths, step_size=EPS, nbeta=NBETA, localization=GAMMA, rng_state=rng)
+        sync(device)
+
+    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+    _record(benchmark, bandwidth_reference, device, replicas, n, "fused op, Philox noise in the kernel", arrays=4)
 
 
 @pytest.mark.parametrize("device, case, replicas, n", PARAMS, ids=IDS)
@@ -116,3 +136,27 @@ def test_hutchinson_blocked_reduction(benchmark, device, impl):
 
     benchmark.pedantic(fused if impl == "blocked_dot op" else loop, rounds=10, warmup_rounds=2)
     benchmark.extra_info.update(device=device_name(device), probes=probes, blocks=blocks, block_size=size)
+
+
+# RMSProp-preconditioned SGLD: 7 arrays (read w, grad, w*, noise, square_avg; write w, square_avg).
+@pytest.mark.parametrize("device, case, replicas, n", PARAMS, ids=IDS)
+@pytest.mark.parametrize("impl", ["fused op", "unfused PyTorch expression"])
+def test_rmsprop_step(benchmark, bandwidth_reference, device, case, replicas, n, impl):
+    benchmark.group = f"rmsprop sgld_step {case} {device}"
+    w, grad, w_star, noise, lengths = _buffers(device, replicas, n)
+    avg = torch.zeros_like(w)
+    alpha, reps = 0.99, 0.1
+
+    def fused():
+        ops.sgld_step(w, grad, w_star, lengths, step_size=EPS, nbeta=NBETA, localization=GAMMA, noise=noise,
+                      square_avg=avg, rmsprop_alpha=alpha, rmsprop_eps=reps)
+        sync(device)
+
+    def unfused():
+        avg.mul_(alpha).add_((1 - alpha) * grad * grad)
+        precond = 1 / (avg.sqrt() + reps)
+        w.add_(-EPS / 2 * precond * (NBETA * grad + GAMMA * (w - w_star)) + (EPS * precond).sqrt() * noise)
+        sync(device)
+
+    benchmark.pedantic(fused if impl == "fused op" else unfused, rounds=5, warmup_rounds=1)
+    _record(benchmark, bandwidth_reference, device, replicas, n, f"rmsprop: {impl}", arrays=7)
