@@ -191,6 +191,29 @@ def test_bad_arguments_name_the_argument(device, change, match):
                                       args["reps"])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda d: ops.blocked_dot(torch.ones(2, 5, device=d), torch.ones(2, 4, device=d), torch.tensor([0, 5], device=d)),
+         "hv must have v's shape"),
+        (lambda d: ops.blocked_dot(torch.ones(2, 5, device=d).double(), torch.ones(2, 5, device=d).double(),
+                                   torch.tensor([0, 5], device=d)), "v and hv must be float32"),
+        (lambda d: ops.blocked_dot(torch.ones(2, 5, device=d), torch.ones(2, 5, device=d), torch.tensor([0, 5.0], device=d)),
+         "offsets must be int64"),
+        (lambda d: ops.blocked_dot(torch.ones(2, 5, device=d), torch.ones(2, 5, device=d), torch.tensor([0, 3, 4], device=d)),
+         "offsets must rise from 0 to n = 5"),
+        (lambda d: ops.blocked_dot(torch.ones(2, 5, device=d), torch.ones(2, 5, device=d), torch.tensor([0, 3, 2, 5], device=d)),
+         "offsets must rise from 0 to n = 5"),
+        (lambda d: ops.rademacher(0, 5, torch.tensor([0, 0], device=d)), "num_probes and n must be >= 1"),
+        (lambda d: ops.rademacher(2, 5, torch.tensor([0, 0, 0], device=d)), r"rng_state must be int64 \[2\]"),
+    ],
+)
+def test_hutchinson_ops_bad_arguments_name_the_argument(device, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(device)
+
+
 def test_python_schemas_equal_the_cpp_definitions():
     source = (ROOT / "csrc" / "ops.cpp").read_text()
     cpp = dict((m.group(1), m.group(0)[1:-1]) for m in re.finditer(r'"(\w+)\([^"]*"', source))

@@ -2,6 +2,7 @@
 // v . (H v) over contiguous column blocks (one trace estimate per component from one HVP batch).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -27,7 +28,8 @@ __global__ void blocked_dot_kernel(const float* __restrict__ v, const float* __r
                                    const int64_t* __restrict__ offsets, int64_t n, int64_t num_blocks,
                                    float* __restrict__ out) {
   const int64_t b = blockIdx.x, p = blockIdx.y;
-  const int64_t begin = offsets[b], end = offsets[b + 1];
+  // clamped to [0, n]: offsets are validated on the host except under CUDA-graph capture
+  const int64_t begin = min(max(offsets[b], int64_t{0}), n), end = min(max(offsets[b + 1], begin), n);
   float acc = 0.0f;
   for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) acc += v[p * n + j] * hv[p * n + j];
   __shared__ float partial[kThreads];
@@ -63,7 +65,15 @@ at::Tensor blocked_dot_cuda(const at::Tensor& v, const at::Tensor& hv, const at:
   TORCH_CHECK_VALUE(v.is_contiguous() && hv.is_contiguous() && offsets.is_contiguous(), "blocked_dot: inputs must be contiguous");
   const c10::cuda::CUDAGuard guard(v.device());
   const int64_t probes = v.size(0), n = v.size(1), num_blocks = offsets.numel() - 1;
+  if (!c10::cuda::isStreamCapturingMayInitCtx(c10::cuda::getCurrentCUDAStream())) {  // a sync; not allowed in capture
+    const at::Tensor host = offsets.cpu();
+    const int64_t* o = host.data_ptr<int64_t>();
+    bool rising = o[0] == 0 && o[num_blocks] == n;
+    for (int64_t b = 0; rising && b < num_blocks; ++b) rising = o[b + 1] >= o[b];
+    TORCH_CHECK_VALUE(rising, "blocked_dot: offsets must rise from 0 to n = ", n);
+  }
   at::Tensor out = at::empty({probes, num_blocks}, v.options());
+  if (probes == 0) return out;
   TORCH_CHECK_VALUE(probes <= 65535, "blocked_dot: at most 65535 probes per call, got ", probes);
   const dim3 grid(static_cast<unsigned>(num_blocks), static_cast<unsigned>(probes));
   blocked_dot_kernel<<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
