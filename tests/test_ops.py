@@ -320,7 +320,7 @@ def test_cuda_rademacher_is_the_philox_stream():
 @pytest.mark.parametrize("rmsprop", [False, True])
 def test_cuda_graph_of_a_full_sgld_step_replays_like_eager_steps(rmsprop):
     """Gradient (of a least-squares loss per replica), the fused step and the step counter, captured
-    once and replayed: bit-for-bit the same as the same steps run eagerly."""
+    once and replayed: the same as the same steps run eagerly (same noise: the counter advances)."""
     R, n, m, steps = 6, 257, 40, 5
     g = torch.Generator().manual_seed(3)
     A, b = torch.randn(m, n, generator=g).cuda() / n, torch.randn(R, m, generator=g).cuda()
@@ -357,8 +357,12 @@ def test_cuda_graph_of_a_full_sgld_step_replays_like_eager_steps(rmsprop):
         graph.replay()
     torch.cuda.synchronize()
     assert int(graphed["rng"][1]) == steps
-    assert torch.equal(graphed["w"], eager["w"]) and torch.equal(graphed["sq"], eager["sq"])
+    # the matmul may pick another cuBLAS algorithm under capture: equal up to float rounding
+    close = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(graphed["w"], eager["w"], **close)
+    torch.testing.assert_close(graphed["sq"], eager["sq"], **close)
     if rmsprop:
-        assert torch.equal(graphed["avg"], eager["avg"])
+        torch.testing.assert_close(graphed["avg"], eager["avg"], **close)
+    assert not torch.equal(graphed["w"], w0)  # the replays did move the chains
     for r, k in enumerate(lengths.tolist()):
         assert torch.equal(graphed["w"][r, k:], w0[r, k:])
