@@ -20,6 +20,9 @@ compiled extension is absent, and a test keeps the two identical):
   torch generator on CPU, so the two streams differ).
 - ``blocked_dot(v, hv, offsets) -> [P, B]`` float32: ``sum_{j in block b} v[p, j] * hv[p, j]``
   with block ``b`` the columns ``offsets[b]:offsets[b+1]`` (per-block Hutchinson terms).
+
+``new_rng_state(device, generator=None)`` makes an ``rng_state`` whose seed comes from torch's
+generator (so ``torch.manual_seed`` fixes the noise).
 """
 from __future__ import annotations
 
@@ -215,6 +218,17 @@ def sgld_step(w, grad, w_star, lengths, *, step_size, nbeta, localization, noise
         w, grad, w_star, lengths, noise, rng_state, float(step_size), float(nbeta), float(localization),
         square_avg, float(rmsprop_alpha), float(rmsprop_eps),
     )
+
+
+def new_rng_state(device="cpu", generator: torch.Generator | None = None) -> torch.Tensor:
+    """A fresh ``rng_state = [seed, 0]`` (int64 on ``device``) for ``sgld_step``/``rademacher``.
+
+    The seed is drawn from ``generator`` (a CPU ``torch.Generator``), else from torch's global
+    generator, so ``torch.manual_seed`` makes the ops' noise reproducible. Advance ``rng_state[1]``
+    (the step) between calls to get new noise; it can stay on the device (CUDA graphs).
+    """
+    seed = torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64, generator=generator)
+    return torch.cat([seed, torch.zeros(1, dtype=torch.int64)]).to(device)
 
 
 def rademacher(num_probes: int, n: int, rng_state: torch.Tensor) -> torch.Tensor:

@@ -123,6 +123,26 @@ def test_generated_noise_is_reproducible_and_offset_changes_it(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_new_rng_state_follows_manual_seed_and_generators(device):
+    def noise(rng):
+        w = torch.zeros(2, 50, device=device)
+        z = torch.zeros_like(w)
+        ops.sgld_step(w, z, z, torch.full((2,), 50, device=device), step_size=1.0, nbeta=1.0, localization=0.0,
+                      rng_state=rng)
+        return w
+
+    torch.manual_seed(3)
+    a = ops.new_rng_state(device)
+    torch.manual_seed(3)
+    b = ops.new_rng_state(device)
+    assert a.dtype == torch.int64 and a.device.type == device and int(a[1]) == 0
+    assert torch.equal(noise(a), noise(b))
+    assert not torch.equal(noise(a), noise(ops.new_rng_state(device)))  # the global stream moved on
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    assert torch.equal(noise(ops.new_rng_state(device, g1)), noise(ops.new_rng_state(device, g2)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_rademacher_probes(device):
     rng = torch.tensor([7, 3], device=device)
     v = ops.rademacher(16, 5000, rng)
