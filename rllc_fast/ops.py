@@ -72,8 +72,7 @@ def _check(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def check_sgld_args(w, grad, w_star, lengths, noise, rng_state, square_avg=None, rmsprop_alpha=0.99,
-                    rmsprop_eps=0.1) -> None:
+def check_sgld_args(w, grad, w_star, lengths, noise, rng_state, square_avg, rmsprop_alpha, rmsprop_eps) -> None:
     """The checks ``csrc`` makes with TORCH_CHECK, with the same messages."""
     _check(w.dim() == 2, f"sgld_step: w must be 2-D [replicas, n], got shape {tuple(w.shape)}")
     _check(w.dtype in (torch.float32, torch.bfloat16, torch.float16),
@@ -132,6 +131,7 @@ def _cpu_generator(rng_state: torch.Tensor) -> torch.Generator:
 TILE_ELEMENTS = 1 << 17
 
 
+# The kernels repeat the schema's defaults: the dispatcher leaves out trailing arguments equal to them.
 def _sgld_step_fallback(w, grad, w_star, lengths, noise, rng_state, step_size, nbeta, localization,
                         square_avg=None, rmsprop_alpha=0.99, rmsprop_eps=0.1):
     check_sgld_args(w, grad, w_star, lengths, noise, rng_state, square_avg, rmsprop_alpha, rmsprop_eps)

@@ -213,25 +213,25 @@ class ResultStore:
 
     def metric_rows(self, metric: str | None = None):
         """The Hessian-metric rows (``METRIC_COLUMNS``) as a DataFrame, optionally of one ``metric``."""
-        import pandas as pd
-
-        where, args = ("WHERE metric=?", (metric,)) if metric else ("", ())
-        with self._connect() as con:
-            df = pd.read_sql_query(f"SELECT {', '.join(METRIC_COLUMNS)} FROM metrics {where} "
-                                   "ORDER BY metric, step, checkpoint, data, component_set, component", con, params=args)
-        for col in ("value", "sem"):
-            df[col] = df[col].astype(float)
-        return df
+        return self._table("metrics", METRIC_COLUMNS, "metric", metric, ("value", "sem"),
+                           "metric, step, checkpoint, data, component_set, component")
 
     def analysis_rows(self, analysis: str | None = None):
         """Rows of ``rllc analyze`` (``ANALYSIS_COLUMNS``) as a DataFrame, optionally of one ``analysis``."""
+        return self._table("analyses", ANALYSIS_COLUMNS, "analysis", analysis, ("value",),
+                           "analysis, step, checkpoint, data, name, head, other")
+
+    def _table(self, table: str, columns, key: str, value: str | None, float_columns, order_by: str):
+        """``columns`` of ``table`` as a DataFrame ordered by ``order_by``, only rows with ``key = value``
+        when ``value`` is given; ``float_columns`` as float (SQLite NULL becomes NaN)."""
         import pandas as pd
 
-        where, args = ("WHERE analysis=?", (analysis,)) if analysis else ("", ())
+        where, args = (f"WHERE {key}=?", (value,)) if value else ("", ())
         with self._connect() as con:
-            df = pd.read_sql_query(f"SELECT {', '.join(ANALYSIS_COLUMNS)} FROM analyses {where} "
-                                   "ORDER BY analysis, step, checkpoint, data, name, head, other", con, params=args)
-        df["value"] = df["value"].astype(float)
+            df = pd.read_sql_query(f"SELECT {', '.join(columns)} FROM {table} {where} ORDER BY {order_by}",
+                                   con, params=args)
+        for col in float_columns:
+            df[col] = df[col].astype(float)
         return df
 
     def write_analysis(self, analysis: str, rows: Iterable[dict]) -> int:

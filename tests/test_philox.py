@@ -7,6 +7,7 @@ CUDA tests in test_ops.py then compare the kernels' noise and probes against.
 import math
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,8 +32,6 @@ def host_philox(tmp_path_factory):
     compiler = shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         pytest.fail("no C++ compiler (c++/g++) on PATH: needed to build tests/csrc/philox_host.cpp")
-    from pathlib import Path
-
     exe = tmp_path_factory.mktemp("philox") / "philox_host"
     src = Path(__file__).parent / "csrc" / "philox_host.cpp"
     subprocess.run([compiler, "-std=c++17", "-O2", "-Wall", "-Werror", str(src), "-o", str(exe)], check=True)
