@@ -4,9 +4,12 @@ Every rank enumerates the same work list of (checkpoint, data, component set) un
 deterministic shard of it balanced by estimated cost (``shard``), runs its units on its own device
 (``cuda:LOCAL_RANK`` or the CPU) and writes them to its own SQLite file beside the store
 (``STORE.rank<R>.sqlite``), so ranks on different machines never write one SQLite file at once (SQLite
-locking is not reliable over network file systems). Rank 0 merges every rank file into the store at
-the end, and also at the start, so a rerun after a rank died keeps that rank's finished units and
-computes only what is missing. The store's folder must be shared by all ranks.
+locking is not reliable over network file systems). Only rank 0 opens the store itself: it reads
+which components are already stored and sends that to every rank, and it merges every rank file into
+the store at the end, and also at the start, so a rerun after a rank died keeps that rank's finished
+units and computes only what is missing. Rank 0's progress bar counts the other ranks' files only
+when all ranks are on its machine; otherwise it counts its own units until the end. The store's
+folder must be shared by all ranks.
 
 A single process (no ``WORLD_SIZE`` in the environment, or ``WORLD_SIZE=1``) never touches
 ``torch.distributed``.
@@ -24,11 +27,13 @@ import torch
 
 @dataclass(frozen=True)
 class Rank:
-    """This process's place in the job: ``rank`` of ``world_size``, ``local_rank`` on its machine."""
+    """This process's place in the job: ``rank`` of ``world_size``, ``local_rank`` of the
+    ``local_world_size`` ranks on its machine."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
 
     @property
     def active(self) -> bool:
@@ -38,19 +43,27 @@ class Rank:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def single_host(self) -> bool:
+        """Whether every rank runs on this machine (``LOCAL_WORLD_SIZE == WORLD_SIZE``)."""
+        return self.local_world_size == self.world_size
+
 
 def rank_from_env() -> Rank:
-    """The ``Rank`` that ``torchrun`` put in the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``);
-    ``Rank()`` (one process) when they are absent."""
+    """The ``Rank`` that ``torchrun`` put in the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+    ``LOCAL_WORLD_SIZE``: when absent, ranks are taken to be on different machines); ``Rank()`` (one
+    process) when they are absent."""
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", str(rank)))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     except ValueError as err:
-        raise ValueError(f"torchrun environment: RANK/WORLD_SIZE/LOCAL_RANK must be integers ({err})") from None
+        raise ValueError("torchrun environment: RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE must be integers "
+                         f"({err})") from None
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"torchrun environment: RANK={rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE={world})")
-    return Rank(rank, world, local)
+    return Rank(rank, world, local, local_world)
 
 
 def init(rank: Rank, backend: str | None = None) -> None:

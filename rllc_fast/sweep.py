@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -192,10 +193,13 @@ def run_sweep(
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     job = _LLCJob(config, engine, device, max_memory, log) if metric == "llc" else \
         _HessianJob(metric, hessian_options, device or "cpu")
-    store = store if isinstance(store, ResultStore) else ResultStore(store)
     rank = rank_from_env() if distributed is not False else Rank()
     if distributed and not rank.active:
         log("distributed sweep: no torchrun environment (WORLD_SIZE > 1); running in one process")
+    store_path = store.path if isinstance(store, ResultStore) else os.fspath(store)
+    # Of the ranks, only rank 0 opens the shared store (SQLite is not safe between machines).
+    if not isinstance(store, ResultStore) and rank.is_main:
+        store = ResultStore(store)
     target = store
     if rank.active:
         dist_init(rank)
@@ -203,9 +207,9 @@ def run_sweep(
         if rank.is_main:
             merged = merge_rank_stores(store)  # finished work of an interrupted distributed run
             if merged:
-                log(f"merged {merged} rows left by an earlier distributed run into {store.path}")
+                log(f"merged {merged} rows left by an earlier distributed run into {store_path}")
         barrier(rank)
-        target = ResultStore(rank_store_path(store.path, rank.rank))
+        target = ResultStore(rank_store_path(store_path, rank.rank))
     keys = {name: job.key(data_fingerprint(d)) for name, d in data.items()}
     report = SweepReport()
     all_units = [(ckpt, UnitKey(ckpt.name, ckpt.step, d, s), d, s) for ckpt in checkpoints for d in data for s in sets]
@@ -213,6 +217,7 @@ def run_sweep(
         cfg = getattr(like, "cfg", like) or _first_config(checkpoints)
         owner = shard([_unit_cost(s, cfg) for _, _, _, s in all_units], rank.world_size)
         mine = [u for u, r in zip(all_units, owner) if r == rank.rank]
+        stored = _stored_components(job, store, all_units, keys, rank)
     else:
         mine = all_units
     bar = Progress(len(all_units), progress and rank.is_main, desc="sweep", unit="unit")
@@ -220,7 +225,8 @@ def run_sweep(
     def advance() -> None:
         """One more of this rank's units is done; rank 0 also counts what the other ranks have written."""
         own = len(report.computed) + len(report.skipped) + len(report.failed)
-        bar.update_to(own + (_units_of_other_ranks(store, rank) if rank.active and bar.enabled else 0))
+        others = _units_of_other_ranks(store_path, rank) if rank.active and bar.enabled and rank.single_host else 0
+        bar.update_to(own + others)
 
     reference = like
     for ckpt, units in itertools.groupby(mine, key=lambda u: u[0]):  # each checkpoint loaded once
@@ -242,7 +248,7 @@ def run_sweep(
                 advance()
                 continue
             comps = as_component_dict(model, sets[set_name](model))
-            done = job.done(store, unit, keys[data_name])
+            done = stored[unit] if rank.active else job.done(store, unit, keys[data_name])
             todo = {k: c for k, c in comps.items() if k not in done}
             if not todo:
                 report.skipped.append(unit)
@@ -277,10 +283,21 @@ def _first_config(checkpoints):
     return None
 
 
-def _units_of_other_ranks(store: ResultStore, rank: Rank) -> int:
-    """Units the other ranks have written to their files so far (rank 0's view of the whole job)."""
-    own = rank_store_path(store.path, rank.rank)
-    return sum(ResultStore(p).unit_count() for p in rank_store_paths(store.path) if p != own)
+def _stored_components(job, store, units, keys, rank: Rank) -> dict:
+    """``{unit: names of its components already in the store}`` for every unit: rank 0 reads ``store``,
+    every rank receives the answer (a collective call)."""
+    import torch.distributed as dist
+
+    box = [{u: job.done(store, u, keys[d]) for _, u, d, _ in units} if rank.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _units_of_other_ranks(store_path: str, rank: Rank) -> int:
+    """Units the other ranks have written to their files so far (rank 0's view of the whole job; only
+    called when every rank runs on rank 0's machine, where SQLite's locking holds)."""
+    own = rank_store_path(store_path, rank.rank)
+    return sum(ResultStore(p).unit_count() for p in rank_store_paths(store_path) if p != own)
 
 
 def _finish_distributed(store: ResultStore, rank: Rank, report: SweepReport, bar: Progress, log) -> SweepReport:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from rllc_fast.data.synthetic import synthetic_mixture
-from rllc_fast.distributed import rank_store_path, rank_store_paths, shard
+from rllc_fast.distributed import Rank, rank_from_env, rank_store_path, rank_store_paths, shard
 from rllc_fast.store import ResultStore, UnitKey
 from rllc_fast.toy import ToyRecipe, train_toy
 
@@ -38,6 +38,26 @@ class _Estimate:
         self.init_loss_trace = np.zeros(3)
         self.distance_trace = np.zeros((1, 3))
         self.diverged_at = np.array([-1])
+
+
+def test_rank_from_env_knows_whether_all_ranks_share_this_machine(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert rank_from_env() == Rank() and not Rank().active and Rank().single_host
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 2 machines x 2 ranks
+    r = rank_from_env()
+    assert (r.rank, r.world_size, r.local_rank, r.local_world_size) == (2, 4, 0, 2)
+    assert r.active and not r.is_main and not r.single_host
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert rank_from_env().single_host
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # unknown: treated as several machines
+    assert not rank_from_env().single_host
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE must be integers"):
+        rank_from_env()
 
 
 def test_merge_replaces_rows_and_clears_failures(tmp_path):
