@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from ..atomic import write_atomically
+from .build import hooked_config, hooked_transformer
 
 FORMAT = "rllc_fast.checkpoint/1"
 _SUFFIXES = (".pt", ".pth")
@@ -58,7 +58,7 @@ class Checkpoint:
             payload = _torch_load(self.path)
             state, cfg_fields = _split_payload(payload, self.path)
             cfg = _config(cfg_fields, like, self.path, device)
-            model = _build(cfg)
+            model = hooked_transformer(cfg)
             _load_state(model, state, self.path)
             return model.to(device, print_details=False).eval()
         except CheckpointError:
@@ -171,8 +171,6 @@ def _split_payload(payload, path: Path):
 
 
 def _config(cfg_fields, like, path: Path, device):
-    from transformer_lens import HookedTransformerConfig
-
     like_cfg = getattr(like, "cfg", like)
     if cfg_fields is None:
         if like_cfg is None:
@@ -184,7 +182,7 @@ def _config(cfg_fields, like, path: Path, device):
     fields = dict(cfg_fields)
     if isinstance(fields.get("dtype"), str):
         fields["dtype"] = getattr(torch, fields["dtype"])
-    cfg = HookedTransformerConfig(**fields, device=str(device))
+    cfg = hooked_config(**fields, device=str(device))
     _check_same_architecture(cfg, like_cfg, path)
     return cfg
 
@@ -202,14 +200,6 @@ def _check_same_architecture(cfg, like, path: Path) -> None:
     if diff:
         shown = ", ".join(f"{k} {a} (expected {b})" for k, (a, b) in diff.items())
         raise CheckpointError(f"{path}: a different architecture from the run's: {shown}")
-
-
-def _build(cfg):
-    from transformer_lens import HookedTransformer
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*")
-        return HookedTransformer(cfg)
 
 
 def _load_state(model, state, path: Path):

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
+from .build import hooked_config, hooked_transformer, isolated_random_state
 
 def pythia_70m_config(**overrides):
-    """Pythia-70m's ``HookedTransformerConfig`` (see ``PYTHIA_70M_CONFIG``); override any field."""
-    from transformer_lens import HookedTransformerConfig
-
+    """Pythia-70m's ``HookedTransformerConfig`` (see ``PYTHIA_70M_CONFIG``); override any field (a ``seed``
+    is recorded, not applied to the global generators)."""
     from .pythia import PYTHIA_70M_CONFIG
 
-    return HookedTransformerConfig(**{**PYTHIA_70M_CONFIG, "default_prepend_bos": False, **overrides})
+    return hooked_config(**{**PYTHIA_70M_CONFIG, "default_prepend_bos": False, **overrides})
 
 
 def tl_config_from_hf(hf_config, device: str | torch.device = "cpu"):
@@ -88,8 +88,8 @@ def load_gpt_neox(local_dir: str | os.PathLike, device: str | torch.device = "cp
     """A ``HookedTransformer`` holding the GPT-NeoX checkpoint in ``local_dir`` (a folder with
     ``config.json`` and ``model.safetensors`` or ``pytorch_model.bin``, e.g. Pythia's ``step1000/``).
 
-    Fully offline; the logits equal ``transformers``' own model's (tested to 1e-4)."""
-    from transformer_lens import HookedTransformer
+    Fully offline; the logits equal ``transformers``' own model's (tested to 1e-4). Global random state
+    is left as it was (both libraries draw initial weights before loading the checkpoint's)."""
     from transformer_lens.pretrained.weight_conversions.neox import convert_neox_weights
     from transformers import AutoConfig, GPTNeoXForCausalLM
 
@@ -98,11 +98,11 @@ def load_gpt_neox(local_dir: str | os.PathLike, device: str | torch.device = "cp
     if hf_config.model_type != "gpt_neox":
         raise ValueError(f"{path}: model_type is {hf_config.model_type!r}, not 'gpt_neox'")
     cfg = tl_config_from_hf(hf_config, device)
-    with warnings.catch_warnings():
+    with isolated_random_state(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*")
         hf_model = GPTNeoXForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
         state = convert_neox_weights(hf_model, cfg)
-        model = HookedTransformer(cfg)
+        model = hooked_transformer(cfg)
         model.load_and_process_state_dict(
             {k: v.detach().clone() for k, v in state.items()},
             fold_ln=False,

@@ -1,9 +1,9 @@
 """GPT-NeoX / Pythia-shaped TransformerLens models (random weights; no download)."""
 from __future__ import annotations
 
-import warnings
-
 import torch
+
+from .build import hooked_config, hooked_transformer
 
 # Pythia-70m as TransformerLens describes it: 6 layers of 8 heads of 64, d_model 512, MLP 2048,
 # 50,304-token vocabulary, rotary on 16 of each head's 64 dimensions (GPT-NeoX pairing),
@@ -29,10 +29,6 @@ PYTHIA_70M_CONFIG = dict(
 def pythia_like(seed: int = 0, device: str | torch.device = "cpu", **overrides):
     """A randomly initialised ``HookedTransformer`` with Pythia-70m's shapes: 70,426,624 parameters as in
     Hugging Face, plus TransformerLens's unembedding bias ``b_U`` (50,304, zero) = 70,476,928;
-    override any ``HookedTransformerConfig`` field for smaller GPT-NeoX-style models."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(**{**PYTHIA_70M_CONFIG, **overrides}, seed=seed, device=str(device))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*")
-        return HookedTransformer(cfg)
+    override any ``HookedTransformerConfig`` field for smaller GPT-NeoX-style models. ``seed`` fixes the
+    initial weights; global random state is left as it was."""
+    return hooked_transformer(hooked_config(**{**PYTHIA_70M_CONFIG, **overrides}, seed=seed, device=str(device)))
