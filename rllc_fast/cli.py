@@ -16,6 +16,7 @@ import torch
 
 from . import cli_analyze, cli_demo
 from .atomic import write_json_atomically
+from .data.tokens import RAW_DTYPES
 
 
 def _estimate_parser(sub) -> None:
@@ -118,6 +119,8 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--tokenizer", help="tokenizers JSON file for text data (default: UTF-8 bytes for built-in corpora)")
     p.add_argument("--context", type=int, default=64, help="tokens per context (default 64; at most the model's n_ctx)")
     p.add_argument("--num-contexts", type=int, default=256, help="contexts per data distribution (default 256)")
+    p.add_argument("--dtype", default="uint16", choices=RAW_DTYPES,
+                   help="element type of raw .bin token files (default uint16; int32 etc. for larger vocabularies)")
     p.add_argument("--like", help="a checkpoint whose architecture every checkpoint must match "
                                   "(default: the first checkpoint that loads); needed for plain state dicts")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
@@ -200,7 +203,7 @@ def _cmd_sweep(args) -> int:
     try:
         series = checkpoint_series(args.checkpoints)
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-        data = {name: data_from_spec(spec, args.context, args.num_contexts, tokenizer, seed=args.seed)
+        data = {name: data_from_spec(spec, args.context, args.num_contexts, tokenizer, seed=args.seed, dtype=args.dtype)
                 for name, spec in _data_specs(args.data).items()}
         like = None
         if args.like:

@@ -25,6 +25,7 @@ def _series_arguments(p, data: bool) -> None:
                        help="data: built-in corpus, synthetic:SOURCE or a token/text file (as for `rllc sweep`)")
         p.add_argument("--context", type=int, help="tokens per context (default: the model's n_ctx, at most 64)")
         p.add_argument("--num-contexts", type=int, default=256, help="contexts (default 256)")
+        p.add_argument("--dtype", default="uint16", help="element type of raw .bin token files (default uint16)")
         p.add_argument("--tokenizer", help="tokenizers JSON file for text data")
         p.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
     p.add_argument("--like", help="a checkpoint whose architecture every checkpoint must match (plain state dicts)")
@@ -105,7 +106,7 @@ def _load_data(args, like_model):
     (name, spec), = _data_specs([args.data], f"rllc analyze {args.analysis}").items()
     context = args.context or min(64, like_model.cfg.n_ctx)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-    return name, spec, data_from_spec(spec, context, args.num_contexts, tokenizer, seed=args.seed)
+    return name, spec, data_from_spec(spec, context, args.num_contexts, tokenizer, seed=args.seed, dtype=args.dtype)
 
 
 def _cmd_analyze(args) -> int:

@@ -94,3 +94,52 @@ def test_token_beyond_vocabulary_and_long_context_are_named():
         estimate_llc(model, torch.full((4, 8), 25), config)
     with pytest.raises(ValueError, match="contexts have 12 tokens but the model's n_ctx is 8"):
         estimate_llc(model, torch.zeros(4, 12, dtype=torch.long), config)
+
+
+def test_raw_token_files_take_a_dtype_and_refuse_a_wrong_size(tmp_path):
+    stream = (np.arange(4000, dtype=np.int64) * 37) % 70_000  # ids beyond uint16
+    for dtype in ("int32", "uint32", "int64"):
+        stream.astype(dtype).tofile(tmp_path / f"{dtype}.bin")
+        assert torch.equal(load_tokens(tmp_path / f"{dtype}.bin", 50, dtype=dtype).reshape(-1), torch.from_numpy(stream))
+    small = stream % 60_000
+    small.astype(np.int32).tofile(tmp_path / "small32.bin")
+    with pytest.warns(UserWarning, match=r"small32\.bin.*--dtype int32"):
+        as_uint16 = load_tokens(tmp_path / "small32.bin", 50)  # every other id 0: read as the default uint16
+    assert torch.equal(as_uint16.reshape(-1)[::2], torch.from_numpy(small))
+    small.astype(np.int64).tofile(tmp_path / "small64.bin")
+    with pytest.warns(UserWarning, match="--dtype int64"):
+        load_tokens(tmp_path / "small64.bin", 50)
+    with pytest.warns(UserWarning, match="--dtype int64"):
+        load_tokens(tmp_path / "small64.bin", 50, dtype="int32")
+    (tmp_path / "odd.bin").write_bytes(b"\x01\x00" * 51)  # 102 bytes: uint16 fine, int32 not
+    assert load_tokens(tmp_path / "odd.bin", 10).shape == (5, 10)
+    with pytest.raises(ValueError, match=r"odd\.bin: 102 bytes is not a multiple of the 4-byte int32 .*--dtype"):
+        load_tokens(tmp_path / "odd.bin", 10, dtype="int32")
+    with pytest.raises(ValueError, match=r"dtype \(--dtype\) 'float32'"):
+        data_from_spec(str(tmp_path / "odd.bin"), 10, None, dtype="float32")
+
+
+@pytest.mark.parametrize("spec", ["synthetic:mixture", "stdlib_code", "FILE"])
+@pytest.mark.parametrize("num_contexts", [0, -3])
+def test_num_contexts_below_one_is_refused(tmp_path, spec, num_contexts):
+    if spec == "FILE":
+        spec = str(tmp_path / "s.npy")
+        np.save(spec, np.arange(100))
+    with pytest.raises(ValueError, match=r"--num-contexts.*>= 1, got " + str(num_contexts)):
+        data_from_spec(spec, 8, num_contexts)
+    assert data_from_spec(spec, 8, None).shape[1] == 8
+
+
+def test_dtype_and_num_contexts_flags_reach_the_token_loader(tmp_path):
+    from rllc_fast.cli import main
+    from rllc_fast.models import save_checkpoint
+
+    save_checkpoint(attn_only(n_layers=1, d_model=16, n_heads=2, n_ctx=8, d_vocab=20), tmp_path / "ck" / "step1.pt", 1)
+    (tmp_path / "odd.bin").write_bytes(b"\x01\x00" * 51)
+    common = ["--checkpoints", str(tmp_path / "ck"), "--data", str(tmp_path / "odd.bin"), "--store",
+              str(tmp_path / "s.sqlite"), "--context", "8"]
+    for argv in (["sweep", *common, "--dtype", "int32", "--quiet"], ["analyze", "scores", *common, "--dtype", "int32"]):
+        with pytest.raises(SystemExit, match=r"odd\.bin: 102 bytes .* int32 .*--dtype"):
+            main(argv)
+    with pytest.raises(SystemExit, match="--num-contexts"):
+        main(["sweep", *common, "--num-contexts", "0", "--quiet"])

@@ -4,17 +4,19 @@ from .corpora import CORPORA, stdlib_code, stdlib_prose
 from .model_distribution import ModelDistribution
 from .schedule import BatchSchedule
 from .tokenizer import encode_stream, load_tokenizer, train_tokenizer
-from .tokens import corpus_tokens, data_from_spec, load_tokens, windows
+from .tokens import RAW_DTYPES, corpus_tokens, data_from_spec, load_tokens, read_raw_tokens, windows
 
 __all__ = [
     "CORPORA",
     "BatchSchedule",
     "ModelDistribution",
+    "RAW_DTYPES",
     "corpus_tokens",
     "data_from_spec",
     "encode_stream",
     "load_tokenizer",
     "load_tokens",
+    "read_raw_tokens",
     "stdlib_code",
     "stdlib_prose",
     "train_tokenizer",
