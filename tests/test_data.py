@@ -143,3 +143,20 @@ def test_dtype_and_num_contexts_flags_reach_the_token_loader(tmp_path):
             main(argv)
     with pytest.raises(SystemExit, match="--num-contexts"):
         main(["sweep", *common, "--num-contexts", "0", "--quiet"])
+
+
+def test_a_list_of_token_batches_is_taken_in_order():
+    from rllc_fast.data import BatchSchedule
+
+    tokens = torch.randint(0, 20, (12, 8), generator=torch.Generator().manual_seed(0))
+    batches = list(tokens.split(4))  # equal shapes: once misread as three columns of one row set
+    schedule = BatchSchedule(batches, None, 5, seed=0)
+    assert all(torch.equal(schedule[t], batches[t % 3]) for t in range(5))
+    model = attn_only(n_layers=1, d_model=16, n_heads=2, n_ctx=8, d_vocab=20)
+    config = SGLDConfig(num_chains=1, num_draws=3, num_burnin=0, step_size=1e-4)
+    assert estimate_llc(model, batches, config).estimates["whole"].llc_per_chain.shape == (1,)
+    x, y = torch.randn(6, 3), torch.randn(6)
+    with pytest.raises(ValueError, match="read as a list of batches.*as a tuple"):
+        BatchSchedule([x, y], 2, 3, seed=0)
+    with pytest.raises(ValueError, match="empty list"):
+        BatchSchedule([], 2, 3, seed=0)

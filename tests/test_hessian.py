@@ -236,10 +236,32 @@ def test_bad_rank_arguments_name_the_argument():
 
 
 def test_jackson_damped_step_is_a_step():
-    from rllc_fast.hessian.rank import step_coefficients
+    from rllc_fast.hessian.chebyshev import step_coefficients
 
     c = step_coefficients(200, -1.0, 1.0, 0.2)
     x = np.linspace(-1, 1, 401)
     p = np.polynomial.chebyshev.chebval(x, c)
     assert np.all(np.abs(p[x < 0.1]) < 0.02) and np.all(np.abs(p[x > 0.3] - 1) < 0.02)
     assert math.isclose(np.polynomial.chebyshev.chebval(0.2, c), 0.5, abs_tol=0.02)
+
+
+def test_a_list_of_batches_is_the_same_data_as_the_stacked_tensor():
+    model, tokens = _tiny_transformer()
+    batches = list(tokens.split(8))  # four [8, 6] batches
+    heads = r.heads(model)
+    calls = [
+        lambda d: hessian.trace(model, d, heads, num_probes=3, num_batches=2, batch_size=4),
+        lambda d: hessian.fim_trace(model, d, heads, num_probes=2, num_batches=2, batch_size=4),
+        lambda d: hessian.approx_rank(model, d, heads, num_probes=2, num_batches=1, batch_size=4, degree=6,
+                                      power_iters=3),
+    ]
+    for call in calls:
+        stacked, listed = call(tokens), call(batches)
+        for name in heads:
+            assert listed[name].value == stacked[name].value and listed[name].sem == stacked[name].sem, name
+    mlp, (x, y) = _mlp()  # batches (x_b, y_b) stack into the columns (x, y)
+    pairs = list(zip(x.split(16), y.split(16)))
+    args = dict(num_probes=4, num_batches=2, batch_size=8, loss_fn=_ce)
+    assert hessian.trace(mlp, pairs, **args)["whole"].value == hessian.trace(mlp, (x, y), **args)["whole"].value
+    with pytest.raises(ValueError, match="read as a list of batches.*as a tuple"):
+        hessian.trace(mlp, [x, y], **args)  # columns in a list: refused, not read as two odd batches

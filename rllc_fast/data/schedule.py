@@ -8,19 +8,22 @@ from __future__ import annotations
 from typing import Any, Iterable, Iterator, List, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
+
+from .normalise import normalise_data
 
 
 class BatchSchedule:
     """``schedule[t]`` is the minibatch of SGLD step ``t`` (0 <= t < num_steps).
 
-    Accepted ``data``:
+    Accepted ``data`` (see ``normalise_data``):
     - an integer token tensor ``[N, T]``: rows are shuffled (seeded) into batches of
       ``batch_size`` rows, reshuffled every epoch; ``batch_size=None`` uses all rows every step;
-    - a tuple/list of tensors with the same first dimension (e.g. ``(x, y)``): rows are batched
+    - a tuple of tensors with the same first dimension (e.g. ``(x, y)``): rows are batched
       the same way and each batch is a tuple;
     - a ``torch.utils.data.Dataset`` with ``__len__``: sampled as above, collated by a DataLoader;
-    - a ``DataLoader`` or any re-iterable of batches: taken in order, restarted when exhausted.
+    - a list of batches, a ``DataLoader`` or any re-iterable of batches: taken in order, restarted
+      when exhausted.
     """
 
     def __init__(self, data: Any, batch_size: Optional[int], num_steps: int, seed: int):
@@ -30,32 +33,16 @@ class BatchSchedule:
         self._iterable: Optional[Iterable] = None
         self._iterator: Optional[Iterator] = None
         gen = torch.Generator().manual_seed(seed)
-        if isinstance(data, torch.Tensor):
-            self._tensors = (data,)
-            self._tuple = False
-            self._rows = _row_schedule(_num_rows([data]), batch_size, num_steps, gen)
-        elif isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
-            self._tensors = tuple(data)
-            self._tuple = True
-            self._rows = _row_schedule(_num_rows(self._tensors), batch_size, num_steps, gen)
-        elif isinstance(data, Dataset) and hasattr(data, "__len__"):
-            if len(data) == 0:
-                raise ValueError("data is an empty Dataset")
-            bs = len(data) if batch_size is None else batch_size
-            _check_batch_size(bs, len(data))
-            self._iterable = DataLoader(data, batch_size=bs, shuffle=True, generator=gen, drop_last=False)
-        elif isinstance(data, (DataLoader, Iterable)) and not isinstance(data, (str, bytes, dict)):
-            if isinstance(data, Iterator):
-                raise TypeError(
-                    "data is a one-shot iterator; pass a re-iterable (a list of batches, a Dataset or "
-                    "a DataLoader) so the schedule can restart it"
-                )
-            self._iterable = data
+        self._data = normalise_data(data)
+        if self._data.rows is not None:
+            self._rows = _row_schedule(self._data.num_rows, batch_size, num_steps, gen)
+        elif self._data.dataset is not None:
+            dataset = self._data.dataset
+            bs = len(dataset) if batch_size is None else batch_size
+            _check_batch_size(bs, len(dataset))
+            self._iterable = DataLoader(dataset, batch_size=bs, shuffle=True, generator=gen, drop_last=False)
         else:
-            raise TypeError(
-                "data must be a token tensor [N, T], a tuple of tensors, a Dataset, a DataLoader or an "
-                f"iterable of batches, not {type(data).__name__}"
-            )
+            self._iterable = self._data.batches
 
     def __len__(self) -> int:
         return self.num_steps
@@ -64,9 +51,7 @@ class BatchSchedule:
         if not 0 <= t < self.num_steps:
             raise IndexError(f"step {t} out of range [0, {self.num_steps})")
         if self._rows is not None:
-            rows = self._rows[t]
-            picked = tuple(x[rows] for x in self._tensors)
-            return picked if self._tuple else picked[0]
+            return self._data.take(self._rows[t])
         while len(self._batches) <= t:
             self._batches.append(self._next_batch())
         return self._batches[t]
@@ -95,19 +80,6 @@ class BatchSchedule:
                 ids.append(first.setdefault(key, t))
             return ids
         return list(range(self.num_steps))
-
-
-def _num_rows(tensors) -> int:
-    n = tensors[0].shape[0] if tensors[0].dim() > 0 else 0
-    for i, t in enumerate(tensors):
-        if t.dim() == 0 or t.shape[0] != n:
-            raise ValueError(
-                f"data tensors must share their first (row) dimension: tensor 0 has {n} rows, tensor {i} "
-                f"has shape {tuple(t.shape)}"
-            )
-    if n == 0:
-        raise ValueError("data is empty (0 rows)")
-    return n
 
 
 def _check_batch_size(bs: int, n: int) -> None:

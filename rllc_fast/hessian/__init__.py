@@ -4,9 +4,9 @@ trace and approximate Hessian rank (Appendix D), per component and batched over 
 Public: ``trace``, ``fim_trace``, ``approx_rank``, ``hvp``; results are ``HessianResult`` objects of
 ``HessianEstimate`` (value and standard error per component).
 """
-from .hessian_rank import approx_rank
+from .approx_rank import approx_rank
+from .chebyshev import SpectrumOutsideIntervalError, matrix_rank
 from .operator import METHODS, hvp
-from .rank import SpectrumOutsideIntervalError, matrix_rank
 from .result import HessianEstimate, HessianResult
 from .trace import fim_trace, trace
 

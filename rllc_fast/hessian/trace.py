@@ -21,96 +21,21 @@ is the Fisher information. Labels are drawn anew for every batch, so the standar
 from __future__ import annotations
 
 import time
-import warnings
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..components import as_component_dict
-from ..data.schedule import _num_rows
+from ..data.normalise import row_data
 from ..engine.common import Progress
 from ..losses import check_tokens
-from .operator import (BatchHessian, DataHessian, Support, default_loss, only_grad_for, resolve_method,
-                       unused_parameters)
+from .operator import BatchHessian, DataHessian, Support, default_loss, only_grad_for
 from .result import HessianResult, summarise
+from .setup import KEEP_GRAPHS, STRIDE, prepare, warn_unused
 
 PROBE_KINDS = ("shared", "per-component")
-#: Stream offset between components' probes (per-component probes of component i use streams i*STRIDE + p).
-STRIDE = 1 << 24
-#: Keep every batch's gradient graph in memory (instead of rebuilding it per matvec) up to this many batches.
-KEEP_GRAPHS = 8
-
-
-def rows_of(data) -> int:
-    if isinstance(data, torch.Tensor):
-        return _num_rows((data,))
-    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
-        return _num_rows(data)
-    raise TypeError(f"data must be a tensor [N, ...] or a tuple of tensors, got {type(data).__name__}")
-
-
-def take_rows(data, index: torch.Tensor, device):
-    if isinstance(data, torch.Tensor):
-        return data[index].to(device)
-    return tuple(t[index].to(device) for t in data)
-
-
-def data_batches(data, num_batches: int, batch_size: int, seed: int, device) -> List:
-    """``num_batches`` disjoint batches of ``batch_size`` rows, drawn without replacement under ``seed``."""
-    if num_batches < 1:
-        raise ValueError(f"num_batches must be >= 1, got {num_batches}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n = rows_of(data)
-    need = num_batches * batch_size
-    if need > n:
-        raise ValueError(f"data has {n} rows but num_batches x batch_size = {num_batches} x {batch_size} = {need}; "
-                         "give more data or lower num_batches / batch_size")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:need]
-    return [take_rows(data, order[i * batch_size:(i + 1) * batch_size], device) for i in range(num_batches)]
-
-
-@dataclass
-class Setup:
-    """What every Hessian metric prepares: components, their support, device, data batches, HVP method."""
-
-    comps: dict
-    support: Support
-    device: torch.device
-    batches: list
-    method: str
-    chunk: int
-
-    @property
-    def names(self) -> List[str]:
-        return self.support.component_names
-
-
-def prepare(model, components, data, num_batches, batch_size, seed, hvp, probe_chunk, device) -> Setup:
-    """Components and support on ``device`` (default: the model's), ``num_batches`` batches, HVP method/chunk."""
-    current = next(model.parameters()).device
-    device = torch.device(device) if device is not None else current
-    if device != current:
-        model.to(device)
-    comps = as_component_dict(model, components)
-    support = Support(model, comps, device)
-    batches = data_batches(data, num_batches, batch_size, seed, device)
-    method, chunk = resolve_method(hvp, device, probe_chunk, support.numel)
-    return Setup(comps, support, device, batches, method, chunk)
-
-
-def _warn_unused(model, loss_fn, batch, support, comps) -> List[str]:
-    """Components none of whose parameters the loss depends on (their trace is 0): warned, returned."""
-    unused = set(unused_parameters(model, loss_fn, batch, support))
-    dead = [name for name, c in comps.items() if set(c.param_names) <= unused]
-    for name in dead:
-        warnings.warn(f"component {name!r}: the loss does not depend on its parameters "
-                      f"({', '.join(comps[name].param_names)}); its Hessian block is 0", stacklevel=3)
-    return dead
 
 
 def _jobs(names: Sequence[str], num_probes: int, probes: str, first: int = 0):
@@ -174,7 +99,8 @@ def trace(model: nn.Module, data, components=None, num_probes: int = 50, num_bat
 
     model:       the model at ``w*`` (TransformerLens or any module ``loss_fn`` understands).
     data:        tokens ``[N, T]`` (default loss: next-token cross-entropy) or anything ``loss_fn`` takes,
-                 as a tensor or tuple of tensors with rows on dim 0; ``num_batches * batch_size`` rows are used.
+                 as a tensor or tuple of tensors with rows on dim 0, or batches of them (a list, a DataLoader,
+                 a Dataset: stacked into rows); ``num_batches * batch_size`` rows are used.
     components:  None (whole model), a Component, a list or a dict (e.g. ``heads(model)``).
     num_probes:  Rademacher probes (per component with ``probes="per-component"``); HVPs per batch =
                  num_probes (shared) or num_probes x components (per-component).
@@ -183,12 +109,13 @@ def trace(model: nn.Module, data, components=None, num_probes: int = 50, num_bat
     """
     _check_common(num_probes, probes, hutchpp)
     t0 = time.time()
+    data = row_data(data)
     loss_fn = default_loss(data, model, loss_fn)
     setup = prepare(model, components, data, num_batches, batch_size, seed, hvp, probe_chunk, device)
     comps, support, batches, method, chunk, names = (setup.comps, setup.support, setup.batches, setup.method,
                                                      setup.chunk, setup.names)
     with only_grad_for(model, support.names):
-        _warn_unused(model, loss_fn, batches[0], support, comps)
+        warn_unused(model, loss_fn, batches[0], support, comps)
         if hutchpp:
             samples = _hutchpp(model, loss_fn, batches, support, names, num_probes, method, chunk, seed, progress)
         else:
@@ -277,13 +204,15 @@ def fim_trace(model: nn.Module, contexts, components=None, num_probes: int = 5, 
     """Hutchinson estimates of the Fisher information trace per component (Appendix D.2).
 
     contexts: model inputs (tokens ``[N, T]`` for a language model: every position's next token is drawn
-              from the model; or inputs of a classifier whose output is logits ``[N, classes]``).
+              from the model; or inputs of a classifier whose output is logits ``[N, classes]``), or
+              batches of them (as for ``trace``).
     Defaults are the paper's (30 batches, 5 probes). Per batch, labels are drawn once and ``num_probes``
     probes of its own are averaged; the estimate is the mean over batches, its standard error over batches (needs
     ``num_batches >= 2``). Returns metric ``"fim-trace"``.
     """
     _check_common(num_probes, probes, False)
     t0 = time.time()
+    contexts = row_data(contexts)
     if isinstance(contexts, torch.Tensor) and not contexts.dtype.is_floating_point:
         check_tokens(contexts, model, what="contexts")
     setup = prepare(model, components, contexts, num_batches, batch_size, seed, hvp, probe_chunk, device)
@@ -294,7 +223,7 @@ def fim_trace(model: nn.Module, contexts, components=None, num_probes: int = 5, 
     total = len(batches) * num_probes * (1 if probes == "shared" else len(names))
     bar = Progress(total, progress, desc="FIM trace", unit="HVP")
     with only_grad_for(model, support.names):
-        _warn_unused(model, losses[0], batches[0], support, comps)
+        warn_unused(model, losses[0], batches[0], support, comps)
         per_batch = _hutchinson(model, losses, batches, support, names,
                                 num_probes, probes, method, chunk, seed, bar, fresh_probes=True)
     bar.close()

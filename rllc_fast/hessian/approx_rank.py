@@ -1,5 +1,5 @@
 """``approx_rank``: the approximate rank of each component's Hessian block ``H_VV`` (Appendix D.3), by the
-Chebyshev-Jackson estimator of ``rank.py`` with the paper's "fixed" or "adaptive" spectral interval.
+Chebyshev-Jackson estimator of ``chebyshev.py`` with the paper's "fixed" or "adaptive" spectral interval.
 
 All components run together: each probe lives on one component's weights and every matvec is one batched
 set of HVPs over all components' probes, restricted back to each probe's component.
@@ -12,11 +12,12 @@ from typing import Callable, Optional, Tuple, Union
 import numpy as np
 from torch import nn
 
+from ..data.normalise import row_data
 from ..engine.common import Progress
+from .chebyshev import adaptive_interval, check_interval, count_above, spectral_bounds
 from .operator import DataHessian, default_loss, only_grad_for
-from .rank import adaptive_interval, check_interval, count_above, spectral_bounds
 from .result import HessianResult, summarise
-from .trace import KEEP_GRAPHS, STRIDE, _warn_unused, prepare
+from .setup import KEEP_GRAPHS, STRIDE, prepare, warn_unused
 
 
 def approx_rank(model: nn.Module, data, components=None, tau: Optional[float] = None,
@@ -49,6 +50,7 @@ def approx_rank(model: nn.Module, data, components=None, tau: Optional[float] = 
         if tau is None or not a_fixed < tau < b_fixed:
             raise ValueError(f"a fixed interval needs an absolute tau inside it, got tau={tau!r} for {interval!r}")
     t0 = time.time()
+    data = row_data(data)
     loss_fn = default_loss(data, model, loss_fn)
     setup = prepare(model, components, data, num_batches, batch_size, seed, hvp, probe_chunk, device)
     comps, support, batches, method, chunk, names = (setup.comps, setup.support, setup.batches, setup.method,
@@ -59,7 +61,7 @@ def approx_rank(model: nn.Module, data, components=None, tau: Optional[float] = 
     bar = Progress(matvecs * len(owners) * len(batches), progress, desc="Hessian rank", unit="HVP")
     info = {}
     with only_grad_for(model, support.names):
-        _warn_unused(model, loss_fn, batches[0], support, comps)
+        warn_unused(model, loss_fn, batches[0], support, comps)
         hessian = DataHessian(model, loss_fn, batches, support, method, chunk, keep_graphs=len(batches) <= KEEP_GRAPHS,
                               on_hvp=bar.update)
         start = support.component_probes(names, seed + 1, [i * STRIDE for i in range(len(names))])
