@@ -37,6 +37,7 @@ __all__ = [
     "heads",
     "layer",
     "layers",
+    "models",
     "run_sweep",
     "whole",
     "write_report",

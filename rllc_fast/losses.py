@@ -2,7 +2,7 @@
 
 - ``next_token_loss``: eq. (1) of the paper, mean next-token cross-entropy over the batch's
   ``N`` contexts and ``K-1`` predicted positions.
-- ``kl_to_reference_loss``: eq. (11), mean over contexts and positions of
+- ``KLToReference(reference)``: eq. (11), mean over contexts and positions of
   ``KL(M(S_<=k) || f_w(S_<=k))`` for a reference model ``M``.
 """
 from __future__ import annotations
@@ -120,13 +120,3 @@ class KLToReference:
 
     def __call__(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         return kl_losses(self.prepare(tokens), model_logits(model, tokens)[None])[0]
-
-
-def kl_from_logits(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Mean over contexts and the first ``T-1`` positions of ``KL(softmax(ref) || softmax(logits))``."""
-    return kl_losses(F.log_softmax(ref_logits[:, :-1].float(), dim=-1), logits[None])[0]
-
-
-def kl_to_reference_loss(reference: nn.Module) -> KLToReference:
-    """Eq. (11) as a ``loss_fn``: KL from ``reference``'s next-token distribution to the model's."""
-    return KLToReference(reference)

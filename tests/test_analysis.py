@@ -8,10 +8,12 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from rllc_fast.analysis import (ablation_scores, classify_heads, classify_tokens_in_context, cluster_curves,
-                                composition_scores, current_token_scores, dense_composition_score, icl_score,
-                                induction_scores, path_patch, pattern_summary, per_head_icl_scores,
-                                per_token_loss_increase, prefix_matching_scores, previous_token_scores,
-                                repeated_random_tokens, sbd, score_heads)
+                                composition_scores, current_token_scores, icl_score, induction_scores, path_patch,
+                                pattern_summary, per_head_icl_scores, per_token_loss_increase, prefix_matching_scores,
+                                previous_token_scores, score_heads)
+from rllc_fast.analysis.clustering import sbd
+from rllc_fast.analysis.composition import dense_composition_score
+from rllc_fast.analysis.head_scores import repeated_random_tokens
 from rllc_fast.models import attn_only
 
 V, T, SHARP = 40, 32, 40.0

@@ -8,21 +8,24 @@
 - ``clustering``: clustering of per-head rLLC curves (K-means, DTW, Ward, shape-based);
 - ``refinement_shift``: how a data refinement moves each head's rLLC;
 - ``runs`` and ``figures``: the ``rllc analyze`` subcommands over checkpoint series.
+
+Exported here: each module's API. Building blocks (``attention_patterns``, ``repeated_random_tokens``,
+``ablation_hooks``, ``per_token_loss``, ``icl_positions``, ``sbd``, the dense ``dense_composition_score``
+reference) are imported from their modules.
 """
-from .ablation import ablation_hooks, ablation_scores, path_patch, per_token_loss, per_token_loss_increase
-from .clustering import Clustering, cluster_curves, sbd
-from .composition import composition_scores, dense_composition_score
-from .head_scores import (HEAD_TYPES, attention_patterns, classify_heads, current_token_scores, induction_scores,
-                          prefix_matching_scores, previous_token_scores, repeated_random_tokens, repeated_token_losses,
-                          score_heads)
-from .icl import icl_positions, icl_score, per_head_icl_scores
+from .ablation import ablation_scores, path_patch, per_token_loss_increase
+from .clustering import Clustering, cluster_curves
+from .composition import composition_scores
+from .head_scores import (HEAD_TYPES, classify_heads, current_token_scores, induction_scores, prefix_matching_scores,
+                          previous_token_scores, repeated_token_losses, score_heads)
+from .icl import icl_score, per_head_icl_scores
+from .refinement_shift import ratios_by_type, refinement_ratios
 from .tokens_in_context import PATTERNS, TokenInContext, classify_tokens_in_context, head_tokens_in_context, pattern_summary
 
 __all__ = [
-    "HEAD_TYPES", "PATTERNS", "Clustering", "TokenInContext", "ablation_hooks", "ablation_scores", "attention_patterns",
-    "classify_heads", "classify_tokens_in_context", "cluster_curves", "composition_scores", "current_token_scores",
-    "dense_composition_score", "head_tokens_in_context", "icl_positions", "icl_score", "induction_scores",
-    "path_patch", "pattern_summary", "per_head_icl_scores", "per_token_loss", "per_token_loss_increase",
-    "prefix_matching_scores", "previous_token_scores", "repeated_random_tokens", "repeated_token_losses",
-    "sbd", "score_heads",
+    "HEAD_TYPES", "PATTERNS", "Clustering", "TokenInContext", "ablation_scores", "classify_heads",
+    "classify_tokens_in_context", "cluster_curves", "composition_scores", "current_token_scores",
+    "head_tokens_in_context", "icl_score", "induction_scores", "path_patch", "pattern_summary", "per_head_icl_scores",
+    "per_token_loss_increase", "prefix_matching_scores", "previous_token_scores", "ratios_by_type",
+    "refinement_ratios", "repeated_token_losses", "score_heads",
 ]

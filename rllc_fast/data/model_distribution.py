@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from ..losses import kl_to_reference_loss
+from ..losses import KLToReference
 
 
 @dataclass
@@ -30,4 +30,4 @@ class ModelDistribution:
 
     def loss_fn(self):
         """The eq. (11) loss as ``loss_fn(model, tokens)``."""
-        return kl_to_reference_loss(self.reference_model)
+        return KLToReference(self.reference_model)
