@@ -81,6 +81,17 @@ def test_model_builders_leave_the_global_random_state_alone(name, tmp_path):
     _assert_same_random_state(before, _random_state())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_building_on_cuda_leaves_the_cuda_generators_alone():
+    torch.cuda.init()
+    _seed_everything(5)
+    before = _random_state()
+    on_cuda = attn_only(seed=3, device="cuda", **TINY)
+    _assert_same_random_state(before, _random_state())
+    for (k, a), b in zip(on_cuda.state_dict().items(), attn_only(seed=3, **TINY).state_dict().values()):
+        assert torch.equal(a.cpu(), b), k  # drawn on the CPU, then moved
+
+
 def test_data_drawn_after_building_a_model_is_fresh():
     # The quickstart's bug: attn_only() reset the global seed, so tokens drawn after each of two builds were equal.
     attn_only(**TINY)
