@@ -3,7 +3,6 @@ on a checkpoint series or a sweep's store, writing rows to the store and a figur
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 SUBCOMMANDS = {
@@ -110,9 +109,10 @@ def _load_data(args, like_model):
 
 def _cmd_analyze(args) -> int:
     from .analysis import runs
+    from .progress import logger
     from .store import ResultStore
 
-    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
+    log = logger(args.quiet)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     what = f"rllc analyze {args.analysis}"

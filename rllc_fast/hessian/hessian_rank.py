@@ -12,7 +12,7 @@ from typing import Callable, Optional, Tuple, Union
 import numpy as np
 from torch import nn
 
-from ..engine.common import Progress
+from ..progress import Progress
 from .operator import DataHessian, default_loss, only_grad_for
 from .rank import adaptive_interval, check_interval, count_above, spectral_bounds
 from .result import HessianResult, summarise

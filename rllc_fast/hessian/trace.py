@@ -32,7 +32,7 @@ from torch import nn
 
 from ..components import as_component_dict
 from ..data.schedule import _num_rows
-from ..engine.common import Progress
+from ..progress import Progress
 from ..losses import check_tokens
 from .operator import (BatchHessian, DataHessian, Support, default_loss, only_grad_for, resolve_method,
                        unused_parameters)
