@@ -135,6 +135,18 @@ def test_select_checkpoints_from_a_folder_file_glob_and_steps(run):
     assert [(c.step, c.kind) for c in select_checkpoints(run / "step77")] == [(77, "hf")]
 
 
+def test_sweep_cli_takes_a_glob_and_a_step_range(run, capsys):
+    store = run / "s.sqlite"
+    code = cli.main(["sweep", "--checkpoints", str(run / "ckpts" / "step*0.pt"), "--steps", ":4000", "--data",
+                     f"mix={run / 'mix.npy'}", "--components", "whole", "--store", str(store), "--chains", "1",
+                     "--draws", "2", "--device", "cpu", "--quiet"])
+    assert code == 0 and "3 unit(s) computed" in capsys.readouterr().out
+    con = sqlite3.connect(store)
+    # step1 left out by the glob, step5000 by the range
+    assert sorted(r[0] for r in con.execute("SELECT step FROM estimates")) == [10, 100, 1000]
+    con.close()
+
+
 def _fails(capsys, *args) -> str:
     """Run ``rllc ARGS`` in-process; it must fail; return its message (SystemExit text or argparse's stderr)."""
     with pytest.raises(SystemExit) as exit_info:
