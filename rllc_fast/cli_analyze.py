@@ -3,8 +3,9 @@ on a checkpoint series or a sweep's store, writing rows to the store and a figur
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
+
+from .data.tokens import RAW_DTYPES
 
 SUBCOMMANDS = {
     "scores": "previous-token, current-token, induction and prefix-matching scores over training, and head "
@@ -25,7 +26,8 @@ def _series_arguments(p, data: bool) -> None:
                        help="data: built-in corpus, synthetic:SOURCE or a token/text file (as for `rllc sweep`)")
         p.add_argument("--context", type=int, help="tokens per context (default: the model's n_ctx, at most 64)")
         p.add_argument("--num-contexts", type=int, default=256, help="contexts (default 256)")
-        p.add_argument("--dtype", default="uint16", help="element type of raw .bin token files (default uint16)")
+        p.add_argument("--dtype", default="uint16", choices=RAW_DTYPES,
+                       help="element type of raw .bin token files (default uint16)")
         p.add_argument("--tokenizer", help="tokenizers JSON file for text data")
         p.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
     p.add_argument("--like", help="a checkpoint whose architecture every checkpoint must match (plain state dicts)")
@@ -111,9 +113,10 @@ def _load_data(args, like_model):
 
 def _cmd_analyze(args) -> int:
     from .analysis import runs
+    from .progress import logger
     from .store import ResultStore
 
-    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
+    log = logger(args.quiet)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     what = f"rllc analyze {args.analysis}"

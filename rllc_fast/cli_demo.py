@@ -2,17 +2,22 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
+
+from .cli_args import positive_int
+from .progress import logger
 
 
 def _toy_arguments(p) -> None:
     p.add_argument("--cache", help="folder for trained toy runs (default $RLLC_CACHE, else ~/.cache/rllc_fast)")
     p.add_argument("--quick", action="store_true", help="the small version (about 2 minutes on 2 cores)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the toy run (weights, data, SGLD; default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the toy run (weights, data, SGLD)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or logs")
 
 
 def add_parsers(sub) -> None:
+    from .demo import FULL, QUICK
+    from .toy import QUICK_RECIPE, ToyRecipe
+
     demo = sub.add_parser(
         "demo",
         help="train a toy model offline and show per-head rLLC curves separating by head type (the default run)",
@@ -23,9 +28,11 @@ def add_parsers(sub) -> None:
             "and induction heads, and write a report. About 9 minutes on 2 CPU cores (--quick: about 2)."
         ),
     )
-    demo.add_argument("--out", default="rllc-demo", help="output folder (default ./rllc-demo)")
-    demo.add_argument("--draws", type=int, help="SGLD draws per chain (default 50; --quick 20)")
-    demo.add_argument("--chains", type=int, help="SGLD chains per estimate (default 2)")
+    demo.add_argument("--out", default="rllc-demo", help="output folder")
+    demo.add_argument("--draws", type=positive_int,
+                      help=f"SGLD draws per chain (default {FULL.num_draws}; --quick {QUICK.num_draws})")
+    demo.add_argument("--chains", type=positive_int,
+                      help=f"SGLD chains per estimate (default {FULL.num_chains}; --quick {QUICK.num_chains})")
     _toy_arguments(demo)
     demo.set_defaults(func=_cmd_demo)
 
@@ -38,27 +45,18 @@ def add_parsers(sub) -> None:
             "folder and the final head scores."
         ),
     )
-    toy.add_argument("--steps", type=int, help="training steps (default 3000; --quick 2000)")
-    toy.add_argument("--checkpoints", type=int, help="about this many log-spaced checkpoints (default 32; --quick 8)")
+    toy.add_argument("--steps", type=positive_int,
+                     help=f"training steps (default {ToyRecipe().steps}; --quick {QUICK_RECIPE.steps})")
+    toy.add_argument("--checkpoints", type=int, help=f"about this many log-spaced checkpoints (default "
+                                                     f"{ToyRecipe().checkpoints}; --quick {QUICK_RECIPE.checkpoints})")
     toy.add_argument("--force", action="store_true", help="train again even when the cache has this run")
     _toy_arguments(toy)
     toy.set_defaults(func=_cmd_train_toy)
 
 
-def _log(args):
-    return (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
-
-
-def _positive(name: str, value) -> None:
-    if value is not None and value < 1:
-        raise SystemExit(f"rllc: --{name} must be >= 1, got {value}")
-
-
 def _cmd_demo(args) -> int:
     from .demo import FULL, QUICK, format_summary, run_demo
 
-    _positive("draws", args.draws)
-    _positive("chains", args.chains)
     settings = QUICK if args.quick else FULL
     settings = dataclasses.replace(
         settings,
@@ -66,7 +64,7 @@ def _cmd_demo(args) -> int:
         num_draws=args.draws or settings.num_draws,
         num_chains=args.chains or settings.num_chains,
     )
-    summary = run_demo(args.out, cache_dir=args.cache, settings=settings, progress=not args.quiet, log=_log(args))
+    summary = run_demo(args.out, cache_dir=args.cache, settings=settings, progress=not args.quiet, log=logger(args.quiet))
     print(format_summary(summary))
     print(f"done in {summary['seconds']:.0f} s")
     return 0
@@ -76,7 +74,6 @@ def _cmd_train_toy(args) -> int:
     from .analysis.head_scores import scores_by_head
     from .toy import QUICK_RECIPE, ToyRecipe, train_toy
 
-    _positive("steps", args.steps)
     recipe = QUICK_RECIPE if args.quick else ToyRecipe()
     changes = {"seed": args.seed}
     if args.steps is not None:
@@ -88,7 +85,7 @@ def _cmd_train_toy(args) -> int:
         recipe.check()
     except ValueError as err:
         raise SystemExit(f"rllc train-toy: {err}") from None
-    run = train_toy(args.cache, recipe, progress=not args.quiet, log=_log(args), force=args.force)
+    run = train_toy(args.cache, recipe, progress=not args.quiet, log=logger(args.quiet), force=args.force)
     final = run.final
     print(f"{len(run.metrics)} checkpoints in {run.directory}")
     print(f"loss on repeated random spans at step {final['step']}: first copy {final['loss_first_copy']:.2f}, "

@@ -22,11 +22,11 @@ from torch import nn
 from .components import as_component_dict
 from .config import SGLDConfig
 from .data import BatchSchedule, ModelDistribution
-from .engine.common import Progress
 from .engine.batched import run_batched
 from .engine.reference import run_reference
 from .losses import check_tokens, next_token_loss
 from .memory import parse_bytes
+from .progress import Progress
 from .result import ChainsDivergedError, LLCResult, check_divergence
 
 def _move(module: nn.Module, device) -> None:

@@ -24,10 +24,10 @@ from .config import SGLDConfig
 from .data import ModelDistribution
 from .distributed import (Rank, barrier, device_for, init as dist_init, merge_rank_stores, rank_from_env,
                           rank_store_path, rank_store_paths, shard)
-from .engine.common import Progress
 from .llc import estimate_llc
 from .losses import check_tokens
 from .models.checkpoints import Checkpoint, CheckpointError, checkpoint_series
+from .progress import Progress
 from .result import ChainsDivergedError
 from .store import ResultStore, UnitKey
 
@@ -89,8 +89,9 @@ class _LLCJob:
 
     metric = "llc"
 
-    def __init__(self, config: SGLDConfig, engine: str, device, max_memory, log):
+    def __init__(self, config: SGLDConfig, engine: str, device, max_memory, log, progress: bool = False):
         self.config, self.engine, self.device, self.max_memory, self.log = config, engine, device, max_memory, log
+        self.progress = progress  # the estimate's own SGLD progress inside a unit
         self.config_json = json.dumps({"config": config.to_dict(), "engine": engine}, sort_keys=True)
 
     def key(self, fingerprint: str) -> str:
@@ -102,7 +103,7 @@ class _LLCJob:
     def run(self, model, data, comps, unit: UnitKey):
         try:
             return estimate_llc(model, data, self.config, components=comps, engine=self.engine, device=self.device,
-                                max_memory=self.max_memory)
+                                max_memory=self.max_memory, progress=self.progress)
         except ChainsDivergedError as err:  # keep the other components; the lost ones are stored as diverged
             self.log(f"{unit.checkpoint} / {unit.data} / {unit.component_set}: {err}")
             return err.result
@@ -114,10 +115,11 @@ class _LLCJob:
 class _HessianJob:
     """How a sweep computes and stores a Hessian metric (``rllc_fast.hessian``, the ``metrics`` table)."""
 
-    def __init__(self, metric: str, options: Mapping, device):
+    def __init__(self, metric: str, options: Mapping, device, progress: bool = False):
         from . import hessian
 
         self.metric, self.options, self.device = metric, dict(options or {}), device
+        self.progress = progress  # the metric's own progress inside a unit (not part of the key)
         self.fn = {"hessian-trace": hessian.trace, "fim-trace": hessian.fim_trace,
                    "hessian-rank": hessian.approx_rank}[metric]
 
@@ -132,7 +134,7 @@ class _HessianJob:
     def run(self, model, data, comps, unit: UnitKey):
         if isinstance(data, ModelDistribution):
             raise ValueError(f"data {unit.data!r}: Hessian metrics take token data, not a ModelDistribution")
-        return self.fn(model, data, comps, device=self.device, **self.options)
+        return self.fn(model, data, comps, device=self.device, progress=self.progress, **self.options)
 
     def write(self, store: ResultStore, unit: UnitKey, key: str, result, seconds: float) -> int:
         return store.write_metrics(unit, key, result, seconds)
@@ -191,9 +193,10 @@ def run_sweep(
         raise ValueError("component_sets: give at least one (e.g. ['heads'])")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    job = _LLCJob(config, engine, device, max_memory, log) if metric == "llc" else \
-        _HessianJob(metric, hessian_options, device or "cpu")
     rank = rank_from_env() if distributed is not False else Rank()
+    inner = progress and rank.is_main  # progress inside each unit
+    job = _LLCJob(config, engine, device, max_memory, log, inner) if metric == "llc" else \
+        _HessianJob(metric, hessian_options, device or "cpu", inner)
     if distributed and not rank.active:
         log("distributed sweep: no torchrun environment (WORLD_SIZE > 1); running in one process")
     store_path = store.path if isinstance(store, ResultStore) else os.fspath(store)
@@ -220,7 +223,7 @@ def run_sweep(
         stored = _stored_components(job, store, all_units, keys, rank)
     else:
         mine = all_units
-    bar = Progress(len(all_units), progress and rank.is_main, desc="sweep", unit="unit")
+    bar = Progress(len(all_units), progress and rank.is_main, desc="sweep", unit="unit", every=0)  # a line per unit
 
     def advance() -> None:
         """One more of this rank's units is done; rank 0 also counts what the other ranks have written."""

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from .atomic import write_json_atomically
 from .data.synthetic import DATA_VERSION, DEFAULT_MIXTURE, SOURCES, SYNTHETIC_VOCAB, WORDS, synthetic_mixture
-from .engine.common import Progress
+from .progress import Progress
 
 FORMAT = "rllc_fast.toy-run/1"
 

@@ -178,11 +178,12 @@ def test_cli_bad_input_names_the_argument(run_dir):
     np.save(tmp / "big.npy", np.full((8, 16), 64))
     msg = _cli_error(*base, "--checkpoints", tmp / "ckpts", "--data", tmp / "big.npy", "--context", 16)
     assert "data 'big': token ids must lie in [0, 64)" in msg
-    msg = _cli_error(*base, "--checkpoints", tmp / "ckpts", "--data", data["mix"], "--context", 32)
-    assert "rows have 16 tokens, fewer than context_length 32" in msg
+    np.save(tmp / "short.npy", np.zeros((8, 12), dtype=np.int64))
+    msg = _cli_error(*base, "--checkpoints", tmp / "ckpts", "--data", tmp / "short.npy")  # --context: n_ctx 16
+    assert "rows have 12 tokens, fewer than context_length 16" in msg
     np.save(tmp / "long.npy", np.zeros(4000, dtype=np.int64))
     msg = _cli_error(*base, "--checkpoints", tmp / "ckpts", "--data", tmp / "long.npy", "--context", 32)
-    assert "data 'long': contexts have 32 tokens but the model's n_ctx is 16" in msg
+    assert "--context 32 exceeds the model's n_ctx 16 (step1.pt); give --context 16 or less" in msg
     assert "--components" in _cli_error(*base, "--checkpoints", tmp / "ckpts", "--data", data["mix"],
                                         "--components", "heads,mlp")
     (tmp / "bad.toml").write_text("stepsize = 0.1\n")

@@ -7,22 +7,15 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 
+from ..progress import progress_iter
 from ..store import ResultStore
 from . import figures
 from .head_scores import scores_by_head
 
 
-def _progress(items, desc: str, progress: bool, unit: str = "ckpt"):
-    if not progress:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit=unit)
-
-
 def _models(series, desc: str, progress: bool, like=None):
     """``(checkpoint, model)`` pairs, each model loaded only when its turn comes (one in memory at a time)."""
-    for ck in _progress(series, desc, progress):
+    for ck in progress_iter(series, desc, progress, unit="ckpt"):
         yield ck, ck.load(like=like)
 
 
@@ -110,7 +103,7 @@ def analyze_tokens(checkpoint, tokens: torch.Tensor, data: str, store: ResultSto
     model = checkpoint.load(like=like)
     names = [f"{l}:{h}" for l, h in parse_heads(model, heads if heads is not None else head_names(model))]
     summaries, rows = {}, []
-    for head in _progress(names, f"tokens in context (step {checkpoint.step})", progress, unit="head"):
+    for head in progress_iter(names, f"tokens in context (step {checkpoint.step})", progress, unit="head"):
         _, summary = head_tokens_in_context(model, tokens, head, k, "mean", brackets)
         summaries[head] = summary
         base = {"checkpoint": checkpoint.name, "step": checkpoint.step, "data": data, "head": head}

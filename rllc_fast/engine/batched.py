@@ -34,7 +34,8 @@ from ..models import tl_heads
 from ..ops import sgld_step
 from ..result import ComponentLLC
 from ..sgld import replica_generator, replica_seed
-from .common import Progress, frozen_parameters, pack, pack_grad
+from ..progress import Progress
+from .common import frozen_parameters, pack, pack_grad
 
 Replica = Tuple[str, Component, int]
 

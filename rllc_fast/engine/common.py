@@ -1,9 +1,8 @@
-"""What every engine needs: parameter save/restore around sampling, packing a component's slices
-into one flat float32 row, and progress reporting."""
+"""What every engine needs: parameter save/restore around sampling, and packing a component's slices
+into one flat float32 row (progress reports: ``rllc_fast.progress``)."""
 from __future__ import annotations
 
 import contextlib
-import sys
 from typing import Dict, Iterator, List
 
 import torch
@@ -49,38 +48,3 @@ def pack_grad(comp, params) -> torch.Tensor:
     """The component's gradient flattened like ``pack``, float32 ``[numel]``."""
     return torch.cat([grad_view(s, params).reshape(-1).float() for s in comp.slices])
 
-
-class Progress:
-    """A tqdm bar (SGLD steps by default) when enabled (writes to stderr), otherwise silent."""
-
-    def __init__(self, total: int, enabled: bool, desc: str = "SGLD steps", unit: str = "step"):
-        self._bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
-
-    def update(self, n: int = 1) -> None:
-        if self._bar is not None:
-            self._bar.update(n)
-
-    @property
-    def enabled(self) -> bool:
-        return self._bar is not None
-
-    def update_to(self, n: int) -> None:
-        """Show ``n`` done (never moves backwards)."""
-        if self._bar is not None and n > self._bar.n:
-            self._bar.update(n - self._bar.n)
-
-    def set_description(self, text: str) -> None:
-        if self._bar is not None:
-            self._bar.set_description(text)
-
-    def set_postfix(self, **values) -> None:
-        if self._bar is not None:
-            self._bar.set_postfix(values, refresh=False)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()

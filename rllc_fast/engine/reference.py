@@ -18,7 +18,8 @@ from ..components import Component
 from ..config import SGLDConfig
 from ..result import ComponentLLC
 from ..sgld import replica_generator, rmsprop_sgld_delta, sgld_delta
-from .common import Progress, frozen_parameters, grad_view, pack, pack_grad
+from ..progress import Progress
+from .common import frozen_parameters, grad_view, pack, pack_grad
 
 
 def run_reference(

@@ -13,7 +13,7 @@ import numpy as np
 from torch import nn
 
 from ..data.normalise import row_data
-from ..engine.common import Progress
+from ..progress import Progress
 from .chebyshev import adaptive_interval, check_interval, count_above, spectral_bounds
 from .operator import DataHessian, default_loss, only_grad_for
 from .result import HessianResult, summarise

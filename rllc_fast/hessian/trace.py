@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.normalise import row_data
-from ..engine.common import Progress
+from ..progress import Progress
 from ..losses import check_tokens
 from .operator import BatchHessian, DataHessian, Support, default_loss, only_grad_for
 from .result import HessianResult, summarise

@@ -1,7 +1,8 @@
 """Model construction and loading: the paper's attention-only transformer, GPT-NeoX/Pythia (shapes, and
 local Hugging Face checkpoints, offline) and checkpoint series of a training run (TransformerLens)."""
 from .attn_only import PAPER_CONFIG, attn_only
-from .checkpoints import Checkpoint, CheckpointError, checkpoint_series, save_checkpoint
+from .checkpoints import (Checkpoint, CheckpointError, checkpoint_at, checkpoint_series, save_checkpoint,
+                          select_checkpoints)
 from .gpt_neox import load_gpt_neox, pythia_70m_config
 from .pythia import PYTHIA_70M_CONFIG, pythia_like
 
@@ -11,9 +12,11 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "attn_only",
+    "checkpoint_at",
     "checkpoint_series",
     "load_gpt_neox",
     "pythia_70m_config",
     "pythia_like",
     "save_checkpoint",
+    "select_checkpoints",
 ]

@@ -9,6 +9,7 @@ The training step comes from the file's stored metadata, else from the last numb
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -108,18 +109,119 @@ def checkpoint_series(directory: str | os.PathLike) -> List[Checkpoint]:
     root = Path(directory).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint directory {root} does not exist (argument: checkpoints)")
-    found = []
-    for entry in sorted(root.iterdir()):
-        if entry.is_dir() and (entry / "config.json").is_file():
-            found.append(Checkpoint(entry, _step_of_hf_dir(entry), "hf"))
-        elif entry.is_file() and entry.suffix in _SUFFIXES:
-            step, kind = _step_and_kind_of_file(entry)
-            found.append(Checkpoint(entry, step, kind))
+    found = [_entry(entry) for entry in sorted(root.iterdir()) if _is_checkpoint(entry)]
     if not found:
         raise FileNotFoundError(
             f"no checkpoints in {root}: expected *.pt/*.pth files or Hugging Face directories with config.json"
         )
     return sorted(found, key=lambda c: (c.step, c.name))
+
+
+def checkpoint_at(path: str | os.PathLike) -> Checkpoint:
+    """One checkpoint file (``*.pt``/``*.pth``) or Hugging Face directory (with ``config.json``) as a
+    ``Checkpoint``; its step from its metadata or name, else 0 (a single checkpoint needs none).
+
+    Raises ``FileNotFoundError`` when ``path`` does not exist and ``CheckpointError`` when it is not a
+    checkpoint (a directory of checkpoints: use ``checkpoint_series`` or ``select_checkpoints``)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if not _is_checkpoint(path):
+        raise CheckpointError(f"{path}: not a checkpoint: expected a *.pt/*.pth file or a Hugging Face directory "
+                              "with config.json")
+    try:
+        return _entry(path)
+    except CheckpointError:  # no step in its metadata (so not an rllc_fast checkpoint file) nor in its name
+        return Checkpoint(path, 0, "hf" if path.is_dir() else "state_dict")
+
+
+def select_checkpoints(source: str | os.PathLike, steps=None) -> List[Checkpoint]:
+    """The checkpoints of ``source``, ordered by training step, restricted to ``steps``.
+
+    source: a directory of checkpoints (``checkpoint_series``), one checkpoint file or Hugging Face
+            directory (``checkpoint_at``), or a glob pattern such as ``run/step*.pt``.
+    steps:  None (all); exact steps ``"0,1000,5000"`` or ``[0, 1000, 5000]`` (each must exist); or an
+            inclusive range ``"1000:5000"``, ``"1000:"``, ``":5000"`` or ``slice(1000, 5000)`` (must
+            select at least one). See ``parse_steps``.
+
+    Raises ``FileNotFoundError``/``CheckpointError`` for a bad ``source`` and ``ValueError`` for bad or
+    unmatched ``steps`` (listing the steps found)."""
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        series = checkpoint_series(path)
+    elif path.exists():
+        series = [checkpoint_at(path)]
+    elif glob.has_magic(text):
+        matches = [Path(m) for m in sorted(glob.glob(os.path.expanduser(text)))]
+        series = sorted((_entry(m) for m in matches if _is_checkpoint(m)), key=lambda c: (c.step, c.name))
+        if not series:
+            raise FileNotFoundError(f"no checkpoints match {text}: expected *.pt/*.pth files or Hugging Face "
+                                    "directories with config.json")
+    else:
+        raise FileNotFoundError(f"{path} does not exist: give a checkpoint directory, one checkpoint file or "
+                                "Hugging Face directory, or a glob pattern")
+    if steps is None:
+        return series
+    wanted = parse_steps(steps) if isinstance(steps, str) else steps
+    found = [c.step for c in series]
+    if isinstance(wanted, slice):
+        lo, hi = wanted.start, wanted.stop
+        chosen = [c for c in series if (lo is None or c.step >= lo) and (hi is None or c.step <= hi)]
+        if not chosen:
+            raise ValueError(f"no checkpoint of {text} has a step in {'' if lo is None else lo}:"
+                             f"{'' if hi is None else hi}; steps found: {_list_steps(found)}")
+        return chosen
+    wanted = sorted({int(s) for s in ([wanted] if isinstance(wanted, int) else wanted)})
+    if not wanted:
+        raise ValueError(f"steps: give at least one step; steps found: {_list_steps(found)}")
+    missing = [s for s in wanted if s not in found]
+    if missing:
+        raise ValueError(f"no checkpoint of {text} at step(s) {', '.join(map(str, missing))}; steps found: "
+                         f"{_list_steps(found)}")
+    return [c for c in series if c.step in wanted]
+
+
+def parse_steps(text: str):
+    """``"0,1000,5000"`` -> ``(0, 1000, 5000)``; ``"1000:5000"`` (inclusive), ``"1000:"``, ``":5000"`` -> a
+    ``slice``. Raises ``ValueError`` naming the expected forms."""
+    text = str(text).strip()
+    bad = ValueError(f"steps {text!r}: use comma-separated training steps (0,1000,5000) or an inclusive range "
+                     "A:B (1000:5000, 1000: or :5000) of steps >= 0")
+    number = re.compile(r"[0-9]+")
+    parts = [p.strip() for p in text.split(":")]
+    if len(parts) == 1:
+        items = [i.strip() for i in text.split(",")]
+        if not all(number.fullmatch(i) for i in items):
+            raise bad
+        return tuple(int(i) for i in items)
+    if len(parts) != 2 or not all(p == "" or number.fullmatch(p) for p in parts):
+        raise bad
+    lo, hi = (int(p) if p else None for p in parts)
+    if lo is None and hi is None:
+        raise bad
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"steps {text!r}: an empty range ({lo} > {hi}); write it low:high")
+    return slice(lo, hi)
+
+
+def _list_steps(steps: List[int]) -> str:
+    """Steps for an error message: all of them, or the first 10 and last 5 of a long list."""
+    shown = [str(s) for s in steps] if len(steps) <= 20 else [*map(str, steps[:10]), "...", *map(str, steps[-5:])]
+    return ", ".join(shown) + (f" ({len(steps)} checkpoints)" if len(steps) > 20 else "")
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path.is_dir() and (path / "config.json").is_file()) or (path.is_file() and path.suffix in _SUFFIXES)
+
+
+def _entry(path: Path) -> Checkpoint:
+    """A checkpoint file or Hugging Face directory (``_is_checkpoint``) with its step; raises
+    ``CheckpointError`` when its step cannot be told."""
+    if path.is_dir():
+        return Checkpoint(path, _step_of_hf_dir(path), "hf")
+    step, kind = _step_and_kind_of_file(path)
+    return Checkpoint(path, step, kind)
 
 
 def _step_from_name(path: Path) -> int:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine.common import Progress
+from ..progress import Progress
 from ..losses import next_token_loss
 
 
