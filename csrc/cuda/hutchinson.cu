@@ -65,7 +65,11 @@ at::Tensor blocked_dot_cuda(const at::Tensor& v, const at::Tensor& hv, const at:
   TORCH_CHECK_VALUE(v.is_contiguous() && hv.is_contiguous() && offsets.is_contiguous(), "blocked_dot: inputs must be contiguous");
   const c10::cuda::CUDAGuard guard(v.device());
   const int64_t probes = v.size(0), n = v.size(1), num_blocks = offsets.numel() - 1;
-  if (!c10::cuda::isStreamCapturingMayInitCtx(c10::cuda::getCurrentCUDAStream())) {  // a sync; not allowed in capture
+  // The host check below syncs, which CUDA-graph capture forbids. cudaStreamIsCapturing is plain CUDA runtime
+  // (c10::cuda::isStreamCapturingMayInitCtx is missing from torch 2.11's headers, which broke the build there).
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &capture));
+  if (capture == cudaStreamCaptureStatusNone) {
     const at::Tensor host = offsets.cpu();
     const int64_t* o = host.data_ptr<int64_t>();
     bool rising = o[0] == 0 && o[num_blocks] == n;
