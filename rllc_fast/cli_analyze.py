@@ -116,12 +116,12 @@ def _cmd_analyze(args) -> int:
 
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     what = f"rllc analyze {args.analysis}"
     try:
         if args.analysis == "cluster":  # reads the sweep's rows: the store must exist
             open_store(args.store, what, readonly=True)
         store = open_store(args.store, what, readonly=False)
+        out.mkdir(parents=True, exist_ok=True)  # once the store is known to be usable
         if args.analysis == "cluster":
             others = [open_store(p, what, readonly=True, flag="--apply-to") for p in args.apply_to]
             clustering, applied = runs.analyze_clusters(store, args.data, args.clusters, args.method, out, args.layer,
