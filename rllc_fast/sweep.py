@@ -170,6 +170,8 @@ def run_sweep(
     checkpoints:    a checkpoint directory (see ``rllc_fast.models.checkpoint_series``) or Checkpoints.
     data:           ``{name: tokens [N, T] or ModelDistribution}``; each name is a data distribution.
     component_sets: names from ``COMPONENT_SETS`` ("whole", "heads", "layers") or ``{name: model -> components}``.
+    store:          a store path (its folder must exist; the file is created by the first written unit, and a
+                    file that is not an rllc store is refused before any work) or a writable ``ResultStore``.
     like:           a model or config every checkpoint must match; default: the first checkpoint that loads.
     metric:         "llc" (default: SGLD with ``config``, ``engine``) or a Hessian metric from ``METRICS``
                     ("hessian-trace", "fim-trace", "hessian-rank"), computed by ``rllc_fast.hessian`` with the

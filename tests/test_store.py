@@ -257,7 +257,7 @@ def test_unknown_data_names_are_refused_with_the_stored_ones(tmp_path, capsys):
     assert code != 0 and "--diff" in err and "'mixture'" in err and "'mix'" in err and "'code'" in err
     code, _, err = _cli("analyze", "cluster", "--store", store, "--data", "mixture", "--clusters", "2", "--out",
                         tmp_path / "c", "--quiet", capsys=capsys)
-    assert code != 0 and "no heads estimates on data 'mixture'" in err and "'mix'" in err and "'code'" in err
+    assert code != 0 and "no per-head estimates on data 'mixture'" in err and "'mix'" in err and "'code'" in err
     code, _, err = _cli("plot", "--store", store, "--out", tmp_path / "r", "--diff", "code", "mix", capsys=capsys)
     assert code == 0 and (tmp_path / "r" / "heads_diff_code_minus_mix.png").is_file()
 

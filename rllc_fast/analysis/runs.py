@@ -132,7 +132,8 @@ def head_curves(store: ResultStore, data: str, layer: Optional[int] = None, comp
     have = list(dict.fromkeys(df["data"]))
     df = df[df["data"] == data]
     if df.empty:
-        raise ValueError(f"{store.path} has no {component_set} estimates on data {data!r}; it has them on: "
+        what = "per-head" if component_set == "heads" else f"{component_set!r}"
+        raise ValueError(f"{store.path} has no {what} estimates on data {data!r}; it has them on: "
                          f"{', '.join(map(repr, have)) or 'no data'} (or run `rllc sweep` for {data!r} first)")
     check_one_checkpoint_per_step(df, str(store.path))
     if layer is not None:
