@@ -112,7 +112,7 @@ def _load_data(args, like_model):
 
 def _cmd_analyze(args) -> int:
     from .analysis import runs
-    from .cli_export import open_store
+    from .cli_export import open_store, store_notes
 
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
     out = Path(args.out)
@@ -124,8 +124,9 @@ def _cmd_analyze(args) -> int:
         out.mkdir(parents=True, exist_ok=True)  # once the store is known to be usable
         if args.analysis == "cluster":
             others = [open_store(p, what, readonly=True, flag="--apply-to") for p in args.apply_to]
-            clustering, applied = runs.analyze_clusters(store, args.data, args.clusters, args.method, out, args.layer,
-                                                        args.seed, args.resample, others)
+            with store_notes(what):  # e.g. which configuration the curves are of
+                clustering, applied = runs.analyze_clusters(store, args.data, args.clusters, args.method, out,
+                                                            args.layer, args.seed, args.resample, others)
             print(f"{args.method}, {args.clusters} clusters on {' + '.join(args.data)}: " +
                   ", ".join(f"{h}={c}" for h, c in clustering.labels.items()))
             print("scores: " + ", ".join(f"{k} {v:.3f}" for k, v in clustering.scores.items()))

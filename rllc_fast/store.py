@@ -255,6 +255,14 @@ def _refusal(path: str, kind: str, version: Optional[int]) -> Optional[str]:
             "refusing to read or change it: pass another --store path")
 
 
+def _unreadable(path: str, err: sqlite3.DatabaseError) -> str:
+    """The error text for a file SQLite cannot read."""
+    if "not a database" in str(err):
+        return f"{path} is not an rllc result store (not an SQLite database); pass another --store path"
+    return (f"cannot open the store {path}: {err} (check its permissions: a store in WAL mode needs a writable "
+            "folder even to be read)")
+
+
 class ResultStore:
     """The sweep's result store at ``path``: a writer (default; the file is created by the first write) or,
     with ``readonly=True``, a reader that never changes the file. See the module docstring."""
@@ -263,6 +271,7 @@ class ResultStore:
         self.path = os.fspath(path)
         self.readonly = bool(readonly)
         self._pending_ids: Dict[str, Tuple[str, str]] = {}
+        self._wal = False  # whether this object has seen the file in WAL mode
         if readonly:
             if not os.path.isfile(self.path):
                 raise FileNotFoundError(f"store {self.path} does not exist; pass the store a sweep wrote")
@@ -293,8 +302,7 @@ class ResultStore:
             finally:
                 con.close()
         except sqlite3.DatabaseError as err:
-            raise StoreError(f"{self.path} is not an rllc result store (not an SQLite database: {err}); pass "
-                             "another --store path") from None
+            raise StoreError(_unreadable(self.path, err)) from None
         if kind == "empty" and empty_ok:
             return
         problem = _refusal(self.path, kind, version)
@@ -340,8 +348,11 @@ class ResultStore:
             self._pending_ids = {}
             if attach is not None:
                 con.execute("DETACH DATABASE other")
-            if created:
-                con.execute("PRAGMA journal_mode=WAL")
+            if created or not self._wal:
+                try:  # WAL: readers do not block writers; set once the file is known to be an rllc store
+                    self._wal = con.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
+                except sqlite3.OperationalError:  # locked by another writer: the next write tries again
+                    pass
         finally:
             con.close()
 
@@ -351,8 +362,7 @@ class ResultStore:
         try:
             kind, version = _identify(con)
         except sqlite3.DatabaseError as err:
-            raise StoreError(f"{self.path} is not an rllc result store (not an SQLite database: {err}); pass "
-                             "another --store path") from None
+            raise StoreError(_unreadable(self.path, err)) from None
         if kind == "empty":
             for ddl in _TABLES.values():
                 con.execute(ddl)
@@ -496,12 +506,13 @@ class ResultStore:
         including ids learned but not yet written."""
         out: Dict[str, Tuple[str, str]] = {}
         wanted = list(paths)
+        asked = set(wanted)
         for i in range(0, len(wanted), 500):  # SQLite's bound-parameter limit
             chunk = wanted[i:i + 500]
             out.update({p: (s, c) for p, s, c in self._query(
                 f"SELECT path, signature, checkpoint_id FROM checkpoint_ids WHERE path IN ({', '.join('?' * len(chunk))})",
                 chunk)})
-        out.update({p: v for p, v in self._pending_ids.items() if p in set(wanted)})
+        out.update({p: v for p, v in self._pending_ids.items() if p in asked})
         return out
 
     def unit_count(self) -> int:
@@ -708,7 +719,7 @@ def upgrade_store(path: str | os.PathLike) -> Optional[int]:
         con.execute("COMMIT")
         return total
     except sqlite3.DatabaseError as err:
-        raise StoreError(f"{path} is not an rllc result store (not an SQLite database: {err})") from None
+        raise StoreError(_unreadable(path, err)) from None
     finally:
         con.close()
 
