@@ -15,7 +15,7 @@ from importlib import metadata
 
 import torch
 
-from . import cli_analyze, cli_demo
+from . import cli_analyze, cli_demo, cli_export
 from .atomic import write_json_atomically
 from .data.tokens import RAW_DTYPES
 from .cli_args import apply_formatter, batch_size, join_negative_values, positive_int, steps
@@ -229,7 +229,8 @@ def _sweep_parser(sub) -> None:
                         "(.npy, .pt, raw .bin of --dtype, .txt with --tokenizer); repeat for several; NAME= names it")
     p.add_argument("--components", default="heads",
                    help="comma-separated component sets: whole, heads, layers")
-    p.add_argument("--store", required=True, help="SQLite result store (created if missing)")
+    p.add_argument("--store", required=True, help="SQLite result store (created by the first result; its folder "
+                                                  "must exist)")
     p.add_argument("--tokenizer", help="tokenizers JSON file for text data (default: UTF-8 bytes for built-in corpora)")
     p.add_argument("--context", type=positive_int,
                    help="tokens per context, at most the model's n_ctx (default: the model's n_ctx, read from --like "
@@ -336,12 +337,13 @@ def _cmd_sweep(args) -> int:
     from .distributed import rank_from_env
 
     rank = rank_from_env()
+    store = cli_export.open_store(args.store, "rllc sweep", readonly=False) if rank.is_main else args.store  # checks only
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     log = logger(args.quiet or not rank.is_main)
     log(f"{len(series)} checkpoint(s) x {len(data)} data x {len(sets)} component set(s) -> {args.store}"
         f" ({args.metric}{f', {rank.world_size} ranks' if rank.active else ''})")
     try:
-        report = run_sweep(series, data, config, args.store, sets, like=like,
+        report = run_sweep(series, data, config, store, sets, like=like,
                            engine=args.engine, device=device, max_memory=args.max_memory, progress=not args.quiet,
                            log=log, metric=args.metric,
                            hessian_options=None if config else _hessian_options(args),
@@ -351,7 +353,7 @@ def _cmd_sweep(args) -> int:
     except KeyboardInterrupt:
         close_bars()
         if rank.is_main:
-            stored = ResultStore(args.store).unit_count() if os.path.isfile(args.store) else 0
+            stored = ResultStore(args.store, readonly=True).unit_count() if os.path.isfile(args.store) else 0
             print(f"rllc sweep: interrupted: {stored} unit(s) stored in {args.store}; rerun the same command to "
                   "resume", file=sys.stderr)
         return 130
@@ -395,6 +397,9 @@ def _plot_parser(sub) -> None:
     p.add_argument("--clusters", metavar="JSON",
                    help="clusters.json of `rllc analyze cluster`: colour each head by its cluster (one colour family "
                         "per cluster)")
+    p.add_argument("--config-key", default="latest", metavar="KEY|latest|all",
+                   help="which configuration's rows: latest (default: per checkpoint, data and component set the one "
+                        "written last; a note lists the others), a config key, or all (figures per configuration)")
     p.add_argument("--quiet", action="store_true", help="no logs")
     p.set_defaults(func=_cmd_plot)
 
@@ -402,8 +407,7 @@ def _plot_parser(sub) -> None:
 def _cmd_plot(args) -> int:
     from .report import write_report
 
-    if not os.path.isfile(args.store):
-        raise SystemExit(f"rllc plot: --store {args.store} does not exist")
+    store = cli_export.open_store(args.store, "rllc plot", readonly=True)
     colours = None
     if args.clusters:
         try:
@@ -413,7 +417,9 @@ def _cmd_plot(args) -> int:
             raise SystemExit(f"rllc plot: --clusters {args.clusters}: not a clusters.json of `rllc analyze cluster` "
                              f"({err})") from None
     try:
-        page = write_report(args.store, args.out, differences=[tuple(d) for d in args.diff or ()], colours=colours)
+        with cli_export.store_notes("rllc plot"):
+            page = write_report(store, args.out, differences=[tuple(d) for d in args.diff or ()], colours=colours,
+                                config=args.config_key)
     except ValueError as err:
         raise SystemExit(f"rllc plot: {err}") from None
     logger(args.quiet)(f"wrote {page} and its figures")
@@ -453,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     _plot_parser(sub)
     cli_demo.add_parsers(sub)
     cli_analyze.add_parser(sub)
+    cli_export.add_parsers(sub)
     info = sub.add_parser("info", help="backend, device and library versions", description="Print the ops backend, device and versions.")
     info.set_defaults(func=_cmd_info)
     for p in sub.choices.values():

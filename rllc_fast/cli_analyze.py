@@ -20,7 +20,7 @@ SUBCOMMANDS = {
 
 
 def _series_arguments(p, data: bool) -> None:
-    p.add_argument("--checkpoints", required=True, help="directory of checkpoints (as for `rllc sweep`)")
+    p.add_argument("--checkpoints", required=True, help="a checkpoint folder, file, Hugging Face directory or glob (as for `rllc sweep`)")
     if data:
         p.add_argument("--data", required=True, metavar="[NAME=]SPEC",
                        help="data: built-in corpus, synthetic:SOURCE or a token/text file (as for `rllc sweep`)")
@@ -44,7 +44,8 @@ def add_parser(sub) -> None:
         p = inner.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         if name != "cluster":
             _series_arguments(p, data=name != "composition")
-        p.add_argument("--store", required=True, help="SQLite result store (that of `rllc sweep`; created if missing)")
+        p.add_argument("--store", required=True, help="SQLite result store (that of `rllc sweep`; created by the "
+                                                      "first rows when missing)")
         p.add_argument("--out", default="rllc-analysis", help="folder for the figure (default ./rllc-analysis)")
         p.add_argument("--quiet", action="store_true", help="no progress bars or logs")
         p.set_defaults(func=_cmd_analyze)
@@ -78,7 +79,8 @@ def add_parser(sub) -> None:
             p.add_argument("--layer", type=int, help="cluster the heads of one layer only")
             p.add_argument("--resample", action="store_true", help="interpolate curves of unequal length")
             p.add_argument("--apply-to", action="append", default=[], metavar="STORE",
-                           help="another run's store whose heads get labels from this clustering; repeatable")
+                           help="another run's store (read only) whose heads get labels from this clustering, "
+                                "written to clusters.json and --store; repeatable")
             p.add_argument("--seed", type=int, default=0, help="clustering seed (default 0)")
 
 
@@ -113,23 +115,22 @@ def _load_data(args, like_model):
 
 def _cmd_analyze(args) -> int:
     from .analysis import runs
+    from .cli_export import open_store, store_notes
     from .progress import logger
-    from .store import ResultStore
 
     log = logger(args.quiet)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     what = f"rllc analyze {args.analysis}"
     try:
-        if args.analysis == "cluster":  # checked before ResultStore would create them
-            for flag, path in [("--store", args.store)] + [("--apply-to", p) for p in args.apply_to]:
-                if not os.path.isfile(path):
-                    raise FileNotFoundError(f"{flag} {path} does not exist")
-        store = ResultStore(args.store)
+        if args.analysis == "cluster":  # reads the sweep's rows: the store must exist
+            open_store(args.store, what, readonly=True)
+        store = open_store(args.store, what, readonly=False)
+        out.mkdir(parents=True, exist_ok=True)  # once the store is known to be usable
         if args.analysis == "cluster":
-            others = [ResultStore(p) for p in args.apply_to]
-            clustering, applied = runs.analyze_clusters(store, args.data, args.clusters, args.method, out, args.layer,
-                                                        args.seed, args.resample, others)
+            others = [open_store(p, what, readonly=True, flag="--apply-to") for p in args.apply_to]
+            with store_notes(what):  # e.g. which configuration the curves are of
+                clustering, applied = runs.analyze_clusters(store, args.data, args.clusters, args.method, out,
+                                                            args.layer, args.seed, args.resample, others)
             print(f"{args.method}, {args.clusters} clusters on {' + '.join(args.data)}: " +
                   ", ".join(f"{h}={c}" for h, c in clustering.labels.items()))
             print("scores: " + ", ".join(f"{k} {v:.3f}" for k, v in clustering.scores.items()))
@@ -137,15 +138,16 @@ def _cmd_analyze(args) -> int:
                 print(f"applied to {path}: " + ", ".join(f"{h}={c}" for h, c in labels.items()))
             log(f"wrote {out / 'clusters.png'} and {out / 'clusters.json'}")
             return 0
-        from .models.checkpoints import Checkpoint, checkpoint_series
+        from .models.checkpoints import Checkpoint, select_checkpoints
 
-        series = checkpoint_series(args.checkpoints)
+        series = select_checkpoints(args.checkpoints)
         like = None
         if args.like:
             like = Checkpoint(Path(args.like), 0, "hf" if os.path.isdir(args.like) else "rllc").load()
         progress = not args.quiet
         if args.analysis == "composition":
-            types_store = ResultStore(args.types_from) if args.types_from else store
+            types_store = open_store(args.types_from, what, readonly=True, flag="--types-from") if args.types_from \
+                else store
             types = types_store.analysis_rows("head-type")
             head_types = dict(zip(types["head"], types["other"])) if not types.empty else None
             runs.analyze_composition(series, store, out, head_types, like, progress)

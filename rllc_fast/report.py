@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from .atomic import write_atomically
-from .store import ResultStore
+from .store import ResultStore, check_one_checkpoint_per_step
 
 
 def _pyplot():
@@ -122,12 +122,14 @@ def plot_component_curves(df, path, title: str, ylabel: str = "LLC  $\\hat\\lamb
 
 
 def head_difference(df, data_a: str, data_b: str):
-    """Per-head ``llc(data_a) - llc(data_b)`` at each checkpoint both have; SEMs added in quadrature."""
+    """Per-head ``llc(data_a) - llc(data_b)`` at each checkpoint both have (paired by content id where ``df``
+    has ``checkpoint_id``, else by name); SEMs added in quadrature."""
     heads = df[df["component_set"] == "heads"]
-    a = heads[heads["data"] == data_a].set_index(["checkpoint", "step", "component"])
-    b = heads[heads["data"] == data_b].set_index(["checkpoint", "step", "component"])
+    by = ["checkpoint_id" if "checkpoint_id" in df else "checkpoint", "step", "component"]
+    a = heads[heads["data"] == data_a].set_index(by)
+    b = heads[heads["data"] == data_b].set_index(by)
     both = a.join(b, lsuffix="_a", rsuffix="_b", how="inner")
-    out = both.reset_index()[["checkpoint", "step", "component"]].copy()
+    out = both.reset_index()[by].copy()
     out["llc_mean"] = (both["llc_mean_a"] - both["llc_mean_b"]).to_numpy()
     out["llc_sem"] = np.sqrt(both["llc_sem_a"].to_numpy() ** 2 + both["llc_sem_b"].to_numpy() ** 2)
     out["data"] = f"{data_a} - {data_b}"
@@ -140,6 +142,17 @@ def _save(fig, path) -> Path:
     return path
 
 
+def check_differences(df, differences: Sequence[tuple]) -> None:
+    """Raise ``ValueError`` when a data name of ``differences`` has no per-head rows in ``df``, listing those
+    that have (a misspelt name must not be skipped silently)."""
+    have = list(dict.fromkeys(df.loc[df["component_set"] == "heads", "data"]))
+    for pair in differences:
+        for name in pair:
+            if name not in have:
+                raise ValueError(f"differences (--diff): no per-head rLLCs on data {name!r}; per-head rLLCs are "
+                                 f"stored on: {', '.join(map(repr, have)) or 'no data'}")
+
+
 def make_figures(df, out_dir, differences: Sequence[tuple] = (), colours: Optional[dict] = None) -> List[tuple]:
     """Every figure the rows ``df`` (``ResultStore.rows()``) allow, as ``[(png path, caption)]``. ``differences``:
     pairs of data names to plot per-head differences for (default: every data distribution minus the
@@ -148,6 +161,7 @@ def make_figures(df, out_dir, differences: Sequence[tuple] = (), colours: Option
     figures = []
     data_names = list(dict.fromkeys(df["data"]))
     heads = df[df["component_set"] == "heads"]
+    check_differences(df, differences)
     for name in data_names:
         sub = heads[heads["data"] == name]
         if not sub.empty:
@@ -199,15 +213,35 @@ def _slug(name: str) -> str:
 
 
 def write_report(store: ResultStore | str, out_dir, differences: Sequence[tuple] = (),
-                 title: str = "rLLC sweep report", extra_html: str = "", colours: Optional[dict] = None) -> Path:
-    """PNG figures plus ``index.html`` (figures, the table of estimates, failures) in ``out_dir``;
-    ``colours``: ``{"l:h": colour}`` for the per-head curves (e.g. ``Clustering.colours()``)."""
-    store = store if isinstance(store, ResultStore) else ResultStore(store)
+                 title: str = "rLLC sweep report", extra_html: str = "", colours: Optional[dict] = None,
+                 config: str = "latest") -> Path:
+    """PNG figures plus ``index.html`` (figures, the configurations, the table of estimates, failures) in
+    ``out_dir``; ``colours``: ``{"l:h": colour}`` for the per-head curves (e.g. ``Clustering.colours()``).
+
+    ``store``: a ``ResultStore`` or a path (opened read-only: the report never changes the store).
+    ``config``: which configuration's rows (``ResultStore.rows``): "latest" (default; warns with
+    ``SeveralConfigsWarning`` when there are several), a config key (of the rLLC or of a Hessian metric: only
+    that configuration is drawn), or "all": one set of figures per configuration, each in a subfolder
+    ``config-KEY/``. Raises ``ValueError`` for a data name in ``differences`` without per-head rows, and for
+    rows of several checkpoints at one step (runs would be mixed in one curve)."""
+    store = store if isinstance(store, ResultStore) else ResultStore(store, readonly=True)
     out_dir = Path(out_dir)
-    df, mdf = store.rows(), store.metric_rows()
+    df, mdf = _report_rows(store, config)
     if df.empty and mdf.empty:
         raise ValueError(f"{store.path} holds no estimates yet; run `rllc sweep` first")
-    figures = (make_figures(df, out_dir, differences, colours) if not df.empty else []) + metric_figures(mdf, out_dir)
+    check_differences(df, differences)
+    figures = []
+    groups = [(key, df[df["config_key"] == key], mdf[mdf["config_key"] == key])
+              for key in dict.fromkeys(list(df["config_key"]) + list(mdf["config_key"]))] \
+        if config == "all" else [(None, df, mdf)]
+    for key, d, m in groups:
+        where = f"{store.path}" + (f" (config {key})" if key else "")
+        check_one_checkpoint_per_step(d, where)
+        check_one_checkpoint_per_step(m, where)
+        folder = out_dir / f"config-{key}" if key else out_dir
+        pairs = [p for p in differences if set(p) <= set(d.loc[d["component_set"] == "heads", "data"])]
+        found = (make_figures(d, folder, pairs, colours) if not d.empty else []) + metric_figures(m, folder)
+        figures += [(path, f"[config {key}] {caption}" if key else caption) for path, caption in found]
     failures = store.failures()
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}img{max-width:100%;border:1px solid #ddd}"
@@ -216,11 +250,16 @@ def write_report(store: ResultStore | str, out_dir, differences: Sequence[tuple]
              f"<h1>{html.escape(title)}</h1>",
              f"<p>Store: <code>{html.escape(os.path.abspath(store.path))}</code>; {len(df)} rLLC estimates and "
              f"{len(mdf)} Hessian-metric estimates over "
-             f"{pd_nunique(df, mdf, 'checkpoint')} checkpoints, data {', '.join(map(html.escape, pd_unique(df, mdf, 'data')))}.</p>",
+             f"{pd_nunique(df, mdf, 'checkpoint_id')} checkpoints, data {', '.join(map(html.escape, pd_unique(df, mdf, 'data')))}.</p>",
              extra_html]
     for path, caption in figures:
-        parts.append(f"<figure><img src='{html.escape(path.name)}' alt='{html.escape(caption)}'>"
-                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        parts.append(f"<figure><img src='{html.escape(path.relative_to(out_dir).as_posix())}' "
+                     f"alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}</figcaption></figure>")
+    shown = store.configs()
+    shown = shown[shown["config_key"].isin(set(df["config_key"]) | set(mdf["config_key"]))]
+    parts.append("<h2>Configurations</h2><p>The settings of the rows shown (config_key: a hash of the settings; "
+                 "<code>rllc plot --config-key KEY</code> selects one).</p>")
+    parts.append(shown.drop(columns=["config_json"]).to_html(index=False, na_rep="-"))
     if not failures.empty:
         parts.append("<h2 class='bad'>Failed units</h2>")
         parts.append(failures[["checkpoint", "step", "data", "component_set", "error"]].to_html(index=False, escape=True))
@@ -228,15 +267,32 @@ def write_report(store: ResultStore | str, out_dir, differences: Sequence[tuple]
         parts.append("<h2>Estimates</h2><p>llc_mean ± llc_sem over non-diverged chains; num_diverged counts chains "
                      "lost to NaN/Inf (excluded, never averaged in).</p>")
         table = df[["step", "checkpoint", "data", "component_set", "component", "llc_mean", "llc_std", "llc_sem",
-                    "init_loss", "num_chains", "num_diverged"]]
+                    "init_loss", "num_chains", "num_diverged", "config_key"]]
         parts.append(table.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="diverged"))
     if not mdf.empty:
         parts.append("<h2>Hessian metrics</h2><p>value ± sem (standard error over probes, or over batches for the "
                      "FIM trace).</p>")
         parts.append(mdf[["metric", "step", "checkpoint", "data", "component_set", "component", "value", "sem",
-                          "num_samples"]].to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="-"))
+                          "num_samples", "config_key"]].to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="-"))
     parts.append("</body></html>")
     return write_atomically(out_dir / "index.html", lambda tmp: Path(tmp).write_text("\n".join(parts), encoding="utf-8"))
+
+
+def _report_rows(store: ResultStore, config: str):
+    """``(rows, metric rows)`` of ``store`` that ``config`` selects; a config key selects from the table that
+    holds it (the other comes back empty). ``ValueError`` listing the stored keys for an unknown key."""
+    if config in ("latest", "all"):
+        return store.rows(config), store.metric_rows(config=config)
+    configs = store.configs()
+    tables = set(configs.loc[configs["config_key"] == config, "table"])
+    if not tables:
+        listed = "; ".join(f"{k} ({t}{'' if m == 'llc' else ' ' + m}, step_size {s:g})" if t == "estimates" else
+                           f"{k} ({m})" for k, t, m, s in zip(configs["config_key"], configs["table"],
+                                                              configs["metric"], configs["step_size"]))
+        raise ValueError(f"config key {config!r} is not in {store.path}; stored: {listed or 'none'}")
+    df = store.rows(config) if "estimates" in tables else store.rows("all").iloc[0:0]
+    mdf = store.metric_rows(config=config) if "metrics" in tables else store.metric_rows(config="all").iloc[0:0]
+    return df, mdf
 
 
 def pd_unique(a, b, column: str) -> list:

@@ -2,9 +2,12 @@
 written to a resumable ``ResultStore``.
 
 A *unit* is one (checkpoint, data, component set): all its components run as one batched call and
-their rows are written in one transaction. A rerun skips components already stored under the same
-``config_key`` and recomputes the rest (missing, or stored with another config); a checkpoint that
-cannot be loaded is recorded in the store's ``failures`` table and the sweep goes on.
+their rows are written in one transaction. A checkpoint is known by its content id (``rllc_fast.content_id``,
+cached in the store by path, size and mtime), so a same-named checkpoint of another run is never taken for
+a stored one. A rerun skips components already stored for the same checkpoint id under the same
+``config_key`` and computes the rest (missing, or stored only with another config: the rows of every
+configuration are kept side by side); a checkpoint that cannot be loaded is recorded in the store's
+``failures`` table and the sweep goes on. The store file is created only when the first unit is written.
 """
 from __future__ import annotations
 
@@ -20,13 +23,14 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 
 from .components import as_component_dict, heads, layers, whole
+from .content_id import checkpoint_ids
 from .config import SGLDConfig
 from .data import ModelDistribution
 from .distributed import (Rank, barrier, device_for, init as dist_init, merge_rank_stores, rank_from_env,
                           rank_store_path, rank_store_paths, shard)
 from .llc import estimate_llc
 from .losses import check_tokens
-from .models.checkpoints import Checkpoint, CheckpointError, checkpoint_series
+from .models.checkpoints import Checkpoint, CheckpointError, select_checkpoints
 from .progress import Progress
 from .result import ChainsDivergedError
 from .store import ResultStore, UnitKey
@@ -78,9 +82,10 @@ def data_fingerprint(data) -> str:
     return h.hexdigest()[:16]
 
 
-def config_key(config: SGLDConfig, engine: str, fingerprint: str) -> str:
-    """The hash stored with each row: equal keys mean the same estimate would be recomputed."""
-    text = json.dumps({"config": config.to_dict(), "engine": engine, "data": fingerprint}, sort_keys=True)
+def config_key(config: SGLDConfig, engine: str) -> str:
+    """The hash of the settings stored with each row: with equal checkpoint id, data (name and fingerprint)
+    and key, the same estimate would be recomputed."""
+    text = json.dumps({"config": config.to_dict(), "engine": engine}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -92,10 +97,9 @@ class _LLCJob:
     def __init__(self, config: SGLDConfig, engine: str, device, max_memory, log, progress: bool = False):
         self.config, self.engine, self.device, self.max_memory, self.log = config, engine, device, max_memory, log
         self.progress = progress  # the estimate's own SGLD progress inside a unit
-        self.config_json = json.dumps({"config": config.to_dict(), "engine": engine}, sort_keys=True)
 
-    def key(self, fingerprint: str) -> str:
-        return config_key(self.config, self.engine, fingerprint)
+    def key(self) -> str:
+        return config_key(self.config, self.engine)
 
     def done(self, store: ResultStore, unit: UnitKey, key: str) -> set:
         return store.done(unit, key)
@@ -109,7 +113,7 @@ class _LLCJob:
             return err.result
 
     def write(self, store: ResultStore, unit: UnitKey, key: str, result, seconds: float) -> int:
-        return store.write(unit, key, self.config_json, list(result), seconds)
+        return store.write(unit, key, self.config, self.engine, list(result), seconds)
 
 
 class _HessianJob:
@@ -123,9 +127,8 @@ class _HessianJob:
         self.fn = {"hessian-trace": hessian.trace, "fim-trace": hessian.fim_trace,
                    "hessian-rank": hessian.approx_rank}[metric]
 
-    def key(self, fingerprint: str) -> str:
-        text = json.dumps({"metric": self.metric, "options": self.options, "data": fingerprint}, sort_keys=True,
-                          default=str)
+    def key(self) -> str:
+        text = json.dumps({"metric": self.metric, "options": self.options}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def done(self, store: ResultStore, unit: UnitKey, key: str) -> set:
@@ -166,9 +169,12 @@ def run_sweep(
 ) -> SweepReport:
     """Estimate every (checkpoint, data, component set) into ``store`` and return a ``SweepReport``.
 
-    checkpoints:    a checkpoint directory (see ``rllc_fast.models.checkpoint_series``) or Checkpoints.
+    checkpoints:    a checkpoint folder, file, Hugging Face directory or glob (``rllc_fast.models.select_checkpoints``)
+                    or Checkpoints.
     data:           ``{name: tokens [N, T] or ModelDistribution}``; each name is a data distribution.
     component_sets: names from ``COMPONENT_SETS`` ("whole", "heads", "layers") or ``{name: model -> components}``.
+    store:          a store path (its folder must exist; the file is created by the first written unit, and a
+                    file that is not an rllc store is refused before any work) or a writable ``ResultStore``.
     like:           a model or config every checkpoint must match; default: the first checkpoint that loads.
     metric:         "llc" (default: SGLD with ``config``, ``engine``) or a Hessian metric from ``METRICS``
                     ("hessian-trace", "fim-trace", "hessian-rank"), computed by ``rllc_fast.hessian`` with the
@@ -181,7 +187,7 @@ def run_sweep(
     """
     t_start = time.time()
     if isinstance(checkpoints, (str, bytes)) or hasattr(checkpoints, "__fspath__"):
-        checkpoints = checkpoint_series(checkpoints)
+        checkpoints = select_checkpoints(checkpoints)
     checkpoints = list(checkpoints)
     if not data:
         raise ValueError("data: give at least one data distribution {name: tokens}")
@@ -200,9 +206,12 @@ def run_sweep(
     if distributed and not rank.active:
         log("distributed sweep: no torchrun environment (WORLD_SIZE > 1); running in one process")
     store_path = store.path if isinstance(store, ResultStore) else os.fspath(store)
-    # Of the ranks, only rank 0 opens the shared store (SQLite is not safe between machines).
+    # Of the ranks, only rank 0 opens the shared store (SQLite is not safe between machines). Opening checks
+    # the folder and refuses a file that is not an rllc store; the file is created by the first write.
     if not isinstance(store, ResultStore) and rank.is_main:
         store = ResultStore(store)
+    if isinstance(store, ResultStore) and store.readonly:
+        raise ValueError(f"store: {store.path} was opened read-only; a sweep needs ResultStore({store.path!r})")
     target = store
     if rank.active:
         dist_init(rank)
@@ -213,9 +222,16 @@ def run_sweep(
                 log(f"merged {merged} rows left by an earlier distributed run into {store_path}")
         barrier(rank)
         target = ResultStore(rank_store_path(store_path, rank.rank))
-    keys = {name: job.key(data_fingerprint(d)) for name, d in data.items()}
+    fingerprints = {name: data_fingerprint(d) for name, d in data.items()}
+    keys = {name: job.key() for name in data}
+    ids, unreadable = _checkpoint_ids(checkpoints, store, rank)
     report = SweepReport()
-    all_units = [(ckpt, UnitKey(ckpt.name, ckpt.step, d, s), d, s) for ckpt in checkpoints for d in data for s in sets]
+    all_units = []
+    for ckpt in checkpoints:
+        path = str(ckpt.path.absolute())
+        cid = ids.get(path, f"unreadable:{path}")  # never a content hash: such a unit is recorded as failed
+        all_units += [(ckpt, UnitKey(ckpt.name, ckpt.step, d, s, cid, path, fingerprints[d]), d, s)
+                      for d in data for s in sets]
     if rank.active:
         cfg = getattr(like, "cfg", like) or _first_config(checkpoints)
         owner = shard([_unit_cost(s, cfg) for _, _, _, s in all_units], rank.world_size)
@@ -233,7 +249,9 @@ def run_sweep(
 
     reference = like
     for ckpt, units in itertools.groupby(mine, key=lambda u: u[0]):  # each checkpoint loaded once
-        model, load_error = None, None
+        model, load_error = None, unreadable.get(str(ckpt.path.absolute()))
+        if load_error is not None:
+            log(f"skipping checkpoint: {load_error}")
         for _, unit, data_name, set_name in units:
             bar.set_description(f"step {ckpt.step} {data_name} {set_name}")
             if load_error is None and model is None:
@@ -284,6 +302,18 @@ def _first_config(checkpoints):
         except CheckpointError:
             continue
     return None
+
+
+def _checkpoint_ids(checkpoints, store, rank: Rank):
+    """``(ids, errors)`` of ``content_id.checkpoint_ids`` for every checkpoint: hashed by rank 0 (through the
+    store's cache of ids) and sent to every rank (a collective call when distributed)."""
+    if not rank.active:
+        return checkpoint_ids([c.path for c in checkpoints], store)
+    import torch.distributed as dist
+
+    box = [checkpoint_ids([c.path for c in checkpoints], store) if rank.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _stored_components(job, store, units, keys, rank: Rank) -> dict:

@@ -12,6 +12,7 @@ import pytest
 
 from rllc_fast.data.synthetic import synthetic_mixture
 from rllc_fast.distributed import Rank, rank_from_env, rank_store_path, rank_store_paths, shard
+from rllc_fast.config import SGLDConfig
 from rllc_fast.store import ResultStore, UnitKey
 from rllc_fast.toy import ToyRecipe, train_toy
 
@@ -62,18 +63,22 @@ def test_rank_from_env_knows_whether_all_ranks_share_this_machine(monkeypatch):
 
 def test_merge_replaces_rows_and_clears_failures(tmp_path):
     main, other = ResultStore(tmp_path / "s.sqlite"), ResultStore(tmp_path / "s.rank1.sqlite")
-    unit = UnitKey("a.pt", 1, "mix", "heads")
+    unit, b = UnitKey("a.pt", 1, "mix", "heads", "id-a"), UnitKey("b.pt", 2, "mix", "heads", "id-b")
+    cfg = SGLDConfig()
     main.record_failure(unit, "k", "boom")
-    main.write(UnitKey("b.pt", 2, "mix", "heads"), "k", "{}", [_Estimate("0:0", 1.0)], 1.0)
-    other.write(unit, "k", "{}", [_Estimate("0:0", 2.0), _Estimate("0:1", 3.0)], 1.0)
-    other.write(UnitKey("b.pt", 2, "mix", "heads"), "k", "{}", [_Estimate("0:0", 4.0)], 1.0)
+    main.write(b, "k", cfg, "batched", [_Estimate("0:0", 1.0)], 1.0)
+    main.write(b, "k2", SGLDConfig(step_size=3e-4), "batched", [_Estimate("0:0", 5.0)], 1.0)  # another config
+    other.write(unit, "k", cfg, "batched", [_Estimate("0:0", 2.0), _Estimate("0:1", 3.0)], 1.0)
+    other.write(b, "k", cfg, "batched", [_Estimate("0:0", 4.0)], 1.0)
+    other.write(UnitKey("b.pt", 2, "mix", "heads", "id-b2"), "k", cfg, "batched", [_Estimate("0:0", 6.0)], 1.0)
     assert rank_store_paths(main.path) == [Path(other.path)]
-    assert main.merge_from(other.path) == 3
-    rows = main.rows()
-    assert len(rows) == 3 and main.failures().empty
-    assert rows.set_index(["checkpoint", "component"])["llc_mean"].to_dict() == {
-        ("a.pt", "0:0"): 2.0, ("a.pt", "0:1"): 3.0, ("b.pt", "0:0"): 4.0}
-    assert main.unit_count() == 2
+    assert main.merge_from(other.path) == 4
+    rows = main.rows("all")
+    assert len(rows) == 5 and main.failures().empty
+    assert rows.set_index(["checkpoint_id", "component", "config_key"])["llc_mean"].to_dict() == {
+        ("id-a", "0:0", "k"): 2.0, ("id-a", "0:1", "k"): 3.0, ("id-b", "0:0", "k"): 4.0, ("id-b", "0:0", "k2"): 5.0,
+        ("id-b2", "0:0", "k"): 6.0}  # the same name of other content, and another config, are kept apart
+    assert main.unit_count() == 3
 
 
 @pytest.fixture(scope="module")

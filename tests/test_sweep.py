@@ -13,7 +13,7 @@ import torch
 
 from rllc_fast import SGLDConfig
 from rllc_fast.models import attn_only, save_checkpoint
-from rllc_fast.store import ResultStore
+from rllc_fast.store import ResultStore, SeveralConfigsWarning
 from rllc_fast.sweep import run_sweep
 
 SMALL = dict(n_layers=2, d_model=32, n_heads=8, d_head=4, n_ctx=16, d_vocab=64)  # 16 heads
@@ -128,13 +128,20 @@ def test_rerun_skips_done_and_recomputes_changed_config(tmp_path):
     assert len(first.computed) == 6 and first.rows_written == 3 * (1 + 2)
     again = run_sweep(tmp_path / "ckpts", data, config, store, ["whole", "layers"], progress=False)
     assert again.computed == [] and len(again.skipped) == 6
-    # a different config: every row is recomputed and replaced, none duplicated
+    # a different config is computed and kept beside the first; rows() shows the latest per unit, with a note
     changed = run_sweep(tmp_path / "ckpts", data, SGLDConfig(num_draws=5, batch_size=8), store, ["whole"],
                         progress=False)
     assert len(changed.computed) == 3
-    df = _rows(store)
-    assert len(df) == 9 and df[df.component_set == "whole"].config_key.nunique() == 1
-    assert ResultStore(store).traces("step1.pt", "mix", "whole", "whole")["loss_trace"].shape == (4, 5)
+    with pytest.warns(SeveralConfigsWarning, match="2 configuration"):
+        df = _rows(store)
+    assert len(df) == 9 and df[df.component_set == "whole"].num_draws.tolist() == [5, 5, 5]
+    assert df[df.component_set == "layers"].num_draws.unique().tolist() == [4]
+    assert len(ResultStore(store).rows("all")) == 12
+    new_key = df[df.component_set == "whole"].config_key.iloc[0]
+    s = ResultStore(store)
+    assert s.traces("step1.pt", "mix", "whole", "whole", config_key=new_key)["loss_trace"].shape == (4, 5)
+    with pytest.raises(ValueError, match="2 estimates match"):  # ambiguous without the key
+        s.traces("step1.pt", "mix", "whole", "whole")
     # changed data under the same name is noticed too
     data2 = {"mix": torch.randint(0, 64, (32, 16), generator=g)}
     assert len(run_sweep(tmp_path / "ckpts", data2, config, store, ["whole"], progress=False).computed) == 3
@@ -180,16 +187,19 @@ def test_cli_bad_input_names_the_argument(run_dir):
     assert "data 'big': token ids must lie in [0, 64)" in msg
     np.save(tmp / "short.npy", np.zeros((8, 12), dtype=np.int64))
     msg = _cli_error(*base, "--checkpoints", tmp / "ckpts", "--data", tmp / "short.npy")  # --context: n_ctx 16
+    assert not (tmp / "s.sqlite").exists()  # a sweep failing on bad input leaves no store behind
     assert "rows have 12 tokens, fewer than context_length 16" in msg
     np.save(tmp / "long.npy", np.zeros(4000, dtype=np.int64))
     msg = _cli_error(*base, "--checkpoints", tmp / "ckpts", "--data", tmp / "long.npy", "--context", 32)
     assert "--context 32 exceeds the model's n_ctx 16 (step1.pt); give --context 16 or less" in msg
+    assert not (tmp / "s.sqlite").exists()
     assert "--components" in _cli_error(*base, "--checkpoints", tmp / "ckpts", "--data", data["mix"],
                                         "--components", "heads,mlp")
     (tmp / "bad.toml").write_text("stepsize = 0.1\n")
     msg = _cli_error(*base, "--checkpoints", tmp / "ckpts", "--data", data["mix"], "--config", tmp / "bad.toml")
     assert "unknown key(s) ['stepsize']" in msg
     assert "does not exist" in _cli_error("plot", "--store", tmp / "nothing.sqlite")
+    assert not (tmp / "nothing.sqlite").exists()
 
 
 def test_config_file_and_plot(run_dir):
@@ -210,7 +220,9 @@ def test_config_file_and_plot(run_dir):
     for png in files[:-2] + ["whole.png"]:
         assert f"src='{png}'" in page
         assert (tmp / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert page.count("</tr>") == 1 + len(df)  # header + one row per estimate
+    assert page.split("<h2>Estimates</h2>")[1].count("</tr>") == 1 + len(df)  # header + one row per estimate
+    configs = page.split("<h2>Configurations</h2>")[1].split("<h2>")[0]
+    assert configs.count("</tr>") == 2 and df.config_key.iloc[0] in configs  # one configuration, with its settings
 
 
 def test_head_figure_has_a_panel_per_layer_and_a_line_per_head(run_dir):

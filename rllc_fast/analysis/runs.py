@@ -8,7 +8,7 @@ from typing import Dict, Mapping, Optional, Sequence
 import torch
 
 from ..progress import progress_iter
-from ..store import ResultStore
+from ..store import ResultStore, check_one_checkpoint_per_step
 from . import figures
 from .head_scores import scores_by_head
 
@@ -117,12 +117,18 @@ def analyze_tokens(checkpoint, tokens: torch.Tensor, data: str, store: ResultSto
 
 
 def head_curves(store: ResultStore, data: str, layer: Optional[int] = None, component_set: str = "heads"):
-    """``(steps, {head: rLLC curve})`` of one data distribution from a sweep's store (optionally one layer).
-    Raises ``ValueError`` when the store has no such rows or a head misses checkpoints."""
+    """``(steps, {head: rLLC curve})`` of one data distribution from a sweep's store (optionally one layer), of
+    the latest configuration per checkpoint (``ResultStore.rows``). Raises ``ValueError`` when the store has no
+    such rows (listing the data names it has), or rows of several checkpoints at one step."""
     df = store.rows()
-    df = df[(df["data"] == data) & (df["component_set"] == component_set)]
+    df = df[df["component_set"] == component_set]
+    have = list(dict.fromkeys(df["data"]))
+    df = df[df["data"] == data]
     if df.empty:
-        raise ValueError(f"{store.path} has no per-head estimates on data {data!r}; run `rllc sweep` for it first")
+        what = "per-head" if component_set == "heads" else f"{component_set!r}"
+        raise ValueError(f"{store.path} has no {what} estimates on data {data!r}; it has them on: "
+                         f"{', '.join(map(repr, have)) or 'no data'} (or run `rllc sweep` for {data!r} first)")
+    check_one_checkpoint_per_step(df, str(store.path))
     if layer is not None:
         df = df[[int(c.split(":")[0]) == layer for c in df["component"]]]
         if df.empty:
@@ -136,7 +142,9 @@ def analyze_clusters(store: ResultStore, data: Sequence[str], n_clusters: int, m
     """Cluster the per-head rLLC curves on ``data`` (one or several, concatenated) of ``store``; write the
     labels (analysis ``cluster``), ``clusters.json`` (labels, scores, colours: feed it to ``rllc plot
     --clusters``) and ``clusters.png``; label the heads of the ``apply_to`` stores' runs with the same
-    clustering (Appendix G). Returns ``(clustering, {store path: labels})``."""
+    clustering (Appendix G): those stores are only read, their labels are written to ``store`` (analysis
+    ``cluster``, name ``TAG-applied``, ``other`` the store's path) and ``clusters.json``. Returns
+    ``(clustering, {store path: labels})``."""
     from ..atomic import write_json_atomically
     from .clustering import cluster_curves
 
@@ -149,8 +157,8 @@ def analyze_clusters(store: ResultStore, data: Sequence[str], n_clusters: int, m
     applied = {}
     for other in apply_to:
         labels = clustering.predict([head_curves(other, d, layer)[1] for d in data])
-        other.write_analysis("cluster", [{"data": "+".join(data), "name": f"{tag}-from:{store.path}", "head": h,
-                                          "value": c} for h, c in labels.items()])
+        store.write_analysis("cluster", [{"data": "+".join(data), "name": f"{tag}-applied", "head": h,
+                                          "other": str(other.path), "value": c} for h, c in labels.items()])
         applied[str(other.path)] = labels
     colours = clustering.colours()
     out_dir = Path(out_dir)
