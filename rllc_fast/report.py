@@ -16,50 +16,15 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from .atomic import write_atomically
+from .plotting import (TYPE_COLORS, head_colour, head_key, log_step_axis, save_figure, sort_key,
+                       subplots)
 from .store import ResultStore, check_one_checkpoint_per_step
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _log_x(ax, steps) -> None:
-    """A log step axis that still shows step 0 (symmetric log, linear below 1)."""
-    if min(steps) <= 0:
-        ax.set_xscale("symlog", linthresh=1.0)
-    else:
-        ax.set_xscale("log")
-    ax.set_xlabel("training step")
-    ax.grid(True, which="major", alpha=0.3)
-
-
-def _head_key(name: str):
-    layer, head = name.split(":")
-    return int(layer), int(head)
-
-
-#: One colour per head type (the demo's figure and ``rllc analyze``).
-TYPE_COLORS = {"induction": "#d62728", "previous-token": "#1f77b4", "current-token": "#2ca02c",
-               "multigram": "#9a9a9a", "other": "#9a9a9a"}
-
-
-def head_colour(name: str, i: int, n: int, colours: Optional[dict] = None):
-    """``colours[name]`` when given, else the ``i``-th colour of a qualitative palette sized for ``n`` lines."""
-    if colours and name in colours:
-        return colours[name]
-    cmap = _pyplot().get_cmap("tab10" if n <= 10 else "tab20")
-    return cmap(i % cmap.N)
 
 
 def _plot_lines(ax, df, value_col: str = "llc_mean", err_col: Optional[str] = "llc_sem",
                 colours: Optional[dict] = None) -> None:
     n = df["component"].nunique()
-    for i, (name, g) in enumerate(sorted(df.groupby("component"), key=lambda kv: _sort_key(kv[0]))):
+    for i, (name, g) in enumerate(sorted(df.groupby("component"), key=lambda kv: sort_key(kv[0]))):
         g = g.sort_values("step")
         x, y = g["step"].to_numpy(), g[value_col].to_numpy(float)
         color = head_colour(name, i, n, colours)
@@ -70,17 +35,10 @@ def _plot_lines(ax, df, value_col: str = "llc_mean", err_col: Optional[str] = "l
             ax.fill_between(x[ok], (y - e)[ok], (y + e)[ok], color=color, alpha=0.15, linewidth=0)
 
 
-def _sort_key(name: str):
-    try:
-        return (0,) + _head_key(name)
-    except ValueError:
-        return (1, name)
-
-
 def plot_head_curves(df, path, title: str, value_col: str = "llc_mean", ylabel: str = "rLLC  $\\hat\\lambda$",
                      err_col: Optional[str] = "llc_sem", colours: Optional[dict] = None) -> Path:
     """Per-head curves of ``df`` (see ``head_curves_figure``) written as a PNG to ``path``."""
-    return _save(head_curves_figure(df, title, value_col, ylabel, err_col, colours), path)
+    return save_figure(head_curves_figure(df, title, value_col, ylabel, err_col, colours), path)
 
 
 def head_curves_figure(df, title: str, value_col: str = "llc_mean", ylabel: str = "rLLC  $\\hat\\lambda$",
@@ -88,15 +46,14 @@ def head_curves_figure(df, title: str, value_col: str = "llc_mean", ylabel: str 
     """A matplotlib figure of per-head curves of ``df`` (rows of one data distribution, component set
     'heads'): one panel per layer, one line per head (legend ``l:h``), ±1 SEM band, log step axis.
     ``colours``: ``{"l:h": colour}`` (e.g. a clustering's colour families), else a qualitative palette."""
-    plt = _pyplot()
     df = df.copy()
-    df["layer"] = [_head_key(c)[0] for c in df["component"]]
+    df["layer"] = [head_key(c)[0] for c in df["component"]]
     layer_ids = sorted(df["layer"].unique())
-    fig, axes = plt.subplots(1, len(layer_ids), figsize=(5.2 * len(layer_ids), 4.2), squeeze=False, sharey=True)
+    fig, axes = subplots(1, len(layer_ids), figsize=(5.2 * len(layer_ids), 4.2), squeeze=False, sharey=True)
     for ax, layer in zip(axes[0], layer_ids):
         sub = df[df["layer"] == layer]
         _plot_lines(ax, sub, value_col, err_col, colours)
-        _log_x(ax, sub["step"])
+        log_step_axis(ax, sub["step"])
         ax.set_title(f"layer {layer}")
         ax.legend(fontsize=8, ncol=2, title="head l:h", title_fontsize=8, loc="best")
     axes[0][0].set_ylabel(ylabel)
@@ -107,18 +64,17 @@ def head_curves_figure(df, title: str, value_col: str = "llc_mean", ylabel: str 
 
 def plot_component_curves(df, path, title: str, ylabel: str = "LLC  $\\hat\\lambda$") -> Path:
     """One panel, one line per (data, component) of ``df`` (whole-model or layer rows)."""
-    plt = _pyplot()
     df = df.copy()
     if df["data"].nunique() > 1:
         df["component"] = df["component"] + " on " + df["data"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = subplots(figsize=(6.4, 4.2))
     _plot_lines(ax, df)
-    _log_x(ax, df["step"])
+    log_step_axis(ax, df["step"])
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def head_difference(df, data_a: str, data_b: str):
@@ -134,12 +90,6 @@ def head_difference(df, data_a: str, data_b: str):
     out["llc_sem"] = np.sqrt(both["llc_sem_a"].to_numpy() ** 2 + both["llc_sem_b"].to_numpy() ** 2)
     out["data"] = f"{data_a} - {data_b}"
     return out
-
-
-def _save(fig, path) -> Path:
-    path = write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    _pyplot().close(fig)
-    return path
 
 
 def check_differences(df, differences: Sequence[tuple]) -> None:
@@ -310,12 +260,11 @@ def head_types_figure(df, metrics: Sequence[dict], head_types: dict, base: str, 
     (c) the best previous-token and induction scores and the loss on repeated spans (``metrics``: per
     checkpoint dicts with step, previous_token, induction, loss_first_copy, loss_repeat_copy);
     (d) whole-model LLC on ``base``."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.4))
+    fig, axes = subplots(2, 2, figsize=(12, 8.4))
     heads = df[df["component_set"] == "heads"]
     a = heads[heads["data"] == base]
     diff = head_difference(df, refined, base)
-    order = sorted(a["component"].unique(), key=_head_key)
+    order = sorted(a["component"].unique(), key=head_key)
     styles = ["-", "--", ":", "-."]
     counts: dict = {}
     for name in order:
@@ -353,7 +302,7 @@ def head_types_figure(df, metrics: Sequence[dict], head_types: dict, base: str, 
     axes[1, 1].set_title(f"(d) whole-model LLC on {base}")
     axes[1, 1].set_ylabel("LLC  $\\hat\\lambda$")
     for ax in axes.flat:
-        _log_x(ax, steps)
+        log_step_axis(ax, steps)
         ax.set_xlim(min(steps), max(steps) * 1.1)
     if title:
         fig.suptitle(title)
@@ -363,4 +312,4 @@ def head_types_figure(df, metrics: Sequence[dict], head_types: dict, base: str, 
 
 def plot_head_types(df, metrics, head_types, base, refined, path, title: str = "") -> Path:
     """``head_types_figure`` written as a PNG to ``path``."""
-    return _save(head_types_figure(df, metrics, head_types, base, refined, title), path)
+    return save_figure(head_types_figure(df, metrics, head_types, base, refined, title), path)
