@@ -408,18 +408,22 @@ def _cmd_plot(args) -> int:
     from .report import write_report
 
     store = cli_export.open_store(args.store, "rllc plot", readonly=True)
-    colours = None
+    colours = key = None
     if args.clusters:
+        from .analysis.clustering import cluster_key
+
         try:
             with open(args.clusters) as f:
-                colours = {h: tuple(c) for h, c in json.load(f)["colours"].items()}
+                clusters = json.load(f)
+            colours = {h: tuple(c) for h, c in clusters["colours"].items()}
+            key = cluster_key(clusters["labels"])
         except (OSError, ValueError, KeyError) as err:
             raise SystemExit(f"rllc plot: --clusters {args.clusters}: not a clusters.json of `rllc analyze cluster` "
                              f"({err})") from None
     try:
         with cli_export.store_notes("rllc plot"):
             page = write_report(store, args.out, differences=[tuple(d) for d in args.diff or ()], colours=colours,
-                                config=args.config_key)
+                                config=args.config_key, key_colours=key, key_title="cluster (colour family)")
     except ValueError as err:
         raise SystemExit(f"rllc plot: {err}") from None
     logger(args.quiet)(f"wrote {page} and its figures")

@@ -66,7 +66,7 @@ def run_demo(out_dir: os.PathLike = "rllc-demo", cache_dir: Optional[os.PathLike
 
     from .analysis.refinement_shift import ratios_by_type, refinement_ratios
     from .data.synthetic import synthetic_mixture, synthetic_source
-    from .report import plot_head_types, write_report
+    from .report import describe_settings, plot_head_types, write_report
     from .store import ResultStore
     from .sweep import run_sweep
 
@@ -114,7 +114,7 @@ def run_demo(out_dir: os.PathLike = "rllc-demo", cache_dir: Optional[os.PathLike
     figure = plot_head_types(df, run.metrics, types, BASE, REFINED, out_dir / "demo.png",
                              title="rllc demo: a 2-layer attention-only model on the synthetic mixture")
     write_report(store, out_dir, differences=[(REFINED, BASE)], title="rllc demo",
-                 extra_html=_summary_html(summary, figure.name))
+                 extra_html=_summary_html(summary, figure.name, describe_settings(df)))
     summary["seconds"] = time.time() - t_start
     write_json_atomically(out_dir / "summary.json", summary, indent=1)
     return summary
@@ -145,10 +145,11 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _summary_html(summary: dict, figure: str) -> str:
+def _summary_html(summary: dict, figure: str, settings: str) -> str:
+    """The page's summary and the demo figure, captioned with ``settings`` (``report.describe_settings``)."""
     import html
 
     return (f"<h2>Summary</h2><pre>{html.escape(format_summary(summary))}</pre>"
             f"<figure><img src='{html.escape(figure)}' alt='demo figure'><figcaption>Heads coloured by type: "
             "per-head wrLLC on the mixture, the code refinement's difference, head scores and in-context learning, "
-            "whole-model LLC.</figcaption></figure>")
+            f"whole-model LLC.<br><small>{html.escape(settings)}</small></figcaption></figure>")

@@ -138,14 +138,32 @@ class Clustering:
         out = {}
         for cluster in sorted(set(self.labels.values())):
             members = [n for n, c in self.labels.items() if c == cluster]
-            cmap = colormaps[COLOUR_FAMILIES[cluster % len(COLOUR_FAMILIES)]]
+            cmap = colormaps[family(cluster)]
             shades = np.linspace(0.85, 0.45, len(members)) if len(members) > 1 else [0.7]
             out.update({n: tuple(float(v) for v in cmap(s)) for n, s in zip(members, shades)})
         return out
 
+    def colour_key(self) -> Dict[str, tuple]:
+        """``{"cluster c": RGBA}``: what each colour family of ``colours`` means (see ``cluster_key``)."""
+        return cluster_key(self.labels)
+
     def to_dict(self) -> dict:
         return {"method": self.method, "n_clusters": self.n_clusters, "labels": self.labels, "scores": self.scores,
                 "lengths": self.lengths}
+
+
+def family(cluster: int) -> str:
+    """The matplotlib colormap whose shades ``Clustering.colours`` gives the heads of ``cluster``."""
+    return COLOUR_FAMILIES[cluster % len(COLOUR_FAMILIES)]
+
+
+def cluster_key(labels: Mapping[str, int]) -> Dict[str, tuple]:
+    """``{"cluster c": RGBA}`` for the clusters of ``labels`` ``{head: cluster}`` (in cluster order): a middle
+    shade of each cluster's colour family, the legend of a figure coloured by ``Clustering.colours``."""
+    from matplotlib import colormaps
+
+    return {f"cluster {c}": tuple(float(v) for v in colormaps[family(c)](0.65))
+            for c in sorted(set(int(c) for c in labels.values()))}
 
 
 def _prepare(method: str, X: np.ndarray, lengths: Sequence[int]) -> np.ndarray:

@@ -7,6 +7,7 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 
+from ..plotting import describe_steps
 from ..progress import progress_iter
 from ..store import ResultStore, check_one_checkpoint_per_step
 from . import figures
@@ -17,6 +18,11 @@ def _models(series, desc: str, progress: bool, like=None):
     """``(checkpoint, model)`` pairs, each model loaded only when its turn comes (one in memory at a time)."""
     for ck in progress_iter(series, desc, progress, unit="ckpt"):
         yield ck, ck.load(like=like)
+
+
+def _data_note(data: str, tokens: torch.Tensor) -> str:
+    """``"data NAME: N contexts x T tokens"``, for the note of a figure."""
+    return f"data {data}: {tokens.shape[0]} contexts x {tokens.shape[1]} tokens"
 
 
 def analyze_scores(series, tokens: torch.Tensor, data: str, store: ResultStore, out_dir, thresholds: Mapping[str, float] = {},
@@ -41,9 +47,14 @@ def analyze_scores(series, tokens: torch.Tensor, data: str, store: ResultStore, 
                                         "value": None, "info": dict(thresholds)} for h, t in labels.items()])
     df = store.analysis_rows("head-score")
     df = df[df["data"] == data]
-    figures.plot_per_head_over_training(df, Path(out_dir) / "head_scores.png", f"head scores on {data}", "score",
-                                        colours={h: figures.TYPE_COLORS[t] for h, t in labels.items()
-                                                 if t != "multigram"})
+    rules = ", ".join(f"{k.replace('_', '-')} >= {v:g}" for k, v in thresholds.items())
+    note = (f"{_data_note(data, tokens)}; {describe_steps(df['step'])}; types at step {ck.step}"
+            + (f" ({rules})" if rules else ""))
+    figures.plot_per_head_over_training(df, Path(out_dir) / "head_scores.png", f"head scores on {data}",
+                                        "score (mean attention probability)",
+                                        colours={h: figures.TYPE_COLORS.get(t, figures.TYPE_COLORS["other"])
+                                                 for h, t in labels.items()},
+                                        key_colours=figures.type_key(labels), key_title="head type (colour)", note=note)
     return df, labels
 
 
@@ -59,8 +70,9 @@ def analyze_composition(series, store: ResultStore, out_dir, head_types: Optiona
                   "value": r["score"]} for r in composition_rows(model, ck.step)]
     store.write_analysis("composition", rows)
     df = store.analysis_rows("composition")
+    note = describe_steps(df["step"]) + ("; head types of `rllc analyze scores`" if head_types else "")
     for kind in ("Q", "K", "V"):
-        figures.plot_composition(df, Path(out_dir) / f"composition_{kind}.png", kind, head_types)
+        figures.plot_composition(df, Path(out_dir) / f"composition_{kind}.png", kind, head_types, note)
     return df
 
 
@@ -84,12 +96,14 @@ def analyze_ablation(series, tokens: torch.Tensor, data: str, store: ResultStore
     store.write_analysis("icl", icl)
     ab = store.analysis_rows("ablation")
     ab = ab[ab["data"] == data]
+    note = f"{_data_note(data, tokens)}; {describe_steps(ab['step'])}"
     figures.plot_per_head_over_training(ab, Path(out_dir) / "ablation.png", f"ablation scores on {data}",
-                                        "loss increase (nats/token)")
+                                        "loss increase (nats/token)", note=f"{note}; ablations {', '.join(kinds)}")
     ic = store.analysis_rows("icl")
     ic = ic[ic["data"] == data]
     figures.plot_per_head_over_training(ic, Path(out_dir) / "icl.png", f"ICL score on {data} with one head mean-ablated",
-                                        "ICL score (nats)", styles={"none": "--"}, colours={"none": "black"})
+                                        "ICL score (nats)", styles={"none": "--"}, colours={"none": "black"},
+                                        note=f"{note}; head 'none': no ablation")
     return ab, ic
 
 
@@ -112,7 +126,9 @@ def analyze_tokens(checkpoint, tokens: torch.Tensor, data: str, store: ResultSto
                      "info": summary["unique"]})
     store.write_analysis("tokens", rows)
     figures.plot_token_patterns(summaries, Path(out_dir) / "tokens_in_context.png",
-                                f"tokens in context at step {checkpoint.step} on {data} (top {k} per head)")
+                                f"tokens in context at step {checkpoint.step} on {data} (top {k} per head)",
+                                note=f"{_data_note(data, tokens)}; checkpoint {checkpoint.name}; mean ablation; "
+                                     f"{len(brackets or {})} bracket pairs")
     return summaries
 
 
@@ -164,7 +180,10 @@ def analyze_clusters(store: ResultStore, data: Sequence[str], n_clusters: int, m
     out_dir = Path(out_dir)
     write_json_atomically(out_dir / "clusters.json", {**clustering.to_dict(), "data": list(data), "layer": layer,
                                                       "colours": colours, "applied": applied}, indent=1)
+    note = (f"{describe_steps(parts[0][0])}; seed {seed}" + (f"; layer {layer} only" if layer is not None else "")
+            + ("; curves resampled" if resample else "") + "; "
+            + ", ".join(f"{k} {v:.3g}" for k, v in clustering.scores.items()))
     figures.plot_clusters([c for _, c in parts], [s for s, _ in parts], list(data), colours, clustering.labels,
                           out_dir / "clusters.png",
-                          f"{method} clustering, {n_clusters} clusters, on {' + '.join(data)}")
+                          f"{method} clustering, {n_clusters} clusters, on {' + '.join(data)}", note)
     return clustering, applied
