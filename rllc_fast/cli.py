@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import cli_analyze, cli_demo
+from . import cli_analyze, cli_calibrate, cli_demo
 from .atomic import write_json_atomically
 
 
@@ -304,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     _plot_parser(sub)
     cli_demo.add_parsers(sub)
     cli_analyze.add_parser(sub)
+    cli_calibrate.add_parser(sub)
     info = sub.add_parser("info", help="backend, device and library versions", description="Print the ops backend, device and versions.")
     info.set_defaults(func=_cmd_info)
     for p in sub.choices.values():
