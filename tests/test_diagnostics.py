@@ -148,3 +148,19 @@ def test_calibration_rows_carry_the_diagnostics_and_the_problems_instead_of_warn
     assert r.suggest_step_size(rows) == 2e-3
     png = r.plot_calibration(rows, tmp_path / "c.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_report_lists_flagged_estimates_and_refined_llcs_above_the_whole_model():
+    import pandas as pd
+
+    from rllc_fast.report import diagnostics_section
+
+    rows = pd.DataFrame({"step": [10] * 3, "checkpoint": ["c.pt"] * 3, "data": ["mix"] * 3,
+                         "component_set": ["whole", "heads", "heads"], "component": ["whole", "0:0", "0:1"],
+                         "llc_mean": [10.0, 2.0, 45.0], "llc_sem": [0.5, 0.1, 1.0], "rhat": [1.01, 1.5, 1.02],
+                         "ess": [100.0, 50, 100], "ess_fraction": [0.5, 0.25, 0.5], "distance_growth": [0.0, 0, 0]})
+    page = diagnostics_section(rows)
+    assert "2 of 3 estimates flagged" in page and "chains disagree" in page and "above the whole-model LLC" in page
+    assert "<td>whole</td>" not in page
+    assert diagnostics_section(rows.drop(columns=["rhat"])) == ""  # a store without the diagnostics
+    assert "No estimate is flagged" in diagnostics_section(rows.iloc[:1])
