@@ -130,7 +130,10 @@ def calibration_figure(rows: Sequence[dict], title: str = "step-size calibration
             ax.plot(x[bad], y[bad], linestyle="none", marker="x", markersize=9, color="black")
     suggested = suggest_step_size(rows)
     for ax, label in zip(axes, ("(a) LLC  $\\hat\\lambda$", "(b) $||w - w^*||$ at the last draw")):
-        log_step_axis(ax, [r["step_size"] for r in rows], label="SGLD step size")
+        steps = [r["step_size"] for r in rows]
+        log_step_axis(ax, steps, label="SGLD step size")
+        if min(steps) == max(steps):  # one step size: give the axis some width
+            ax.set_xlim(min(steps) / 2, max(steps) * 2)
         ax.set_title(label)
         if suggested is not None:
             ax.axvline(suggested, color="grey", linestyle=":", linewidth=1.2)
