@@ -132,8 +132,7 @@ def calibration_figure(rows: Sequence[dict], title: str = "step-size calibration
     for ax, label in zip(axes, ("(a) LLC  $\\hat\\lambda$", "(b) $||w - w^*||$ at the last draw")):
         steps = [r["step_size"] for r in rows]
         log_step_axis(ax, steps, label="SGLD step size")
-        if min(steps) == max(steps):  # one step size: give the axis some width
-            ax.set_xlim(min(steps) / 2, max(steps) * 2)
+        ax.set_xlim(min(steps) / 1.6, max(steps) * 1.6)  # every step size, even where all chains diverged
         ax.set_title(label)
         if suggested is not None:
             ax.axvline(suggested, color="grey", linestyle=":", linewidth=1.2)
