@@ -162,7 +162,7 @@ def format_calibration(rows: Sequence[dict]) -> str:
         short = "; ".join(_label(p) for p in r["problems"].split(PROBLEM_SEPARATOR)) if r["problems"] else ""
         lines.append(f"{r['step_size']:8.2g} {r['component']:>10} {_num(r['llc_mean'], 11)} {_num(r['llc_std'], 9)} "
                      f"{r['diverged_chains']:>2}/{r['num_chains']:<2} {_num(r['final_distance'], 10)} "
-                     f"{_num(r['rhat'], 6, 3)} {_num(r['ess'], 7, 1)} {_num(r['distance_growth'], 8)}  {short}")
+                     f"{_num(r['rhat'], 6, 3)} {_num(r['ess'], 7, fixed=True)} {_num(r['distance_growth'], 8, 3)}  {short}")
     for step in sorted({r["step_size"] for r in rows}):
         mine = [r for r in rows if r["step_size"] == step]
         flagged = [r["component"] for r in mine if r["problems"]]
@@ -180,7 +180,8 @@ def _label(problem: str) -> str:
     return problem.split(":")[0].split(" (")[0]
 
 
-def _num(x: float, width: int, digits: int = 4) -> str:
+def _num(x: float, width: int, digits: int = 4, fixed: bool = False) -> str:
+    """``x`` in ``width`` characters: ``digits`` significant digits, or no decimals when ``fixed``; "-" for NaN."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return f"{'-':>{width}}"
-    return f"{x:{width}.{digits}g}"
+    return f"{x:{width}.0f}" if fixed else f"{x:{width}.{digits}g}"
