@@ -113,12 +113,12 @@ def suggest_step_size(rows: Sequence[dict], tolerance: float = 0.1) -> Optional[
 def calibration_figure(rows: Sequence[dict], title: str = "step-size calibration"):
     """Two panels against the step size (log axis), one line per component: (a) the LLC (symmetric log
     axis: bad step sizes reach 1e10 and more), (b) the mean ``||v - v*||`` at the last draw (log axis).
-    Points of a (step size, component) with problems get a black cross; the suggested step size a
-    dotted line. Returns the figure."""
+    Points of a (step size, component) with problems get a black cross, step sizes at which some component
+    lost every chain a red band, the suggested step size a dotted line. Returns the figure."""
     if not rows:
         raise ValueError("rows is empty: run calibrate_step_size first")
     names = sorted({r["component"] for r in rows}, key=sort_key)
-    fig, axes = subplots(1, 2, figsize=(12, 4.6))
+    fig, axes = subplots(1, 2, figsize=(13.5, 4.6))
     for i, name in enumerate(names):
         mine = sorted((r for r in rows if r["component"] == name), key=lambda r: r["step_size"])
         x = np.array([r["step_size"] for r in mine])
@@ -129,7 +129,10 @@ def calibration_figure(rows: Sequence[dict], title: str = "step-size calibration
             ax.plot(x, y, marker="o", markersize=3.5, linewidth=1.4, color=colour, label=name)
             ax.plot(x[bad], y[bad], linestyle="none", marker="x", markersize=9, color="black")
     suggested = suggest_step_size(rows)
+    lost = sorted({r["step_size"] for r in rows if r["diverged_chains"] == r["num_chains"]})
     for ax, label in zip(axes, ("(a) LLC  $\\hat\\lambda$", "(b) $||w - w^*||$ at the last draw")):
+        for step in lost:  # nothing to plot there: mark it
+            ax.axvspan(step / 1.25, step * 1.25, color="red", alpha=0.15, linewidth=0)
         steps = [r["step_size"] for r in rows]
         log_step_axis(ax, steps, label="SGLD step size")
         ax.set_xlim(min(steps) / 1.6, max(steps) * 1.6)  # every step size, even where all chains diverged
@@ -139,11 +142,15 @@ def calibration_figure(rows: Sequence[dict], title: str = "step-size calibration
     axes[0].set_yscale("symlog", linthresh=1.0)
     axes[1].set_yscale("log")
     axes[0].plot([], [], linestyle="none", marker="x", color="black", label="problems")
+    if lost:
+        axes[0].fill_between([], [], [], color="red", alpha=0.15, label="every chain diverged (a component)")
     if suggested is not None:
         axes[0].plot([], [], color="grey", linestyle=":", label=f"suggested {suggested:g}")
-    axes[0].legend(fontsize=7, ncol=2 if len(names) > 6 else 1)
+    ncol = 1 + len(names) // 20
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=7, ncol=ncol, title="component",
+               title_fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 0.16 * ncol, 1))
     return fig
 
 
