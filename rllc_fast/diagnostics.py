@@ -42,8 +42,9 @@ import numpy as np
 RHAT_MAX = 1.1
 #: Flag when the bulk ESS is below this fraction of the draws (chains used x draws).
 ESS_FRACTION_MIN = 0.01
-#: Flag when ||v - v*|| grew by more than this fraction over the last half of the draws ...
-DISTANCE_GROWTH_MAX = 0.05
+#: Flag when ||v - v*|| grew by more than this fraction over the last half of the draws (settled chains
+#: measured within +-2%, chains that had not settled after too small a step +4% and more) ...
+DISTANCE_GROWTH_MAX = 0.03
 #: ... and call it a blow-up (the step size is unstable) above this one (more than doubled).
 DISTANCE_BLOWUP = 1.0
 #: ``step_size * localization`` above which the localization term alone is unstable (``step_size_problems``).
@@ -237,7 +238,9 @@ def problems(diag: Mapping[str, float]) -> List[str]:
                    "for this component; lower step_size (e.g. 10x)")
     elif g > DISTANCE_GROWTH_MAX:
         out.append(f"||w - w*|| still growing at the last draw (+{g:.1%} over the last half; settled chains: < "
-                   f"{DISTANCE_GROWTH_MAX:.0%}): add num_burnin or num_draws; if it persists, lower step_size")
+                   f"{DISTANCE_GROWTH_MAX:.0%}): the chains have not settled and the LLC is still changing; add "
+                   "num_burnin (settling takes about 2 / (step_size * localization) steps, long for a small step "
+                   "size); if it keeps growing with more steps, lower step_size")
     if r > RHAT_MAX:
         out.append(f"chains disagree (R-hat {r:.3g} > {RHAT_MAX}: the chains, or the two halves of a chain, sample "
                    "different losses): add num_burnin or num_draws; lower step_size if ||w - w*|| grows too")
