@@ -121,7 +121,7 @@ def _autocovariance(x: np.ndarray) -> np.ndarray:
 
 def _ess_basic(x: np.ndarray) -> float:
     """ESS of ``[chains, draws]`` by Geyer's initial monotone sequence over the chains' mean autocorrelation
-    (Vehtari et al. 2021, eq. 10-11; the estimator of Stan and ArviZ)."""
+    (Vehtari et al. 2021; the estimator of Stan and ArviZ)."""
     m, n = x.shape
     acov = _autocovariance(x)
     mean_var = acov[:, 0].mean() * n / (n - 1)

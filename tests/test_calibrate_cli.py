@@ -1,6 +1,5 @@
 """``rllc calibrate`` on a checkpoint file and on the built-in model: a table, calibrate.csv and calibrate.png;
 bad flags are refused with the flag named."""
-import sys
 
 import pandas as pd
 import pytest

@@ -2,7 +2,6 @@
 the warnings of estimate_llc on a trained model at a too-large and a sensible step size, the a-priori step
 size check, the refined-above-whole check and step-size calibration."""
 import math
-import sys
 import warnings
 
 import numpy as np
