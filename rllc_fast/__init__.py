@@ -42,3 +42,11 @@ __all__ = [
     "whole",
     "write_report",
 ]
+
+# Sampler diagnostics, step-size calibration and the plotting helpers (docs/diagnostics.md).
+from . import diagnostics, plotting  # noqa: E402
+from .calibrate import calibration_figure, plot_calibration, suggest_step_size  # noqa: E402
+from .diagnostics import SamplerDiagnostics, SamplerWarning, refined_exceeding_whole  # noqa: E402
+
+__all__ += ["SamplerDiagnostics", "SamplerWarning", "calibration_figure", "diagnostics", "plot_calibration",
+            "plotting", "refined_exceeding_whole", "suggest_step_size"]

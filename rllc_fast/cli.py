@@ -15,7 +15,7 @@ from importlib import metadata
 
 import torch
 
-from . import cli_analyze, cli_demo, cli_export
+from . import cli_analyze, cli_calibrate, cli_demo, cli_export
 from .atomic import write_json_atomically
 from .data.tokens import RAW_DTYPES
 from .cli_args import apply_formatter, batch_size, join_negative_values, positive_int, steps
@@ -464,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_demo.add_parsers(sub)
     cli_analyze.add_parser(sub)
     cli_export.add_parsers(sub)
+    cli_calibrate.add_parser(sub)
     info = sub.add_parser("info", help="backend, device and library versions", description="Print the ops backend, device and versions.")
     info.set_defaults(func=_cmd_info)
     for p in sub.choices.values():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -251,3 +251,11 @@ def as_component_dict(model: nn.Module, components) -> Dict[str, Component]:
             raise TypeError(f"components[{key!r}] is a {type(c).__name__}, not a Component")
         c.check_model(model)
     return comps
+
+
+def whole_model_component(model: nn.Module, components: Dict[str, Component]) -> Optional[str]:
+    """The name of the first component of ``components`` that holds every weight of ``model`` (the plain,
+    unrefined LLC), or None."""
+    names = {n for n, _ in model.named_parameters()}
+    total = sum(p.numel() for p in model.parameters())
+    return next((k for k, c in components.items() if c.numel == total and set(c.param_names) == names), None)

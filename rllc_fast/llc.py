@@ -13,15 +13,17 @@ first draw without burn-in is at ``w*`` itself (as in devinterp).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from .components import as_component_dict
+from .components import as_component_dict, whole_model_component
 from .config import SGLDConfig
 from .data import BatchSchedule, ModelDistribution
+from .diagnostics import SamplerWarning, refined_exceeding_whole, step_size_problems, warn_unreliable
 from .engine.batched import run_batched
 from .engine.reference import run_reference
 from .losses import check_tokens, next_token_loss
@@ -84,6 +86,12 @@ def estimate_llc(
     max_memory: activation memory the structured path may hold at once (bytes, or a string such as
                 "8GB"); replicas are processed in chunks that fit. Default: 60% of free GPU memory,
                 or min(4 GiB, 30% of available RAM) on a CPU.
+
+    Warnings (``SamplerWarning``, a ``RuntimeWarning``; see ``rllc_fast.diagnostics`` and
+    docs/diagnostics.md), each with the fix: before sampling, a step size that is unstable or biases the
+    LLC for this localization; after it, components whose R-hat, ESS or ``||w - w*||`` trend say the
+    estimate is unreliable, and refined LLCs above the whole model's when one component is the whole model.
+    Diverged chains are handled as before (``RuntimeWarning``, or ``ChainsDivergedError`` if all diverged).
     """
     config = SGLDConfig() if config is None else config
     if not isinstance(config, SGLDConfig):
@@ -115,6 +123,8 @@ def estimate_llc(
             raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> scalar tensor")
 
     comps = as_component_dict(model, components)
+    for message in step_size_problems(config.step_size, config.localization, config.sampler):
+        warnings.warn(message, SamplerWarning, stacklevel=2)
     if token_loss and isinstance(data, torch.Tensor):
         check_tokens(data, model)
     schedule = BatchSchedule(data, config.batch_size, config.num_steps, config.seed)
@@ -135,6 +145,12 @@ def estimate_llc(
     except ChainsDivergedError as err:
         err.result = result  # what was measured, for callers that want the components that survived
         raise
+    warn_unreliable(result.diagnostics(), config.step_size, stacklevel=2)
+    whole = whole_model_component(model, comps)
+    if whole is not None and len(comps) > 1:
+        e = result[whole]
+        refined_exceeding_whole({k: v.llc_mean for k, v in result.estimates.items() if k != whole}, e.llc_mean,
+                                {k: v.llc_sem for k, v in result.estimates.items()}, e.llc_sem, stacklevel=2)
     return result
 
 

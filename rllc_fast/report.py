@@ -294,6 +294,7 @@ def write_report(store: ResultStore | str, out_dir, differences: Sequence[tuple]
         table = df[["step", "checkpoint", "data", "component_set", "component", "llc_mean", "llc_std", "llc_sem",
                     "init_loss", "num_chains", "num_diverged", "config_key"]]
         parts.append(table.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="diverged"))
+        parts.append(diagnostics_section(df))
     if not mdf.empty:
         parts.append("<h2>Hessian metrics</h2><p>value ± sem (standard error over probes, or over batches for the "
                      "FIM trace).</p>")
@@ -397,3 +398,37 @@ def head_types_figure(df, metrics: Sequence[dict], head_types: dict, base: str, 
 def plot_head_types(df, metrics, head_types, base, refined, path, title: str = "") -> Path:
     """``head_types_figure`` written as a PNG to ``path``."""
     return save_figure(head_types_figure(df, metrics, head_types, base, refined, title), path)
+
+
+def diagnostics_section(df) -> str:
+    """HTML: the estimates of ``df`` (``ResultStore.rows()``) that the sampler diagnostics flag, each with its
+    problems and fix (``rllc_fast.diagnostics.problems`` on the columns rhat, ess, ess_fraction,
+    distance_growth), and refined LLCs above the whole-model LLC of the same checkpoint and data. Empty when
+    ``df`` has no diagnostic columns (a store written before they existed)."""
+    from .diagnostics import problems, refined_exceeding_whole
+
+    columns = ["rhat", "ess", "ess_fraction", "distance_growth"]
+    if df.empty or not set(columns) <= set(df.columns):
+        return ""
+    found = {i: problems(row) for i, row in zip(df.index, df[columns].to_dict("records"))}
+    for _, g in df.groupby(["checkpoint", "data"], sort=False):
+        whole = g[g["component_set"] == "whole"]
+        rest = g[g["component_set"] != "whole"]
+        if len(whole) == 1 and not rest.empty:
+            w = whole.iloc[0]
+            above = refined_exceeding_whole(dict(zip(rest.index, rest["llc_mean"])), w["llc_mean"],
+                                            dict(zip(rest.index, rest["llc_sem"])), w["llc_sem"], warn=False)
+            for i, excess in above.items():
+                found[i].append(f"above the whole-model LLC by {excess:.3g}: lower step_size")
+    flagged = [i for i, p in found.items() if p]
+    parts = ["<h2>Sampler diagnostics</h2><p>Flagged: rank-normalized split-R-hat &gt; 1.1, ESS &lt; 1% of the draws, "
+             "||w - w*|| still growing over the last half of the draws, or a refined LLC above the whole model's "
+             "(docs/diagnostics.md).</p>"]
+    if not flagged:
+        parts.append(f"<p>No estimate is flagged ({len(df)} checked).</p>")
+        return "\n".join(parts)
+    table = df.loc[flagged, ["step", "checkpoint", "data", "component", "llc_mean", *columns]].copy()
+    table["problems"] = ["; ".join(found[i]) for i in flagged]
+    parts.append(f"<p class='bad'>{len(flagged)} of {len(df)} estimates flagged.</p>")
+    parts.append(table.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="-"))
+    return "\n".join(parts)

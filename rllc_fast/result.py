@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Dict, List
 
 import numpy as np
 
 from .config import SGLDConfig
+from .diagnostics import SamplerDiagnostics, diagnose
 
 
 class ChainsDivergedError(RuntimeError):
@@ -28,6 +30,8 @@ class ComponentLLC:
     distance_trace:  [chains, draws] ||v_t - v*|| before each draw's update (Euclidean, weight units).
     diverged_at:     [chains] SGLD step (0-based, burn-in included) whose loss was NaN/Inf, or -1.
     llc_per_chain:   [chains] nbeta * (mean loss_trace[c] - mean init_loss_trace); NaN if diverged.
+    diagnostics:     R-hat, ESS and the trend of ||v - v*|| of the chains that did not diverge
+                     (``rllc_fast.diagnostics``; ``.problems()`` says what is wrong and the fix).
     """
 
     name: str
@@ -81,7 +85,13 @@ class ComponentLLC:
         used = int((~self.diverged).sum())
         return self.llc_std / np.sqrt(used) if used > 1 else float("nan")
 
+    @cached_property
+    def diagnostics(self) -> SamplerDiagnostics:
+        """Sampler diagnostics of the chains that did not diverge (see ``rllc_fast.diagnostics``)."""
+        return diagnose(self.loss_trace, self.init_loss_trace, self.distance_trace, self.nbeta, self.diverged)
+
     def summary_row(self) -> dict:
+        """llc_mean/std/sem, init_loss, chains and diverged chains, and the diagnostics' floats."""
         return {
             "component": self.name,
             "numel": self.numel,
@@ -91,6 +101,7 @@ class ComponentLLC:
             "init_loss": self.init_loss,
             "num_chains": int(self.loss_trace.shape[0]),
             "num_diverged": self.num_diverged,
+            **self.diagnostics.as_dict(),
         }
 
     def to_dict(self) -> dict:
@@ -151,8 +162,18 @@ class LLCResult:
             k: np.flatnonzero(e.diverged).tolist() for k, e in self.estimates.items() if e.num_diverged
         }
 
+    def diagnostics(self) -> Dict[str, SamplerDiagnostics]:
+        """``{component: SamplerDiagnostics}``: R-hat, ESS, ESS fraction and growth of ||v - v*|| per component."""
+        return {k: e.diagnostics for k, e in self.estimates.items()}
+
+    def unreliable(self) -> Dict[str, List[str]]:
+        """Components whose diagnostics cross a threshold: ``{component: [problem with its fix, ...]}``."""
+        out = {k: d.problems() for k, d in self.diagnostics().items()}
+        return {k: p for k, p in out.items() if p}
+
     def to_dataframe(self):
-        """One row per component: llc_mean, llc_std, llc_sem, init_loss, num_chains, num_diverged."""
+        """One row per component: llc_mean, llc_std, llc_sem, init_loss, num_chains, num_diverged, and the
+        diagnostics rhat, ess, ess_fraction, distance_growth."""
         import pandas as pd
 
         return pd.DataFrame([e.summary_row() for e in self.estimates.values()])
@@ -165,17 +186,22 @@ class LLCResult:
         }
 
     def summary(self) -> str:
-        """A short table, with a line for each component that lost chains to divergence."""
-        lines = [f"{'component':>12} {'llc_mean':>10} {'llc_std':>9} {'chains':>7}"]
+        """A short table with R-hat and ESS, a line for each component that lost chains to divergence and one
+        for each component whose diagnostics say the estimate is unreliable."""
+        lines = [f"{'component':>12} {'llc_mean':>10} {'llc_std':>9} {'chains':>7} {'rhat':>6} {'ess':>7}"]
         for e in self.estimates.values():
             used = e.loss_trace.shape[0] - e.num_diverged
-            lines.append(f"{e.name:>12} {e.llc_mean:10.4f} {e.llc_std:9.4f} {used:>3}/{e.loss_trace.shape[0]:<3}")
+            d = e.diagnostics
+            lines.append(f"{e.name:>12} {e.llc_mean:10.4f} {e.llc_std:9.4f} {used:>3}/{e.loss_trace.shape[0]:<3} "
+                         f"{d.rhat:6.3f} {d.ess:7.1f}")
         for name, chains in self.diverged_chains().items():
             steps = self.estimates[name].diverged_at[chains].tolist()
             lines.append(
                 f"note: {name}: chain(s) {chains} diverged (NaN/Inf loss at step(s) {steps}) and are "
                 "excluded from the mean and std"
             )
+        for name, found in self.unreliable().items():
+            lines.extend(f"warning: {name}: {p}" for p in found)
         return "\n".join(lines)
 
     def __repr__(self) -> str:
