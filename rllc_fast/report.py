@@ -21,7 +21,7 @@ import numpy as np
 from .atomic import write_atomically
 from .plotting import (LLC_LABEL, RLLC_DIFFERENCE_LABEL, RLLC_LABEL, TYPE_COLORS, colour_key, describe_steps,
                        head_key, line_styles, log_step_axis, save_figure, sort_key, subplots)
-from .store import SETTINGS_COLUMNS, ResultStore, check_one_checkpoint_per_step
+from .store import DIAGNOSTIC_COLUMNS, SETTINGS_COLUMNS, ResultStore, check_one_checkpoint_per_step
 
 
 def _plot_lines(ax, df, value_col: str = "llc_mean", err_col: Optional[str] = "llc_sem",
@@ -407,11 +407,11 @@ def diagnostics_section(df) -> str:
     ``df`` has no diagnostic columns (a store written before they existed)."""
     from .diagnostics import problems, refined_exceeding_whole
 
-    columns = ["rhat", "ess", "ess_fraction", "distance_growth"]
+    columns = DIAGNOSTIC_COLUMNS
     if df.empty or not set(columns) <= set(df.columns):
         return ""
     found = {i: problems(row) for i, row in zip(df.index, df[columns].to_dict("records"))}
-    for _, g in df.groupby(["checkpoint", "data"], sort=False):
+    for _, g in df.groupby(["checkpoint_id", "data", "data_hash", "config_key"], sort=False):  # one estimate's peers
         whole = g[g["component_set"] == "whole"]
         rest = g[g["component_set"] != "whole"]
         if len(whole) == 1 and not rest.empty:

@@ -86,6 +86,10 @@ _TABLES = {
     init_loss       REAL,              -- l(w*) in nats, mean over the draws' minibatches
     num_chains      INTEGER NOT NULL,
     num_diverged    INTEGER NOT NULL,
+    rhat            REAL,              -- sampler diagnostics (rllc_fast.diagnostics; DIAGNOSTIC_COLUMNS): split R-hat,
+    ess             REAL,              -- bulk ESS and its fraction of the draws of the excess-loss trace, and the
+    ess_fraction    REAL,              -- relative growth of ||w - w*|| over the last half of the draws
+    distance_growth REAL,              -- (NULL where undefined, e.g. R-hat of one chain)
     llc_per_chain   TEXT    NOT NULL,  -- JSON list, null for a diverged chain
     traces          BLOB    NOT NULL,  -- np.savez_compressed: loss_trace, init_loss_trace, distance_trace, diverged_at
     seconds         REAL    NOT NULL,  -- wall time of the estimate call that produced the row
@@ -155,8 +159,11 @@ _IDENTITY = ["checkpoint", "checkpoint_path", "checkpoint_id", "step", "data", "
 ANALYSIS_COLUMNS = ["analysis", "checkpoint", "step", "data", "name", "head", "other", "value", "info_json"]
 METRIC_COLUMNS = _IDENTITY + ["component_set", "component", "metric", "numel", "value", "sem",
                               "num_samples", "config_key", "config_json", "written_at"]
+#: The sampler diagnostics of an rLLC row (``SamplerDiagnostics.as_dict()``), as columns.
+DIAGNOSTIC_COLUMNS = ["rhat", "ess", "ess_fraction", "distance_growth"]
 SUMMARY_COLUMNS = _IDENTITY + ["component_set", "component", "numel", "llc_mean", "llc_std", "llc_sem",
-                               "init_loss", "num_diverged", "config_key"] + SETTINGS_COLUMNS + ["written_at"]
+                               "init_loss", "num_diverged", *DIAGNOSTIC_COLUMNS, "config_key"] + SETTINGS_COLUMNS + \
+    ["written_at"]
 FAILURE_COLUMNS = ["checkpoint", "checkpoint_path", "checkpoint_id", "step", "data", "component_set", "config_key",
                    "error", "written_at"]
 
@@ -312,11 +319,14 @@ class ResultStore:
     # ---- connections ---------------------------------------------------------------------
     @contextmanager
     def _read(self):
-        """A read-only connection (SQLite ``mode=ro``), or None where a writer's file is not written yet."""
+        """A connection to read through, or None where a writer's file is not written yet. A reader's is read-only
+        (SQLite ``mode=ro``); a writer's is ``mode=rw`` (never creating the file) so that, closing last, it
+        removes the WAL companions a read-only connection would leave behind."""
         if not self.readonly and not self._exists():
             yield None
             return
-        con = sqlite3.connect(_uri(self.path, "ro"), uri=True, timeout=120.0, isolation_level=None)
+        mode = "ro" if self.readonly else "rw"
+        con = sqlite3.connect(_uri(self.path, mode), uri=True, timeout=120.0, isolation_level=None)
         try:
             con.execute("PRAGMA busy_timeout=120000")
             yield con
@@ -395,6 +405,15 @@ class ResultStore:
                            (unit.checkpoint_id, unit.data, unit.data_hash, unit.component_set, config_key))
         return {r[0] for r in rows}
 
+    def checkpoint_estimates(self, unit: UnitKey, config_key: str) -> Dict[Tuple[str, str], Tuple[float, float]]:
+        """``{(component_set, component): (llc_mean, llc_sem)}`` of every estimate stored for ``unit``'s checkpoint
+        id and data (name and hash) with ``config_key``, whatever its component set (NaN where SQLite has NULL)."""
+        rows = self._query("SELECT component_set, component, llc_mean, llc_sem FROM estimates WHERE checkpoint_id=? "
+                           "AND data=? AND data_hash=? AND config_key=?",
+                           (unit.checkpoint_id, unit.data, unit.data_hash, config_key))
+        nan = float("nan")
+        return {(r[0], r[1]): (nan if r[2] is None else r[2], nan if r[3] is None else r[3]) for r in rows}
+
     def rows(self, config: str = "latest", traces: bool = False):
         """The estimates as a pandas DataFrame: ``SUMMARY_COLUMNS`` (identity, numbers, ``config_key`` and
         the settings ``SETTINGS_COLUMNS``) + ``llc_per_chain`` (a list per row, NaN for a diverged chain),
@@ -410,7 +429,8 @@ class ResultStore:
         df = self._frame(f"SELECT {', '.join(SUMMARY_COLUMNS)}, llc_per_chain{extra} FROM estimates ORDER BY step, "
                          "checkpoint, checkpoint_id, data, component_set, component, config_key",
                          SUMMARY_COLUMNS + ["llc_per_chain"] + (["traces"] if traces else []))
-        for col in ("llc_mean", "llc_std", "llc_sem", "init_loss", "step_size", "nbeta", "localization"):
+        for col in ("llc_mean", "llc_std", "llc_sem", "init_loss", *DIAGNOSTIC_COLUMNS, "step_size", "nbeta",
+                    "localization"):
             df[col] = df[col].astype(float)
         df["llc_per_chain"] = [[np.nan if v is None else v for v in json.loads(s)] for s in df["llc_per_chain"]]
         if traces:
@@ -557,15 +577,17 @@ class ResultStore:
         config_json = json.dumps({"config": settings, "engine": engine}, sort_keys=True)
         columns = ["checkpoint_id", "checkpoint", "checkpoint_path", "step", "data", "data_hash", "component_set",
                    "component", "config_key", "config_json", *_CONFIG_FIELDS, "engine", "numel", "llc_mean",
-                   "llc_std", "llc_sem", "init_loss", "num_chains", "num_diverged", "llc_per_chain", "traces",
-                   "seconds", "written_at"]
+                   "llc_std", "llc_sem", "init_loss", "num_chains", "num_diverged", *DIAGNOSTIC_COLUMNS,
+                   "llc_per_chain", "traces", "seconds", "written_at"]
         rows = []
         for e in estimates:
+            diagnostics = e.diagnostics.as_dict()
             rows.append((
                 unit.checkpoint_id, unit.checkpoint, unit.path, unit.step, unit.data, unit.data_hash,
                 unit.component_set, e.name, config_key, config_json, *(settings[f] for f in _CONFIG_FIELDS), engine,
                 int(e.numel), _nan_to_none(e.llc_mean), _nan_to_none(e.llc_std), _nan_to_none(e.llc_sem),
                 _nan_to_none(e.init_loss), int(e.loss_trace.shape[0]), int(e.num_diverged),
+                *(_nan_to_none(diagnostics[c]) for c in DIAGNOSTIC_COLUMNS),
                 json.dumps([_nan_to_none(v) for v in e.llc_per_chain]), pack_traces(e), float(seconds), _now(),
             ))
         with self._write() as con:
@@ -692,6 +714,19 @@ def check_one_checkpoint_per_step(df, where: str) -> None:
                      "or select the rows of one run from ResultStore.rows() (column checkpoint_path)")
 
 
+def _diagnostics_of_traces(blob: bytes, nbeta) -> Dict[str, Optional[float]]:
+    """The ``DIAGNOSTIC_COLUMNS`` of a stored row, recomputed from its traces (rows of schema 1, which had none);
+    all None when ``nbeta`` is unknown."""
+    if nbeta is None:
+        return {}
+    from .diagnostics import diagnose
+
+    t = unpack_traces(blob)
+    d = diagnose(t["loss_trace"], t["init_loss_trace"], t["distance_trace"], float(nbeta),
+                 diverged=t["diverged_at"] >= 0).as_dict()
+    return {c: _nan_to_none(d[c]) for c in DIAGNOSTIC_COLUMNS}
+
+
 def upgrade_store(path: str | os.PathLike) -> Optional[int]:
     """Convert a schema-1 store (rllc_fast before content ids) to this schema in place, in one transaction.
     Its rows get checkpoint ids ``legacy:NAME`` (never equal to a content hash: never reused for a checkpoint),
@@ -748,12 +783,13 @@ def _upgrade_from_v1(con: sqlite3.Connection) -> int:
             except ValueError:
                 cfg = {}
             settings, engine = cfg.get("config", {}) or {}, cfg.get("engine")
+            diagnostics = _diagnostics_of_traces(r["traces"], settings.get("nbeta"))
             con.execute(
-                "INSERT INTO estimates VALUES (" + ", ".join("?" * 31) + ")",
+                "INSERT INTO estimates VALUES (" + ", ".join("?" * 35) + ")",
                 (legacy(r["checkpoint"]), r["checkpoint"], "", r["step"], r["data"], "", r["component_set"],
                  r["component"], r["config_key"], r["config_json"], *(settings.get(f) for f in _CONFIG_FIELDS), engine,
                  r["numel"], r["llc_mean"], r["llc_std"], r["llc_sem"], r["init_loss"], r["num_chains"],
-                 r["num_diverged"], r["llc_per_chain"], r["traces"], r["seconds"], r["written_at"]))
+                 r["num_diverged"], *(diagnostics.get(c) for c in DIAGNOSTIC_COLUMNS), r["llc_per_chain"], r["traces"], r["seconds"], r["written_at"]))
             total += 1
     if "metrics" in old:
         for r in con.execute("SELECT * FROM v1_metrics").fetchall():

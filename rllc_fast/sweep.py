@@ -49,11 +49,14 @@ class SweepReport:
     failed: Dict[UnitKey, str] = field(default_factory=dict)
     rows_written: int = 0
     seconds: float = 0.0
+    #: Warnings about computed estimates, e.g. refined LLCs above the whole-model LLC (``check_against_whole``).
+    warnings: List[str] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [f"{len(self.computed)} unit(s) computed ({self.rows_written} rows), {len(self.skipped)} already "
                  f"stored, {len(self.failed)} failed, in {self.seconds:.0f} s"]
         lines += [f"failed: {u.checkpoint} / {u.data} / {u.component_set}: {err}" for u, err in self.failed.items()]
+        lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -279,12 +282,37 @@ def run_sweep(
             result = job.run(model, data[data_name], todo, unit)
             report.rows_written += job.write(target, unit, keys[data_name], result, time.time() - t0)
             report.computed.append(unit)
+            if metric == "llc":
+                for message in check_against_whole(target, unit, keys[data_name]):
+                    log(f"warning: {message}")
+                    report.warnings.append(message)
             advance()
     if rank.active:
         report = _finish_distributed(store, rank, report, bar, log)
     bar.close()
     report.seconds = time.time() - t_start
     return report
+
+
+def check_against_whole(store: ResultStore, unit: UnitKey, key: str) -> List[str]:
+    """Messages for refined LLCs of ``unit``'s checkpoint and data (configuration ``key``) that exceed the
+    whole-model LLC stored for the same checkpoint, data and configuration by more than 3 combined standard
+    errors (``diagnostics.refined_exceeding_whole``); none while the whole model's row is missing."""
+    from .diagnostics import refined_exceeding_whole
+
+    stored = store.checkpoint_estimates(unit, key)
+    whole = stored.get(("whole", "whole"))
+    if whole is None:
+        return []
+    refined = {f"{s} {c}": v for (s, c), v in stored.items() if s != "whole"}
+    above = refined_exceeding_whole({k: v[0] for k, v in refined.items()}, whole[0],
+                                    {k: v[1] for k, v in refined.items()}, whole[1], warn=False)
+    if not above:
+        return []
+    listed = ", ".join(f"{k} {whole[0] + v:.3g}" for k, v in above.items())
+    return [f"{unit.checkpoint} (step {unit.step}) / {unit.data}: refined LLC(s) above the whole-model LLC "
+            f"{whole[0]:.3g}: {listed}; a refined LLC should not exceed the LLC, so these are most likely sampler "
+            "artefacts: lower --step-size (run `rllc calibrate`) and check the diagnostics"]
 
 
 def _unit_cost(set_name: str, cfg) -> float:
@@ -342,14 +370,16 @@ def _finish_distributed(store: ResultStore, rank: Rank, report: SweepReport, bar
         merged = merge_rank_stores(store)
         log(f"distributed sweep: {rank.world_size} ranks; merged {merged} rows into {store.path}")
     parts = [None] * rank.world_size
-    dist.all_gather_object(parts, (report.computed, report.skipped, report.failed, report.rows_written))
+    dist.all_gather_object(parts, (report.computed, report.skipped, report.failed, report.rows_written,
+                                   report.warnings))
     barrier(rank)
     whole = SweepReport()
-    for computed, skipped, failed, rows in parts:
+    for computed, skipped, failed, rows, warned in parts:
         whole.computed += computed
         whole.skipped += skipped
         whole.failed.update(failed)
         whole.rows_written += rows
+        whole.warnings += warned
     bar.update_to(len(whole.computed) + len(whole.skipped) + len(whole.failed))
     return whole
 

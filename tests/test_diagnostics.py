@@ -154,12 +154,16 @@ def test_the_report_lists_flagged_estimates_and_refined_llcs_above_the_whole_mod
 
     from rllc_fast.report import diagnostics_section
 
-    rows = pd.DataFrame({"step": [10] * 3, "checkpoint": ["c.pt"] * 3, "data": ["mix"] * 3,
+    rows = pd.DataFrame({"step": [10] * 3, "checkpoint": ["c.pt"] * 3, "checkpoint_id": ["abc"] * 3,
+                         "data": ["mix"] * 3, "data_hash": ["d1"] * 3, "config_key": ["k1"] * 3,
                          "component_set": ["whole", "heads", "heads"], "component": ["whole", "0:0", "0:1"],
                          "llc_mean": [10.0, 2.0, 45.0], "llc_sem": [0.5, 0.1, 1.0], "rhat": [1.01, 1.5, 1.02],
                          "ess": [100.0, 50, 100], "ess_fraction": [0.5, 0.25, 0.5], "distance_growth": [0.0, 0, 0]})
     page = diagnostics_section(rows)
     assert "2 of 3 estimates flagged" in page and "chains disagree" in page and "above the whole-model LLC" in page
     assert "<td>whole</td>" not in page
+    # a head of another configuration (or another checkpoint of the same name) is not held against this whole
+    other = rows.iloc[[2]].assign(config_key="k2", rhat=1.0)
+    assert "above the whole-model LLC" not in diagnostics_section(pd.concat([rows.iloc[[0]], other]))
     assert diagnostics_section(rows.drop(columns=["rhat"])) == ""  # a store without the diagnostics
     assert "No estimate is flagged" in diagnostics_section(rows.iloc[:1])

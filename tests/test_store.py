@@ -283,9 +283,11 @@ def test_schema_1_stores_are_refused_then_upgraded_with_ids_that_never_match(tmp
     con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
     con.execute(_V1_ESTIMATES)
     con.execute(_V1_FAILURES)
-    est = SimpleNamespace(loss_trace=np.zeros((2, 3)), init_loss_trace=np.zeros(3), distance_trace=np.zeros((2, 3)),
-                          diverged_at=np.array([-1, -1]))
-    cfg = json.dumps({"config": SGLDConfig(step_size=2e-3, **FAST).to_dict(), "engine": "batched"})
+    rng = np.random.default_rng(0)  # traces with spread, so the upgrade can compute their diagnostics
+    est = SimpleNamespace(loss_trace=rng.standard_normal((2, 8)), init_loss_trace=np.zeros(8),
+                          distance_trace=1 + 0.01 * rng.standard_normal((2, 8)), diverged_at=np.array([-1, -1]))
+    cfg = json.dumps({"config": SGLDConfig(step_size=2e-3, **{**FAST, "num_draws": 8}).to_dict(),
+                      "engine": "batched"})
     con.execute("INSERT INTO estimates VALUES ('step000001.pt', 1, 'mix', 'whole', 'whole', 'oldkey', ?, 10, 7.5, "
                 "0.1, 0.05, 1.0, 2, 0, '[7.4, 7.6]', ?, 1.0, '2024-01-01T00:00:00')", (cfg, pack_traces(est)))
     con.execute("INSERT INTO failures VALUES ('step000002.pt', 2, 'mix', 'whole', 'oldkey', 'boom', '2024')")
@@ -302,12 +304,13 @@ def test_schema_1_stores_are_refused_then_upgraded_with_ids_that_never_match(tmp
     s = ResultStore(old)
     row = s.rows().iloc[0]
     assert row.checkpoint_id == "legacy:step000001.pt" and row.llc_mean == 7.5 and row.step_size == 2e-3
-    assert row.num_draws == 3 and row.engine == "batched" and row.data_hash == ""
+    assert row.num_draws == 8 and row.engine == "batched" and row.data_hash == ""
+    assert np.isfinite(row.rhat) and np.isfinite(row.ess)  # diagnostics recomputed from the stored traces
     assert s.failures().checkpoint_id.tolist() == ["legacy:step000002.pt"]
     assert _cli("upgrade-store", "--store", old, capsys=capsys)[1].strip().endswith("nothing to do")
     # a checkpoint with the old row's name is computed, never matched to the legacy row
     ckpts = _run(tmp_path / "run", {1: 1})
-    report = _sweep(ckpts, old, step_size=2e-3)
+    report = _sweep(ckpts, old, step_size=2e-3, num_draws=8)
     assert len(report.computed) == 1
     assert len(ResultStore(old).rows("all")) == 2
 
@@ -340,3 +343,36 @@ def test_export_writes_csv_and_parquet(tmp_path, capsys):
     np.testing.assert_allclose(sorted(p.llc_mean), sorted(want.llc_mean))
     code, _, _ = _cli("export", "--store", store, "--table", "configs", "--out", tmp_path / "c.csv", capsys=capsys)
     assert code == 0 and len(pd.read_csv(tmp_path / "c.csv")) == 2
+
+
+# ---- sampler diagnostics in the store ------------------------------------------------------------
+def _estimate(name, excess, chains=2, draws=40, seed=0):
+    """A ComponentLLC whose chains sample an excess loss around ``excess / nbeta`` (nbeta 30)."""
+    from rllc_fast import ComponentLLC
+
+    rng = np.random.default_rng(seed)
+    init = np.full(draws, 2.0)
+    loss = init[None, :] + excess / 30 + 0.01 * rng.standard_normal((chains, draws))
+    distance = 1.0 + 0.001 * rng.standard_normal((chains, draws))
+    return ComponentLLC(name, 10, 30.0, loss, init, distance, np.full(chains, -1))
+
+
+def test_rows_carry_the_diagnostics_and_the_sweep_flags_refined_above_whole(tmp_path):
+    from rllc_fast.store import DIAGNOSTIC_COLUMNS
+    from rllc_fast.sweep import check_against_whole
+
+    store = ResultStore(tmp_path / "s.sqlite")
+    config = SGLDConfig(**FAST)
+    unit = UnitKey("step1.pt", 1, "mix", "heads", "id-a", data_hash="d")
+    store.write(unit, "k1", config, "batched", [_estimate("0:0", 1.0), _estimate("0:1", 9.0)], 1.0)
+    assert check_against_whole(store, unit, "k1") == []  # no whole-model row yet
+    store.write(UnitKey("step1.pt", 1, "mix", "whole", "id-a", data_hash="d"), "k1", config, "batched",
+                [_estimate("whole", 3.0)], 1.0)
+    (message,) = check_against_whole(store, unit, "k1")
+    assert "heads 0:1 9" in message and "0:0" not in message and "lower --step-size" in message
+    assert check_against_whole(store, unit, "another-config") == []  # configurations are not mixed
+    df = store.rows()
+    expected = _estimate("0:1", 9.0).diagnostics.as_dict()
+    row = df[df.component == "0:1"].iloc[0]
+    assert all(np.isclose(row[c], expected[c]) for c in DIAGNOSTIC_COLUMNS)
+    assert df[["rhat", "ess", "ess_fraction"]].notna().all().all()

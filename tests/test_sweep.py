@@ -220,7 +220,9 @@ def test_config_file_and_plot(run_dir):
     for png in files[:-2] + ["whole.png"]:
         assert f"src='{png}'" in page
         assert (tmp / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert page.split("<h2>Estimates</h2>")[1].count("</tr>") == 1 + len(df)  # header + one row per estimate
+    estimates = page.split("<h2>Estimates</h2>")[1].split("<h2>")[0]
+    assert estimates.count("</tr>") == 1 + len(df)  # header + one row per estimate
+    assert "<h2>Sampler diagnostics</h2>" in page  # the rows carry R-hat, ESS and the distance trend
     configs = page.split("<h2>Configurations</h2>")[1].split("<h2>")[0]
     assert configs.count("</tr>") == 2 and df.config_key.iloc[0] in configs  # one configuration, with its settings
 
