@@ -13,6 +13,7 @@ cache folder when ``MPLCONFIGDIR`` is unset) and nothing touches the network.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -56,12 +57,30 @@ def run_demo(out_dir: os.PathLike = "rllc-demo", cache_dir: Optional[os.PathLike
     """Run the demo (see the module doc) into ``out_dir``; return the summary (also in ``summary.json``).
 
     ``settings`` overrides the ``quick`` choice (``QUICK`` or ``FULL``). A rerun reuses the trained run and
-    every estimate already in ``out_dir/results.sqlite``."""
-    t_start = time.time()
-    settings = settings or (QUICK if quick else FULL)
-    out_dir = Path(out_dir).expanduser()
+    every estimate already in ``out_dir/results.sqlite``. While it runs, matplotlib's cache goes to the
+    cache folder unless ``MPLCONFIGDIR`` is set; the environment is as it was afterwards."""
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    os.environ.setdefault("MPLCONFIGDIR", str(cache_dir / "matplotlib"))
+    with _env_default("MPLCONFIGDIR", str(cache_dir / "matplotlib")):
+        return _run_demo(Path(out_dir).expanduser(), cache_dir, settings or (QUICK if quick else FULL), progress,
+                         log)
+
+
+@contextlib.contextmanager
+def _env_default(name: str, value: str):
+    """``os.environ[name] = value`` inside the block when ``name`` is unset; removed again afterwards."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
+def _run_demo(out_dir: Path, cache_dir: Path, settings: DemoSettings, progress: bool,
+              log: Callable[[str], None]) -> dict:
+    t_start = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
 
     from .analysis.refinement_shift import ratios_by_type, refinement_ratios

@@ -166,3 +166,18 @@ def test_package_calls_leave_global_settings_and_random_state_alone(tmp_path):
         torch.set_float32_matmul_precision(original["float32_matmul_precision"])
         torch.backends.cudnn.allow_tf32 = original["cudnn_allow_tf32"]
         warnings.filters[:] = original["warning_filters"]
+
+
+def test_the_demo_sets_matplotlibs_cache_folder_only_while_it_runs(tmp_path, monkeypatch):
+    import os
+
+    from rllc_fast import demo
+
+    seen = []
+    monkeypatch.setattr(demo, "_run_demo", lambda *args: seen.append(os.environ.get("MPLCONFIGDIR")) or {})
+    monkeypatch.delenv("MPLCONFIGDIR", raising=False)
+    demo.run_demo(tmp_path / "out", cache_dir=tmp_path / "cache")
+    assert seen == [str(tmp_path / "cache" / "matplotlib")] and "MPLCONFIGDIR" not in os.environ
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mine"))  # a user's own setting wins and stays
+    demo.run_demo(tmp_path / "out", cache_dir=tmp_path / "cache")
+    assert seen[-1] == str(tmp_path / "mine") and os.environ["MPLCONFIGDIR"] == str(tmp_path / "mine")
