@@ -13,6 +13,7 @@ import pytest
 from rllc_fast.data.synthetic import synthetic_mixture
 from rllc_fast.distributed import Rank, rank_from_env, rank_store_path, rank_store_paths, shard
 from rllc_fast.config import SGLDConfig
+from rllc_fast.diagnostics import SamplerDiagnostics
 from rllc_fast.store import ResultStore, UnitKey
 from rllc_fast.toy import ToyRecipe, train_toy
 
@@ -39,6 +40,7 @@ class _Estimate:
         self.init_loss_trace = np.zeros(3)
         self.distance_trace = np.zeros((1, 3))
         self.diverged_at = np.array([-1])
+        self.diagnostics = SamplerDiagnostics(float("nan"), float("nan"), float("nan"), float("nan"))
 
 
 def test_rank_from_env_knows_whether_all_ranks_share_this_machine(monkeypatch):
