@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from rllc_fast import SGLDConfig, cli
+from rllc_fast.cli_common import SGLD_FLAGS
 from rllc_fast.models import attn_only, checkpoint_at, save_checkpoint, select_checkpoints
 from rllc_fast.models.checkpoints import parse_steps
 
@@ -196,14 +197,14 @@ def test_bad_flags_name_the_flag_say_what_is_accepted_and_leave_nothing_behind(r
 def test_sgld_defaults_are_sgldconfigs_and_help_shows_every_default(capsys):
     parser = cli.build_parser()
     args = parser.parse_args(["sweep", "--checkpoints", "c", "--data", "d", "--store", "s"])
-    for flag, (field, _, _) in cli.SGLD_FLAGS.items():
+    for flag, (field, _, _) in SGLD_FLAGS.items():
         assert getattr(args, flag.replace("-", "_")) == getattr(SGLDConfig(), field), flag
-    assert {field for field, _, _ in cli.SGLD_FLAGS.values()} >= {"num_draws", "batch_size", "num_chains", "step_size"}
+    assert {field for field, _, _ in SGLD_FLAGS.values()} >= {"num_draws", "batch_size", "num_chains", "step_size"}
     assert parser.parse_args(["estimate", "--batch-size", "full"]).batch_size is None
     with pytest.raises(SystemExit):
         parser.parse_args(["sweep", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for flag, (field, _, _) in cli.SGLD_FLAGS.items():
+    for flag, (field, _, _) in SGLD_FLAGS.items():
         assert f"--{flag}" in text and f"(default: {getattr(SGLDConfig(), field)})" in text, flag
     assert "(default: 256)" in text and "(default: heads)" in text and "(default: the model's n_ctx" in text
 
