@@ -23,6 +23,11 @@ from .plotting import head_colour, log_step_axis, save_figure, sort_key, subplot
 from .result import ChainsDivergedError
 
 
+#: The step sizes ``calibrate_step_size`` tries by default (and ``rllc calibrate --step-sizes``).
+STEP_SIZES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+#: Draws per chain of each step size's run by default: a short run per step size (``rllc calibrate --draws``).
+CALIBRATION_DRAWS = 50
+
 #: Joins the problems of one row (the messages themselves contain ";" and ":").
 PROBLEM_SEPARATOR = " | "
 
@@ -30,10 +35,10 @@ PROBLEM_SEPARATOR = " | "
 def calibrate_step_size(
     model,
     data,
-    step_sizes: Iterable[float] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
+    step_sizes: Iterable[float] = STEP_SIZES,
     config: Optional[SGLDConfig] = None,
     components=None,
-    num_draws: int = 50,
+    num_draws: int = CALIBRATION_DRAWS,
     **estimate_kwargs,
 ) -> List[dict]:
     """Run ``estimate_llc`` for each step size (``num_draws`` draws, other settings from ``config``) and

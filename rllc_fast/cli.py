@@ -6,7 +6,6 @@ or ``step_size``); flags given on the command line win over the file."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -18,14 +17,10 @@ import torch
 from . import cli_analyze, cli_calibrate, cli_demo, cli_export
 from .atomic import write_json_atomically
 from .data.tokens import RAW_DTYPES
-from .cli_args import apply_formatter, batch_size, join_negative_values, positive_int, steps
-from .config import SAMPLERS, SGLDConfig
+from .cli_args import apply_formatter, join_negative_values, positive_int, steps
+from .cli_common import (NUM_CONTEXTS, add_model_arguments, add_sgld_arguments, component_sets, context_for, data_specs,
+                         device_of, load_like, model_and_data, sgld_config, spec_tokens)
 from .progress import close_bars, is_terminal, logger, quiet_libraries
-
-#: Contexts per data distribution when --num-contexts is not given.
-NUM_CONTEXTS = 256
-#: Tokens per context of the built-in model of ``rllc estimate`` (its n_ctx) when --context is not given.
-BUILTIN_CONTEXT = 64
 
 
 def _estimate_parser(sub) -> None:
@@ -38,90 +33,26 @@ def _estimate_parser(sub) -> None:
             "byte tokens of the Python standard library's source (offline), on held-out bytes of it."
         ),
     )
-    p.add_argument("--checkpoint", metavar="PATH",
-                   help="a checkpoint file (*.pt, *.pth) or Hugging Face GPT-NeoX directory (default: train the "
-                        "built-in model)")
-    p.add_argument("--data", metavar="[NAME=]SPEC",
-                   help="data to estimate on, as for `rllc sweep` (needed with --checkpoint; default for the "
-                        "built-in model: held-out standard-library bytes)")
-    p.add_argument("--tokenizer", help="tokenizers JSON file for text data (default: UTF-8 bytes for built-in corpora)")
-    p.add_argument("--num-contexts", type=positive_int, default=NUM_CONTEXTS, help="contexts of --data")
-    p.add_argument("--dtype", default="uint16", choices=RAW_DTYPES,
-                   help="element type of a raw .bin token file (int32 etc. for larger vocabularies)")
-    p.add_argument("--like", help="a checkpoint of the same architecture; needed when --checkpoint is a plain state "
-                                  "dict")
+    add_model_arguments(p)
     p.add_argument("--components", choices=["heads", "layers", "whole"], default="heads",
                    help="one rLLC per head, per layer, or of the whole model")
-    p.add_argument("--context", type=positive_int,
-                   help=f"tokens per context (default: the model's n_ctx; the built-in model's is {BUILTIN_CONTEXT})")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    g = p.add_argument_group("built-in model (without --checkpoint)")
-    g.add_argument("--train-steps", type=positive_int, default=300, help="Adam steps of the built-in model")
-    g.add_argument("--n-layers", type=positive_int, default=2, help="its layers")
-    g.add_argument("--n-heads", type=positive_int, default=4, help="its attention heads per layer")
-    g.add_argument("--d-model", type=positive_int, default=64, help="its residual width (a multiple of --n-heads)")
-    _sgld_arguments(p)
+    add_sgld_arguments(p)
     p.add_argument("--output", help="write the full result (config, per-chain traces) as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bars or logs")
     p.set_defaults(func=_cmd_estimate)
-
-
-#: The SGLD flags of ``estimate`` and ``sweep``: flag -> (SGLDConfig field, type, help). Their defaults are
-#: SGLDConfig's own (one source of truth: the CLI and the Python API give the same numbers by default).
-SGLD_FLAGS = {
-    "step-size": ("step_size", float, "SGLD step epsilon"),
-    "nbeta": ("nbeta", float, "n*beta: inverse temperature times the sample size"),
-    "localization": ("localization", float, "gamma: strength of the pull back to w* (0: none)"),
-    "chains": ("num_chains", int, "independent chains per component"),
-    "draws": ("num_draws", int, "loss draws kept per chain"),
-    "burnin": ("num_burnin", int, "SGLD steps run and discarded before the first draw"),
-    "thinning": ("thinning", int, "SGLD steps per kept draw"),
-    "sampler": ("sampler", str, "plain SGLD (the paper's) or RMSProp-preconditioned SGLD"),
-    "batch-size": ("batch_size", batch_size, "contexts per SGLD minibatch, or 'full' (every context at every step)"),
-    "seed": ("seed", int, "seeds the data sample, the minibatch order and every chain's noise"),
-}
-
-
-def _sgld_arguments(p) -> None:
-    """The SGLD flags shared by ``estimate`` and ``sweep`` (``SGLD_FLAGS``, with ``SGLDConfig``'s defaults)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(SGLDConfig)}
-    g = p.add_argument_group("SGLD")
-    for flag, (field, kind, text) in SGLD_FLAGS.items():
-        g.add_argument(f"--{flag}", type=kind, default=defaults[field], help=text,
-                       choices=SAMPLERS if field == "sampler" else None)
-    g.add_argument("--max-memory", help="activation memory for replica chunks, e.g. 8GB (default: automatic)")
-    g.add_argument("--engine", choices=["batched", "generic", "reference"], default="batched",
-                   help="batched (all replicas together, structured path for heads), generic "
-                        "(batched, loop path) or reference (one chain at a time)")
-
-
-def _sgld_config(args, command: str) -> SGLDConfig:
-    """``SGLDConfig`` of the SGLD flags; its own validation errors name the flag (``rllc COMMAND: --FLAG V: ...``)."""
-    values = {field: getattr(args, flag.replace("-", "_")) for flag, (field, _, _) in SGLD_FLAGS.items()}
-    try:
-        return SGLDConfig(**values)
-    except (ValueError, TypeError) as err:
-        flag = next((f for f, (field, _, _) in SGLD_FLAGS.items() if str(err).startswith(field + " ")), None)
-        where = f"--{flag} {getattr(args, flag.replace('-', '_'))}: " if flag else ""
-        raise SystemExit(f"rllc {command}: {where}{err}") from None
 
 
 def _cmd_estimate(args) -> int:
     from . import estimate_llc, heads, layers
 
     log = logger(args.quiet)
-    config = _sgld_config(args, "estimate")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.checkpoint:
-        model, data = _checkpoint_and_data(args)
-    else:
-        if args.like:
-            raise SystemExit("rllc estimate: --like needs --checkpoint (the built-in model has its own architecture)")
-        model, data = _builtin_model_and_data(args, log)
+    config = sgld_config(args, "estimate")
+    device = device_of(args)
+    model, _, data = model_and_data(args, "estimate", log)
     comps = {"heads": heads, "layers": layers, "whole": lambda m: None}[args.components](model)
     t0 = time.time()
     try:
-        result = estimate_llc(model, data, config, components=comps, engine=args.engine, device=device,
+        result = estimate_llc(model, data.tokens, config, components=comps, engine=args.engine, device=device,
                               progress=not args.quiet, max_memory=args.max_memory)
     except ValueError as err:
         raise SystemExit(f"rllc estimate: {err}") from None
@@ -132,78 +63,6 @@ def _cmd_estimate(args) -> int:
         write_json_atomically(args.output, result.to_dict())
         log(f"wrote {args.output}")
     return 0
-
-
-def _builtin_model_and_data(args, log):
-    """The built-in model, trained for ``--train-steps``, and the data to estimate it on (held-out bytes or --data)."""
-    from .data.stdlib_bytes import stdlib_byte_tokens
-    from .models import attn_only
-    from .models.train import train_next_token
-
-    if args.d_model % args.n_heads:
-        raise SystemExit(f"rllc estimate: --d-model {args.d_model} is not a multiple of --n-heads {args.n_heads}")
-    context = args.context or BUILTIN_CONTEXT
-    data = _data(args, context, "estimate") if args.data else None
-    torch.manual_seed(args.seed)
-    model = attn_only(seed=args.seed, n_layers=args.n_layers, d_model=args.d_model, n_heads=args.n_heads,
-                      d_head=args.d_model // args.n_heads, n_ctx=context, d_vocab=256)
-    train = stdlib_byte_tokens(2048, context, seed=args.seed)
-    if data is None:
-        data = stdlib_byte_tokens(512, context, seed=args.seed + 1)
-    log(f"training a {sum(p.numel() for p in model.parameters()):,}-parameter model for {args.train_steps} steps")
-    t0 = time.time()
-    loss = train_next_token(model, train, args.train_steps, args.seed, progress=not args.quiet)
-    log(f"trained in {time.time() - t0:.0f} s, final training loss {loss:.3f} nats/byte")
-    return model, data
-
-
-def _checkpoint_and_data(args):
-    """The model of ``--checkpoint`` and the tokens of ``--data`` (``--context`` defaults to its n_ctx)."""
-    from .models.checkpoints import CheckpointError, checkpoint_at
-
-    if not args.data:
-        raise SystemExit("rllc estimate: --checkpoint needs --data [NAME=]SPEC: the data to estimate on")
-    like = _like(args, "estimate")
-    try:
-        ckpt = checkpoint_at(args.checkpoint)
-        model = ckpt.load(like=like)
-    except (FileNotFoundError, CheckpointError) as err:
-        raise SystemExit(f"rllc estimate: --checkpoint {args.checkpoint}: {err}") from None
-    return model, _data(args, _context(args, model.cfg, ckpt.name, "estimate"), "estimate")
-
-
-def _like(args, command: str):
-    """The model of ``--like`` (None when not given)."""
-    from .models.checkpoints import CheckpointError, checkpoint_at
-
-    if not args.like:
-        return None
-    try:
-        return checkpoint_at(args.like).load()
-    except (FileNotFoundError, CheckpointError) as err:
-        raise SystemExit(f"rllc {command}: --like {args.like}: {err}") from None
-
-
-def _context(args, cfg, source: str, command: str) -> int:
-    """``--context``, or the model's n_ctx when not given; more than n_ctx is an error naming the flag."""
-    if args.context is None:
-        return cfg.n_ctx
-    if args.context > cfg.n_ctx:
-        raise SystemExit(f"rllc {command}: --context {args.context} exceeds the model's n_ctx {cfg.n_ctx} ({source}); "
-                         f"give --context {cfg.n_ctx} or less, or leave it out (default: the model's n_ctx)")
-    return args.context
-
-
-def _data(args, context: int, command: str):
-    """The tokens ``[N, context]`` of the single ``--data`` of ``estimate``."""
-    from .data import data_from_spec, load_tokenizer
-
-    (name, spec), = _data_specs([args.data], f"rllc {command}").items()
-    try:
-        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-        return data_from_spec(spec, context, args.num_contexts, tokenizer, seed=args.seed, dtype=args.dtype)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"rllc {command}: {err}") from None
 
 
 def _sweep_parser(sub) -> None:
@@ -244,7 +103,7 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--distributed", action="store_true",
                    help="run as one rank of a torchrun job (detected anyway when torchrun sets WORLD_SIZE > 1): "
                         "each rank computes a cost-balanced shard into STORE.rank<R>.sqlite, rank 0 merges")
-    _sgld_arguments(p)
+    add_sgld_arguments(p)
     _hessian_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or logs")
     p.set_defaults(func=_cmd_sweep)
@@ -292,53 +151,28 @@ def _hessian_options(args) -> dict:
     return options
 
 
-def _data_specs(specs, command: str = "rllc sweep"):
-    """``[NAME=]SPEC`` strings as ``{name: spec}``; names must be unique (errors name ``command``)."""
-    out = {}
-    for item in specs:
-        name, sep, spec = item.partition("=")
-        if not sep:
-            spec = item
-            name = item if not os.path.exists(item) else os.path.splitext(os.path.basename(item))[0]
-        if not name or not spec:
-            raise SystemExit(f"{command}: --data {item!r}: expected [NAME=]SPEC")
-        if name in out:
-            raise SystemExit(f"{command}: two --data distributions are named {name!r}; name them NAME=SPEC")
-        out[name] = spec
-    return out
-
-
 def _cmd_sweep(args) -> int:
-    from .data import data_from_spec, load_tokenizer
     from .models.checkpoints import CheckpointError, select_checkpoints
     from .store import ResultStore
-    from .sweep import COMPONENT_SETS, run_sweep
+    from .sweep import run_sweep
 
-    sets = [s.strip() for s in args.components.split(",") if s.strip()]
-    unknown = [s for s in sets if s not in COMPONENT_SETS]
-    if unknown or not sets:
-        raise SystemExit(f"rllc sweep: --components {args.components!r}: choose from {sorted(COMPONENT_SETS)}")
-    config = _sgld_config(args, "sweep") if args.metric == "llc" else None
+    sets = component_sets(args, "sweep")
+    config = sgld_config(args, "sweep") if args.metric == "llc" else None
     try:
         series = select_checkpoints(args.checkpoints, args.steps)
     except (FileNotFoundError, CheckpointError) as err:  # the source
         raise SystemExit(f"rllc sweep: --checkpoints {args.checkpoints}: {err}") from None
     except ValueError as err:  # the steps
         raise SystemExit(f"rllc sweep: --steps {args.steps}: {err}") from None
-    like = _like(args, "sweep")
+    like = load_like(args, "sweep")
     cfg, source = _model_config(series, like, args)
-    context = _context(args, cfg, source, "sweep")
-    try:
-        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-        data = {name: data_from_spec(spec, context, args.num_contexts, tokenizer, seed=args.seed, dtype=args.dtype)
-                for name, spec in _data_specs(args.data).items()}
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"rllc sweep: {err}") from None
+    context = context_for(args, cfg, source, "sweep")
+    data = {name: spec_tokens(spec, args, context, "sweep") for name, spec in data_specs(args.data, "sweep").items()}
     from .distributed import rank_from_env
 
     rank = rank_from_env()
     store = cli_export.open_store(args.store, "rllc sweep", readonly=False) if rank.is_main else args.store  # checks only
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_of(args)
     log = logger(args.quiet or not rank.is_main)
     log(f"{len(series)} checkpoint(s) x {len(data)} data x {len(sets)} component set(s) -> {args.store}"
         f" ({args.metric}{f', {rank.world_size} ranks' if rank.active else ''})")

@@ -2,9 +2,10 @@
 on a checkpoint series or a sweep's store, writing rows to the store and a figure to ``--out``."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from .cli_args import positive_int
+from .cli_common import NUM_CONTEXTS, load_data, load_like
 from .data.tokens import RAW_DTYPES
 
 SUBCOMMANDS = {
@@ -24,8 +25,8 @@ def _series_arguments(p, data: bool) -> None:
     if data:
         p.add_argument("--data", required=True, metavar="[NAME=]SPEC",
                        help="data: built-in corpus, synthetic:SOURCE or a token/text file (as for `rllc sweep`)")
-        p.add_argument("--context", type=int, help="tokens per context (default: the model's n_ctx, at most 64)")
-        p.add_argument("--num-contexts", type=int, default=256, help="contexts (default 256)")
+        p.add_argument("--context", type=positive_int, help="tokens per context (default: the model's n_ctx, at most 64)")
+        p.add_argument("--num-contexts", type=positive_int, default=NUM_CONTEXTS, help="contexts")
         p.add_argument("--dtype", default="uint16", choices=RAW_DTYPES,
                        help="element type of raw .bin token files (default uint16)")
         p.add_argument("--tokenizer", help="tokenizers JSON file for text data")
@@ -103,16 +104,6 @@ def _brackets(args, spec: str, vocab: int):
     return {}
 
 
-def _load_data(args, like_model):
-    from .cli import _data_specs
-    from .data import data_from_spec, load_tokenizer
-
-    (name, spec), = _data_specs([args.data], f"rllc analyze {args.analysis}").items()
-    context = args.context or min(64, like_model.cfg.n_ctx)
-    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-    return name, spec, data_from_spec(spec, context, args.num_contexts, tokenizer, seed=args.seed, dtype=args.dtype)
-
-
 def _cmd_analyze(args) -> int:
     from .analysis import runs
     from .cli_export import open_store, store_notes
@@ -120,7 +111,8 @@ def _cmd_analyze(args) -> int:
 
     log = logger(args.quiet)
     out = Path(args.out)
-    what = f"rllc analyze {args.analysis}"
+    command = f"analyze {args.analysis}"
+    what = f"rllc {command}"
     try:
         if args.analysis == "cluster":  # reads the sweep's rows: the store must exist
             open_store(args.store, what, readonly=True)
@@ -138,12 +130,10 @@ def _cmd_analyze(args) -> int:
                 print(f"applied to {path}: " + ", ".join(f"{h}={c}" for h, c in labels.items()))
             log(f"wrote {out / 'clusters.png'} and {out / 'clusters.json'}")
             return 0
-        from .models.checkpoints import Checkpoint, select_checkpoints
+        from .models.checkpoints import select_checkpoints
 
         series = select_checkpoints(args.checkpoints)
-        like = None
-        if args.like:
-            like = Checkpoint(Path(args.like), 0, "hf" if os.path.isdir(args.like) else "rllc").load()
+        like = load_like(args, command)
         progress = not args.quiet
         if args.analysis == "composition":
             types_store = open_store(args.types_from, what, readonly=True, flag="--types-from") if args.types_from \
@@ -154,7 +144,7 @@ def _cmd_analyze(args) -> int:
             log(f"wrote {out}/composition_{{Q,K,V}}.png")
             return 0
         first = series[-1].load(like=like)
-        name, spec, tokens = _load_data(args, first)
+        name, spec, tokens = load_data(args, args.context or min(64, first.cfg.n_ctx), command)
         if args.analysis == "scores":
             from .data.synthetic import WORDS
 

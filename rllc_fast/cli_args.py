@@ -33,6 +33,11 @@ def positive_int(text: str) -> int:
     return _int_at_least(text, 1)
 
 
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0 (argparse type)."""
+    return _int_at_least(text, 0)
+
+
 def _int_at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)

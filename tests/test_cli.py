@@ -1,6 +1,7 @@
 """The command line's edges (issue 18): a log file of plain lines, Ctrl-C with one line and a resumable rerun,
 checkpoint selection (file, Hugging Face directory, glob, --steps), `rllc estimate --checkpoint`, SGLD defaults
 read from SGLDConfig, and bad flags that name themselves and leave nothing behind."""
+import dataclasses
 import json
 import os
 import signal
@@ -14,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from rllc_fast import SGLDConfig, cli
+from rllc_fast import SGLDConfig, cli, cli_calibrate
+from rllc_fast.calibrate import STEP_SIZES
+from rllc_fast.cli_common import SGLD_FLAGS, sgld_config
 from rllc_fast.models import attn_only, checkpoint_at, save_checkpoint, select_checkpoints
 from rllc_fast.models.checkpoints import parse_steps
 
@@ -196,16 +199,47 @@ def test_bad_flags_name_the_flag_say_what_is_accepted_and_leave_nothing_behind(r
 def test_sgld_defaults_are_sgldconfigs_and_help_shows_every_default(capsys):
     parser = cli.build_parser()
     args = parser.parse_args(["sweep", "--checkpoints", "c", "--data", "d", "--store", "s"])
-    for flag, (field, _, _) in cli.SGLD_FLAGS.items():
+    for flag, (field, _, _) in SGLD_FLAGS.items():
         assert getattr(args, flag.replace("-", "_")) == getattr(SGLDConfig(), field), flag
-    assert {field for field, _, _ in cli.SGLD_FLAGS.values()} >= {"num_draws", "batch_size", "num_chains", "step_size"}
+    assert {field for field, _, _ in SGLD_FLAGS.values()} >= {"num_draws", "batch_size", "num_chains", "step_size"}
     assert parser.parse_args(["estimate", "--batch-size", "full"]).batch_size is None
     with pytest.raises(SystemExit):
         parser.parse_args(["sweep", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for flag, (field, _, _) in cli.SGLD_FLAGS.items():
+    for flag, (field, _, _) in SGLD_FLAGS.items():
         assert f"--{flag}" in text and f"(default: {getattr(SGLDConfig(), field)})" in text, flag
     assert "(default: 256)" in text and "(default: heads)" in text and "(default: the model's n_ctx" in text
+
+
+def test_calibrate_estimate_and_sweep_take_sgldconfigs_defaults_but_calibrates_two_stated_ones(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "10000")  # --help unwrapped: each reason on one line
+    library = {f.name: f.default for f in dataclasses.fields(SGLDConfig)}
+    stated = cli_calibrate.SGLD_DEFAULTS
+    # calibrate states draws and burn-in; everything else, the batch size too, is SGLDConfig's
+    assert {flag: value for flag, (value, _) in stated.items()} == {"draws": 50, "burnin": 20}
+    minimal = {"estimate": ["estimate"], "sweep": ["sweep", "--checkpoints", "c", "--data", "d", "--store", "s"],
+               "calibrate": ["calibrate"]}
+    parser = cli.build_parser()
+    for command, argv in minimal.items():
+        args = parser.parse_args(argv)
+        own = {SGLD_FLAGS[flag][0]: value for flag, (value, _) in stated.items()} if command == "calibrate" else {}
+        want = {field: own.get(field, library[field]) for field, _, _ in SGLD_FLAGS.values()}
+        if command == "calibrate":  # --step-sizes (calibrate_step_size's by default) instead of --step-size
+            assert not hasattr(args, "step_size") and want.pop("step_size")
+            assert [float(s) for s in args.step_sizes.split(",")] == list(STEP_SIZES)
+        got = {field: getattr(args, flag.replace("-", "_")) for flag, (field, _, _) in SGLD_FLAGS.items()
+               if field in want}
+        assert got == want, command
+        assert sgld_config(args, command, **({"step_size": 1e-3} if command == "calibrate" else {})) == \
+            SGLDConfig(**own), command
+        with pytest.raises(SystemExit):
+            parser.parse_args([argv[0], "--help"])
+        text = capsys.readouterr().out
+        for flag, (field, _, _) in SGLD_FLAGS.items():
+            if field in want:
+                shown = f"(default: {want[field]}, not SGLDConfig's {library[field]}: {stated[flag][1]})" \
+                    if field in own else f"(default: {want[field]})"
+                assert shown in text, (command, flag)
 
 
 def test_estimate_a_checkpoint_on_data_with_the_models_context(run, capsys):
