@@ -11,12 +11,14 @@ configuration are kept side by side); a checkpoint that cannot be loaded is reco
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -251,6 +253,12 @@ def run_sweep(
         bar.update_to(own + others)
 
     reference = like
+
+    def warn(message: str) -> None:
+        """A warning about computed estimates: one log line, and a line of the report's summary."""
+        log(f"warning: {message}")
+        report.warnings.append(message)
+
     for ckpt, units in itertools.groupby(mine, key=lambda u: u[0]):  # each checkpoint loaded once
         model, load_error = None, unreadable.get(str(ckpt.path.absolute()))
         if load_error is not None:
@@ -279,19 +287,35 @@ def run_sweep(
                 advance()
                 continue
             t0 = time.time()
-            result = job.run(model, data[data_name], todo, unit)
+            where = f"{unit.checkpoint} (step {unit.step}) / {unit.data} / {unit.component_set}"
+            with runtime_warnings_as_lines(lambda message: warn(f"{where}: {message}")):
+                result = job.run(model, data[data_name], todo, unit)
             report.rows_written += job.write(target, unit, keys[data_name], result, time.time() - t0)
             report.computed.append(unit)
             if metric == "llc":
                 for message in check_against_whole(target, unit, keys[data_name]):
-                    log(f"warning: {message}")
-                    report.warnings.append(message)
+                    warn(message)
             advance()
     if rank.active:
         report = _finish_distributed(store, rank, report, bar, log)
     bar.close()
     report.seconds = time.time() - t_start
     return report
+
+
+@contextlib.contextmanager
+def runtime_warnings_as_lines(emit: Callable[[str], None]):
+    """Inside the block, ``RuntimeWarning``s (the sampler's: diverged chains, ``SamplerWarning``) are caught and
+    handed to ``emit`` as one-line messages, so a sweep's log keeps one readable line each; other warnings are
+    shown as usual. The warning filters are as they were afterwards."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        yield
+    for w in caught:
+        if issubclass(w.category, RuntimeWarning):
+            emit(" ".join(str(w.message).split()))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def check_against_whole(store: ResultStore, unit: UnitKey, key: str) -> List[str]:

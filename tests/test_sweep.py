@@ -294,3 +294,18 @@ def test_hessian_sweep_bad_input(run_dir):
     msg = _cli_error(*base, "--metric", "hessian-trace")  # 100 batches x 8 > 256 contexts of 64 rows
     assert "give more data or lower num_batches" in msg
     assert "--interval" in _cli_error(*base, "--metric", "hessian-rank", "--interval", "1..2", "--hessian-batches", 1)
+
+
+def test_sampler_warnings_become_one_log_line_and_other_warnings_pass():
+    import warnings
+
+    from rllc_fast.diagnostics import SamplerWarning
+    from rllc_fast.sweep import runtime_warnings_as_lines
+
+    lines, filters = [], list(warnings.filters)
+    with pytest.warns(UserWarning, match="unrelated"):
+        with runtime_warnings_as_lines(lines.append):
+            warnings.warn("chains disagree\n  (R-hat 1.5): lower step_size", SamplerWarning)
+            warnings.warn("unrelated", UserWarning)
+    assert lines == ["chains disagree (R-hat 1.5): lower step_size"]
+    assert warnings.filters == filters
