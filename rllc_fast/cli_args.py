@@ -20,8 +20,11 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
 
 def apply_formatter(parser: argparse.ArgumentParser) -> None:
-    """Give ``parser`` and all its subcommands' parsers (nested too) the ``DefaultsHelpFormatter``."""
+    """Give ``parser`` and all its subcommands' parsers (nested too) the ``DefaultsHelpFormatter``, and turn
+    off abbreviated flags: ``--step-size`` must not silently mean ``calibrate``'s ``--step-sizes``, nor
+    ``--step`` ``sweep``'s ``--steps``."""
     parser.formatter_class = DefaultsHelpFormatter
+    parser.allow_abbrev = False
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():

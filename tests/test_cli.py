@@ -263,3 +263,11 @@ def test_info_reads_versions_from_package_metadata(capsys):
     assert cli.main(["info"]) == 0
     text = capsys.readouterr().out
     assert f"transformer_lens {metadata.version('transformer_lens')}," in text and "?" not in text
+
+
+def test_abbreviated_flags_are_refused(capsys):
+    from rllc_fast.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--step-size", "1e-3"])  # once silently read as --step-sizes 1e-3
+    assert "unrecognized arguments: --step-size" in capsys.readouterr().err
