@@ -19,7 +19,7 @@ from .components import as_component_dict, whole_model_component
 from .config import SGLDConfig
 from .diagnostics import refined_exceeding_whole, step_size_problems
 from .llc import estimate_llc
-from .plotting import head_colour, log_step_axis, save_figure, sort_key, subplots
+from .plotting import LLC_LABEL, head_colour, log_step_axis, save_figure, sort_key, subplots
 from .result import ChainsDivergedError
 
 
@@ -145,7 +145,9 @@ def calibration_figure(rows: Sequence[dict], title: str = "step-size calibration
         if suggested is not None:
             ax.axvline(suggested, color="grey", linestyle=":", linewidth=1.2)
     axes[0].set_yscale("symlog", linthresh=1.0)
+    axes[0].set_ylabel(LLC_LABEL)
     axes[1].set_yscale("log")
+    axes[1].set_ylabel("$||w - w^*||$ (weight units)")
     axes[0].plot([], [], linestyle="none", marker="x", color="black", label="problems")
     if lost:
         axes[0].fill_between([], [], [], color="red", alpha=0.15, label="every chain diverged (a component)")

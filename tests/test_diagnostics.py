@@ -147,6 +147,7 @@ def test_calibration_rows_carry_the_diagnostics_and_the_problems_instead_of_warn
     assert r.suggest_step_size(rows) == 2e-3
     png = r.plot_calibration(rows, tmp_path / "c.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+    assert all(ax.get_xlabel() and ax.get_ylabel() for ax in r.calibration_figure(rows).axes[:2])  # labelled axes
 
 
 def test_the_report_lists_flagged_estimates_and_refined_llcs_above_the_whole_model():
