@@ -166,8 +166,9 @@ def distance_growth(distance_trace) -> float:
     """How much ``||v - v*||`` still grew over the last half of the draws, as a fraction, counted
     conservatively: per chain ``g = log(mean(q4) / mean(q3))`` with q3, q4 the third and the last quarter
     of its draws; the result is ``exp(mean(g) - 2 * sem(g)) - 1``, the low end of a 2-standard-error band
-    across chains (``sem = 0`` for one chain). About 0 or below for settled chains, about 0.18 for a
-    random walk (distance ~ sqrt(t)), huge for a geometric blow-up.
+    across chains (``sem = 0`` for one chain); but when any chain grew by more than ``DISTANCE_BLOWUP``, that
+    chain's growth (a blow-up of one chain is not averaged away). About 0 or below for settled chains, about
+    0.18 for a random walk (distance ~ sqrt(t)), huge for a geometric blow-up.
 
     distance_trace: ``[chains, draws]`` (or ``[draws]``) distances in weight units; leave diverged chains out.
     NaN with fewer than 8 draws or non-finite values."""
@@ -182,6 +183,8 @@ def distance_growth(distance_trace) -> float:
     g = np.where((third == 0) & (last == 0), 0.0, g)  # a chain that stayed at w*
     if np.isnan(g).any():
         return float("nan")
+    if g.max() > math.log1p(DISTANCE_BLOWUP):  # one chain blowing up is not averaged away by settled ones
+        return float(math.expm1(min(g.max(), 700.0)))
     sem = g.std(ddof=1) / math.sqrt(g.size) if g.size > 1 else 0.0
     return float(math.expm1(min(g.mean() - 2 * sem, 700.0)))
 

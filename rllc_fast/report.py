@@ -104,9 +104,13 @@ def head_difference(df, data_a: str, data_b: str):
     has ``checkpoint_id``, else by name); SEMs added in quadrature."""
     heads = df[df["component_set"] == "heads"]
     by = ["checkpoint_id" if "checkpoint_id" in df else "checkpoint", "step", "component"]
+    by += ["config_key"] if "config_key" in df else []  # a difference is of one configuration
     a = heads[heads["data"] == data_a].set_index(by)
     b = heads[heads["data"] == data_b].set_index(by)
     both = a.join(b, lsuffix="_a", rsuffix="_b", how="inner")
+    if both.empty and len(a) and len(b):
+        raise ValueError(f"data {data_a!r} and {data_b!r} have no per-head estimates of one configuration at a "
+                         "common checkpoint; select one configuration (`rllc plot --config-key KEY`)")
     out = both.reset_index()[by].copy()
     out["llc_mean"] = (both["llc_mean_a"] - both["llc_mean_b"]).to_numpy()
     out["llc_sem"] = np.sqrt(both["llc_sem_a"].to_numpy() ** 2 + both["llc_sem_b"].to_numpy() ** 2)

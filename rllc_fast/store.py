@@ -685,9 +685,10 @@ def _select_config(df, config: str, group: List[str], what: str, path: str):
         df = df[[tuple(r) in chosen for r in df[group + variant].to_numpy().tolist()]].reset_index(drop=True)
     kind = [c for c in group if c not in ("checkpoint_id", "data", "component_set")]  # e.g. the metric
     several = (df_all.groupby(kind)["config_key"].nunique() > 1).any() if kind else len(keys) > 1
-    if ambiguous or (config == "latest" and several):
+    # one data name whose selected rows have several contents (e.g. a token file regenerated between two sweeps)
+    changed = sorted(d for d, n in df.groupby("data")["data_hash"].nunique().items() if n > 1)
+    if ambiguous or (config == "latest" and several) or changed:
         per_key = last.groupby("config_key", sort=False).size()
-        changed = sorted(d for d, n in last.groupby("data")["data_hash"].nunique().items() if n > 1)
         data_note = f" Data {', '.join(map(repr, changed))} also has several contents (data_hash)." if changed else ""
         warnings.warn(
             f"{path} holds {len(keys)} configuration(s) of {what}: {'; '.join(_describe(df_all, k) for k in keys)}."

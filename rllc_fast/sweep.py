@@ -66,6 +66,7 @@ def data_fingerprint(data) -> str:
     """A short hash of a data distribution's content (tokens; a ModelDistribution's contexts and reference
     weights), so a store notices when data under the same name changed."""
     h = hashlib.sha256()
+    h.update(type(data).__name__.encode())  # a tuple is columns (x, y), a list is batches: other data
 
     def add_tensor(t: torch.Tensor) -> None:
         t = t.detach().cpu().contiguous()

@@ -168,3 +168,16 @@ def test_the_report_lists_flagged_estimates_and_refined_llcs_above_the_whole_mod
     assert "above the whole-model LLC" not in diagnostics_section(pd.concat([rows.iloc[[0]], other]))
     assert diagnostics_section(rows.drop(columns=["rhat"])) == ""  # a store without the diagnostics
     assert "No estimate is flagged" in diagnostics_section(rows.iloc[:1])
+
+
+def test_one_chain_blowing_up_is_not_averaged_away_by_settled_chains():
+    from rllc_fast.diagnostics import DISTANCE_BLOWUP, distance_growth, problems
+
+    draws = 40
+    settled = np.ones((3, draws))
+    runaway = np.exp(np.linspace(0, 4, draws))[None, :]  # grows e-fold over the last half
+    growth = distance_growth(np.concatenate([settled, runaway]))
+    assert growth > DISTANCE_BLOWUP
+    assert any("blows up" in p for p in problems({"rhat": 1.0, "ess": 100.0, "ess_fraction": 0.5,
+                                                  "distance_growth": growth}))
+    assert abs(distance_growth(settled)) < 1e-12  # settled chains alone: nothing

@@ -376,3 +376,25 @@ def test_rows_carry_the_diagnostics_and_the_sweep_flags_refined_above_whole(tmp_
     row = df[df.component == "0:1"].iloc[0]
     assert all(np.isclose(row[c], expected[c]) for c in DIAGNOSTIC_COLUMNS)
     assert df[["rhat", "ess", "ess_fraction"]].notna().all().all()
+
+
+def test_one_data_name_with_two_contents_is_never_drawn_as_one_curve_silently(tmp_path):
+    from rllc_fast.report import head_difference
+    from rllc_fast.sweep import data_fingerprint
+
+    run = _run(tmp_path / "run", {1: 1, 2: 2})
+    store = tmp_path / "s.sqlite"
+    ckpts = sorted(run.iterdir())
+    _sweep(ckpts[0], store, data={"mix": _tokens(0)})
+    _sweep(ckpts[1], store, data={"mix": _tokens(1)})  # the same name, regenerated data
+    with pytest.warns(SeveralConfigsWarning, match="'mix' also has several contents"):
+        ResultStore(store).rows()
+    # a per-head difference pairs one configuration only
+    _sweep(ckpts[0], store, sets=("heads",), data={"a": _tokens(0)})
+    _sweep(ckpts[0], store, sets=("heads",), data={"b": _tokens(0)}, step_size=3e-4)
+    df = ResultStore(store).rows("all")
+    with pytest.raises(ValueError, match="no per-head estimates of one configuration"):
+        head_difference(df, "a", "b")
+    # a tuple of tensors (columns) and a list of them (batches) are different data
+    x = _tokens(0)
+    assert data_fingerprint((x, x)) != data_fingerprint([x, x])
