@@ -161,3 +161,15 @@ def test_a_list_of_token_batches_is_taken_in_order():
         BatchSchedule([x, y], 2, 3, seed=0)
     with pytest.raises(ValueError, match="empty list"):
         BatchSchedule([], 2, 3, seed=0)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_unsigned_npy_and_pt_token_files_are_read(tmp_path, dtype):
+    from rllc_fast.data import load_tokens
+
+    ids = np.arange(40, dtype=dtype).reshape(4, 10)
+    np.save(tmp_path / "t.npy", ids)
+    torch.save(torch.from_numpy(ids), tmp_path / "t.pt")
+    for name in ("t.npy", "t.pt"):
+        tokens = load_tokens(tmp_path / name, 8)
+        assert tokens.dtype == torch.int64 and tokens.tolist() == ids[:, :8].astype(np.int64).tolist()

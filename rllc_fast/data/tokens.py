@@ -117,6 +117,8 @@ def load_tokens(path: str | os.PathLike, context_length: int, num_contexts: Opti
         raise ValueError(f"{path}: unknown data format {suffix!r}; use .npy, .pt, .bin (raw, --dtype), .u16 or a text file")
     if array.dtype.is_floating_point or array.dtype == torch.bool:
         raise ValueError(f"{path}: token ids must be integers, found {array.dtype}")
+    if array.dtype in (torch.uint16, torch.uint32, torch.uint64):  # torch has few kernels for these: int64
+        array = torch.from_numpy(array.numpy().astype(np.int64))  # (a uint64 id >= 2**63 turns negative: refused)
     if array.numel() and int(array.min()) < 0:
         raise ValueError(f"{path}: negative token id {int(array.min())}")
     if array.dim() == 2:
