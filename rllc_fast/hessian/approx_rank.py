@@ -12,12 +12,11 @@ from typing import Callable, Optional, Tuple, Union
 import numpy as np
 from torch import nn
 
-from ..data.normalise import row_data
 from ..progress import Progress
 from .chebyshev import adaptive_interval, check_interval, count_above, spectral_bounds
-from .operator import DataHessian, default_loss, only_grad_for
+from .operator import DataHessian, only_grad_for
 from .result import HessianResult, summarise
-from .setup import KEEP_GRAPHS, STRIDE, prepare, warn_unused
+from .setup import KEEP_GRAPHS, STRIDE, prepare_rows, warn_unused
 
 
 def approx_rank(model: nn.Module, data, components=None, tau: Optional[float] = None,
@@ -50,9 +49,8 @@ def approx_rank(model: nn.Module, data, components=None, tau: Optional[float] = 
         if tau is None or not a_fixed < tau < b_fixed:
             raise ValueError(f"a fixed interval needs an absolute tau inside it, got tau={tau!r} for {interval!r}")
     t0 = time.time()
-    data = row_data(data)
-    loss_fn = default_loss(data, model, loss_fn)
-    setup = prepare(model, components, data, num_batches, batch_size, seed, hvp, probe_chunk, device)
+    setup, loss_fn = prepare_rows(model, components, data, loss_fn, num_batches, batch_size, seed, hvp, probe_chunk,
+                                  device)
     comps, support, batches, method, chunk, names = (setup.comps, setup.support, setup.batches, setup.method,
                                                      setup.chunk, setup.names)
     owners = [n for n in names for _ in range(num_probes)]

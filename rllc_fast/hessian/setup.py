@@ -10,8 +10,8 @@ from typing import List
 import torch
 
 from ..components import as_component_dict
-from ..data.normalise import normalise_data
-from .operator import Support, resolve_method, unused_parameters
+from ..data.normalise import normalise_data, row_data
+from .operator import Support, default_loss, resolve_method, unused_parameters
 
 #: Stream offset between components' probes (per-component probes of component i use streams i*STRIDE + p).
 STRIDE = 1 << 24
@@ -63,6 +63,14 @@ def prepare(model, components, data, num_batches, batch_size, seed, hvp, probe_c
     batches = data_batches(data, num_batches, batch_size, seed, device)
     method, chunk = resolve_method(hvp, device, probe_chunk, support.numel)
     return Setup(comps, support, device, batches, method, chunk)
+
+
+def prepare_rows(model, components, data, loss_fn, num_batches, batch_size, seed, hvp, probe_chunk, device):
+    """``(prepare(...), loss_fn)`` for a metric's ``data`` argument, taken as rows (``row_data``: batches are
+    stacked), and its ``loss_fn`` (None: next-token cross-entropy, ``default_loss``)."""
+    data = row_data(data)
+    loss_fn = default_loss(data, model, loss_fn)
+    return prepare(model, components, data, num_batches, batch_size, seed, hvp, probe_chunk, device), loss_fn
 
 
 def warn_unused(model, loss_fn, batch, support, comps) -> List[str]:

@@ -31,9 +31,9 @@ from torch import nn
 from ..data.normalise import row_data
 from ..progress import Progress
 from ..losses import check_tokens
-from .operator import BatchHessian, DataHessian, Support, default_loss, only_grad_for
+from .operator import BatchHessian, DataHessian, Support, only_grad_for
 from .result import HessianResult, summarise
-from .setup import KEEP_GRAPHS, STRIDE, prepare, warn_unused
+from .setup import KEEP_GRAPHS, STRIDE, prepare, prepare_rows, warn_unused
 
 PROBE_KINDS = ("shared", "per-component")
 
@@ -109,9 +109,8 @@ def trace(model: nn.Module, data, components=None, num_probes: int = 50, num_bat
     """
     _check_common(num_probes, probes, hutchpp)
     t0 = time.time()
-    data = row_data(data)
-    loss_fn = default_loss(data, model, loss_fn)
-    setup = prepare(model, components, data, num_batches, batch_size, seed, hvp, probe_chunk, device)
+    setup, loss_fn = prepare_rows(model, components, data, loss_fn, num_batches, batch_size, seed, hvp, probe_chunk,
+                                  device)
     comps, support, batches, method, chunk, names = (setup.comps, setup.support, setup.batches, setup.method,
                                                      setup.chunk, setup.names)
     with only_grad_for(model, support.names):
