@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 
 from .components import as_component_dict, heads, layers, whole
-from .content_id import checkpoint_ids
+from .content_id import checkpoint_ids, signature
 from .config import SGLDConfig
 from .data import ModelDistribution
 from .distributed import (Rank, barrier, device_for, init as dist_init, merge_rank_stores, rank_from_env,
@@ -230,6 +230,7 @@ def run_sweep(
         target = ResultStore(rank_store_path(store_path, rank.rank))
     fingerprints = {name: data_fingerprint(d) for name, d in data.items()}
     keys = {name: job.key() for name in data}
+    signatures = {str(c.path.absolute()): _signature_or_none(c.path) for c in checkpoints}  # before hashing
     ids, unreadable = _checkpoint_ids(checkpoints, store, rank)
     report = SweepReport()
     all_units = []
@@ -269,6 +270,9 @@ def run_sweep(
             if load_error is None and model is None:
                 try:
                     model = ckpt.load(like=reference, device=device or "cpu")
+                    if _signature_or_none(ckpt.path) != signatures[str(ckpt.path.absolute())]:
+                        raise CheckpointError(f"{ckpt.path} changed on disk after the sweep hashed it; its rows would "
+                                              "carry the old content's id: rerun the sweep once it is written")
                     if reference is None:
                         reference = model.cfg
                         _check_data(data, model)
@@ -355,6 +359,14 @@ def _first_config(checkpoints):
         except CheckpointError:
             continue
     return None
+
+
+def _signature_or_none(path) -> Optional[str]:
+    """``content_id.signature`` (file names, sizes, mtimes) of a checkpoint, None when it cannot be read."""
+    try:
+        return signature(path)
+    except OSError:
+        return None
 
 
 def _checkpoint_ids(checkpoints, store, rank: Rank):

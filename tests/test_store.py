@@ -398,3 +398,24 @@ def test_one_data_name_with_two_contents_is_never_drawn_as_one_curve_silently(tm
     # a tuple of tensors (columns) and a list of them (batches) are different data
     x = _tokens(0)
     assert data_fingerprint((x, x)) != data_fingerprint([x, x])
+
+
+def test_a_checkpoint_rewritten_after_hashing_is_not_stored_under_its_old_id(tmp_path, monkeypatch):
+    from rllc_fast.models.checkpoints import Checkpoint
+
+    run = _run(tmp_path / "run", {1: 1, 2: 2})
+    original = Checkpoint.load
+
+    def load_after_a_rewrite(self, *args, **kwargs):  # a trainer overwrites step 2 while the sweep runs
+        if self.step == 2:
+            save_checkpoint(attn_only(seed=9, **SMALL), self.path, 2)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpoint, "load", load_after_a_rewrite)
+    report = _sweep(run, tmp_path / "s.sqlite")
+    assert [u.step for u in report.computed] == [1]
+    (error,) = report.failed.values()
+    assert "changed on disk after the sweep hashed it" in error
+    monkeypatch.setattr(Checkpoint, "load", original)
+    again = _sweep(run, tmp_path / "s.sqlite")  # the rerun hashes the new content and computes it
+    assert [u.step for u in again.computed] == [2] and not again.failed
