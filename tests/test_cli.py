@@ -20,6 +20,7 @@ from rllc_fast.calibrate import STEP_SIZES
 from rllc_fast.cli_common import SGLD_FLAGS, sgld_config
 from rllc_fast.models import attn_only, checkpoint_at, save_checkpoint, select_checkpoints
 from rllc_fast.models.checkpoints import parse_steps
+from store_rows import estimate_count
 
 TINY = dict(n_layers=1, d_model=16, n_heads=2, d_head=8, n_ctx=16, d_vocab=32)
 STEPS = (1, 10, 100, 1000, 5000)
@@ -40,17 +41,6 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
 
 
-def _estimates(store) -> int:
-    try:
-        con = sqlite3.connect(store, timeout=5)
-        try:
-            return con.execute("SELECT COUNT(*) FROM estimates").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.OperationalError:  # not created yet
-        return 0
-
-
 def _check_log(text: str, units: int) -> None:
     """A log file's text: plain lines only, a bounded number per unit."""
     assert "\r" not in text and "\x1b" not in text
@@ -69,12 +59,12 @@ def test_sweep_log_file_has_plain_lines_and_ctrl_c_stops_with_one_line_and_resum
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 300
         # a unit is stored and its progress line written (the line follows the store's write)
-        while (_estimates(store) < 1 or "sweep: 1/" not in (run / "first.log").read_text()) \
+        while (estimate_count(store) < 1 or "sweep: 1/" not in (run / "first.log").read_text()) \
                 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
-    stored = _estimates(store)  # one row per unit ("whole")
+    stored = estimate_count(store)  # one row per unit ("whole")
     assert proc.returncode == 130, (out, (run / "first.log").read_text())
     assert 1 <= stored < len(STEPS), "the interrupt came too late to test resumption"
     first = (run / "first.log").read_text()
@@ -92,7 +82,7 @@ def test_sweep_log_file_has_plain_lines_and_ctrl_c_stops_with_one_line_and_resum
     assert f"{len(STEPS) - stored} unit(s) computed" in again.out
     assert f"{stored} already stored" in again.out
     _check_log(again.err, len(STEPS))
-    assert _estimates(store) == len(STEPS)
+    assert estimate_count(store) == len(STEPS)
 
 
 def test_ctrl_c_in_other_commands_is_one_line_and_exit_130(monkeypatch, capsys):

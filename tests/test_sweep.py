@@ -15,6 +15,7 @@ from rllc_fast import SGLDConfig
 from rllc_fast.models import attn_only, save_checkpoint
 from rllc_fast.store import ResultStore, SeveralConfigsWarning
 from rllc_fast.sweep import run_sweep
+from store_rows import estimate_count
 
 SMALL = dict(n_layers=2, d_model=32, n_heads=8, d_head=4, n_ctx=16, d_vocab=64)  # 16 heads
 STEPS = (1, 10, 100)
@@ -53,17 +54,6 @@ def _rows(store):
     return df.sort_values(key).reset_index(drop=True)
 
 
-def _count(store) -> int:
-    try:
-        con = sqlite3.connect(store, timeout=5)
-        try:
-            return con.execute("SELECT COUNT(*) FROM estimates").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.OperationalError:
-        return 0
-
-
 def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -74,16 +64,16 @@ def test_killed_sweep_resumes_to_the_same_rows(run_dir):
     total = len(STEPS) * 2 * 16
     clean = tmp / "clean.sqlite"
     subprocess.run(_sweep_cmd(tmp, data, clean), check=True, env=_env(), timeout=600)
-    assert _count(clean) == total
+    assert estimate_count(clean) == total
 
     killed = tmp / "killed.sqlite"
     proc = subprocess.Popen(_sweep_cmd(tmp, data, killed), env=_env())
     deadline = time.time() + 300
-    while _count(killed) < 16 and proc.poll() is None and time.time() < deadline:
+    while estimate_count(killed) < 16 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = _count(killed)
+    done_before = estimate_count(killed)
     assert 16 <= done_before < total, f"the kill came too late to test resumption ({done_before} rows)"
     assert done_before % 16 == 0  # units are written whole or not at all
 
