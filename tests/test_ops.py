@@ -100,6 +100,32 @@ def test_nan_in_padding_stays_out_of_the_distance(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rmsprop", [False, True])
+def test_replicas_longer_than_a_tile_are_updated_and_measured_in_every_tile(device, rmsprop):
+    """Replicas of more than ``ops.TILE_ELEMENTS`` weights (a Pythia-70m head slice has 131,264) span
+    several column tiles of the CPU fallback: every tile must be updated and every tile's part of
+    ``||w - w*||^2`` summed. Catches a distance that keeps only the last tile, and a last (partial)
+    tile that is never updated; lengths end inside the first, second and third tile."""
+    n = 2 * ops.TILE_ELEMENTS + 37
+    g = torch.Generator().manual_seed(7)
+    w_star = torch.randn(3, n, generator=g)
+    w = w_star + 0.01 * torch.randn(3, n, generator=g)
+    grad, noise = torch.randn(3, n, generator=g), torch.randn(3, n, generator=g)
+    lengths = torch.tensor([n, ops.TILE_ELEMENTS + 5, 1000])
+    avg = torch.rand(3, n, generator=g) if rmsprop else None
+    want = _literal_sgld(w, grad, w_star, lengths, noise, 1e-3, 30.0, 200.0,
+                         *(() if avg is None else (avg, 0.99, 0.1)))
+    want_w = want if avg is None else want[0]
+    got = w.clone().to(device)
+    sq = ops.sgld_step(got, grad.to(device), w_star.to(device), lengths.to(device), step_size=1e-3, nbeta=30.0,
+                       localization=200.0, noise=noise.to(device), square_avg=None if avg is None else avg.to(device))
+    torch.testing.assert_close(got.cpu(), want_w, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(got.cpu()[0, -37:], w[0, -37:])  # the last partial tile moved
+    expect_sq = torch.stack([((want_w[r, :k] - w_star[r, :k]) ** 2).sum() for r, k in enumerate(lengths.tolist())])
+    torch.testing.assert_close(sq.cpu(), expect_sq, rtol=1e-5, atol=0.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_generated_noise_is_standard_normal_and_independent(device):
     R, n = 8, 20_000
     w = torch.zeros(R, n, device=device)
@@ -262,8 +288,20 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-def test_backend_reports_an_implementation():
-    assert "fallback" in ops.backend() or "CUDA kernels" in ops.backend()
+def test_backend_names_the_state_that_holds():
+    """``backend()`` names which of its three states holds here (the old check accepted any of its
+    strings, since all of them contain "fallback"); the "not built" state is checked in a subprocess above."""
+    import importlib.util
+    built = importlib.util.find_spec("rllc_fast._C") is not None
+    assert ops._EXTENSION == built
+    if torch.version.cuda is None:  # a CPU-only torch cannot have registered CUDA kernels
+        assert not ops.CUDA_KERNELS
+    if ops.CUDA_KERNELS:
+        assert ops.backend().startswith("compiled extension: CUDA kernels on GPU")
+    elif built:
+        assert ops.backend() == "compiled extension without CUDA: PyTorch fallback on every device"
+    else:
+        assert ops.backend() == "PyTorch fallback on every device (extension not built)"
 
 
 def test_rmsprop_delta_is_the_written_formula():
