@@ -64,6 +64,38 @@ MUTANTS: List[Mutant] = [
     Mutant("backend() names the wrong state", "rllc_fast/ops.py",
            'return "compiled extension without CUDA: PyTorch fallback on every device"',
            'return "compiled extension: CUDA kernels on GPU, PyTorch fallback on CPU"', ("tests/test_ops.py",)),
+    Mutant("rllc sweep exits 0 when a checkpoint fails", "rllc_fast/cli.py",
+           "    return 0 if not report.failed else 3\n", "    return 0\n", ("tests/test_cli.py",)),
+    Mutant("a unit's rows committed one at a time", "rllc_fast/store.py",
+           "        with self._write() as con:\n"
+           "            con.executemany(f\"INSERT OR REPLACE INTO estimates ({', '.join(columns)}) VALUES \"\n"
+           "                            f\"({', '.join('?' * len(columns))})\", rows)\n",
+           "        for row in rows:\n"
+           "          with self._write() as con:\n"
+           "            con.executemany(f\"INSERT OR REPLACE INTO estimates ({', '.join(columns)}) VALUES \"\n"
+           "                            f\"({', '.join('?' * len(columns))})\", [row])\n"
+           "        with self._write() as con:\n",
+           ("tests/test_store.py",)),
+    Mutant("Hessian trace uses only the last of num_batches batches", "rllc_fast/hessian/trace.py",
+           "np.mean([pb[n] for pb in per_batch], axis=0)", "np.mean([pb[n] for pb in per_batch[-1:]], axis=0)",
+           ("tests/test_hessian.py",)),
+    Mutant("Hessian operator (Hutch++) uses only the last batch", "rllc_fast/hessian/operator.py",
+           "            total += op.apply(v)\n", "            total = op.apply(v) * len(self.batches)\n",
+           ("tests/test_hessian.py",)),
+    Mutant("the demo's code drLLC is computed on the mixture", "rllc_fast/demo.py",
+           "{REFINED: data[REFINED]}", "{REFINED: data[BASE]}", ("tests/test_toy_and_demo.py", "-k", "quick_demo")),
+    Mutant("negative token ids accepted by the check", "rllc_fast/losses.py",
+           "        if lo < 0 or (", "        if lo < -1 or (", ("tests/test_bad_input.py",)),
+    Mutant("init_loss_trace of one batch too late in both engines", "rllc_fast/llc.py",
+           "    init_losses = loss_at_optimum(model, batches, loss_fn, schedule.distinct_batch_ids())\n",
+           "    init_losses = loss_at_optimum(model, batches, loss_fn, schedule.distinct_batch_ids())\n"
+           "    init_losses = np.roll(init_losses, -1)\n", ("tests/test_batched_engine.py", "-k", "same_noise")),
+    Mutant("cluster --apply-to returns the fitted run's labels", "rllc_fast/analysis/runs.py",
+           "        labels = clustering.predict([head_curves(other, d, layer)[1] for d in data])\n",
+           "        labels = dict(clustering.labels)\n", ("tests/test_analysis_cli.py", "-k", "every_subcommand")),
+    Mutant("the LLC estimate halved", "rllc_fast/result.py",
+           "        per_chain[ok] = self.nbeta * (", "        per_chain[ok] = 0.5 * self.nbeta * (",
+           ("tests/test_known_llc.py",)),
 ]
 
 

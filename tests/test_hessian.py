@@ -57,6 +57,24 @@ def test_mlp_block_traces_match_the_exact_hessian():
     _within(hpp, exact)
 
 
+def test_traces_over_several_batches_are_the_hessian_of_the_mean_loss_over_all_of_them():
+    """``num_batches=2``: the estimate is the trace of the Hessian of the mean loss over both batches (here
+    every row), whose two halves' traces differ by far more than the standard error (rows of very
+    different scales). Catches an estimate that uses only one of the batches."""
+    model, (x, y) = _mlp()
+    data = (x * torch.linspace(0.2, 3.0, 48)[:, None], y)
+    names = ["0.weight", "0.bias", "2.weight", "2.bias"]
+    H = _exact_hessian(model, names, lambda pd: _ce(lambda x: torch.func.functional_call(model, pd, (x,)), data))
+    diag = [H[i][i].reshape(p.numel(), p.numel()).diagonal().sum().item()
+            for i, p in enumerate(dict(model.named_parameters())[n] for n in names)]
+    exact = {"L0": diag[0] + diag[1], "L2": diag[2] + diag[3]}
+    comps = [r.from_params(model, names[:2], name="L0"), r.from_params(model, names[2:], name="L2")]
+    _within(hessian.trace(model, data, comps, num_probes=2000, num_batches=2, batch_size=24, loss_fn=_ce,
+                          probe_chunk=16), exact)
+    _within(hessian.trace(model, data, comps, num_probes=90, num_batches=2, batch_size=24, loss_fn=_ce,
+                          hutchpp=True), exact)
+
+
 def test_hutchpp_is_exact_when_the_sketch_spans_the_block():
     model, data = _mlp()
     names = ["0.weight", "0.bias", "2.weight", "2.bias"]
