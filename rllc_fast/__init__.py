@@ -7,7 +7,8 @@ Public API:
     sweeps: run_sweep, ResultStore, write_report (models and checkpoints in rllc_fast.models)
     Hessian metrics: rllc_fast.hessian (trace, fim_trace, approx_rank, hvp)
 """
-from .components import Component, ParamSlice, from_params, head, heads, layer, layers, whole
+from .components import (Component, ParamSlice, from_params, group_name, head, head_name, heads, layer, layers,
+                         parse_group_name, parse_head_name, whole)
 from .config import SGLDConfig
 from .data import ModelDistribution
 from . import hessian, models
@@ -35,6 +36,10 @@ __all__ = [
     "from_params",
     "head",
     "heads",
+    "head_name",
+    "group_name",
+    "parse_head_name",
+    "parse_group_name",
     "layer",
     "layers",
     "models",
