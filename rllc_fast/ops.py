@@ -10,12 +10,13 @@ compiled extension is absent, and a test keeps the two identical):
   (elements ``j >= lengths[r]`` are padding and untouched bit for bit), in float32 whatever the
   storage type; ``xi`` is ``noise`` when given, else drawn from ``rng_state = [seed, offset]``
   (int64, on the data's device: on CUDA the Philox4x32-10 normal stream of ``csrc/cuda/philox.cuh``,
-  element ``r * n + j`` being value ``e % 4`` of the call with counter (offset, ``e // 4``) and key
-  seed (four normals per call, Box-Muller on both word pairs), so the draw does not depend on the
-  launch grid; on CPU a torch generator seeded from both). With ``square_avg`` (float32 ``[R, n]``, updated in place) the step is
-  RMSProp-preconditioned as ``rllc_fast.sgld.rmsprop_sgld_delta`` writes it:
-  ``a <- alpha a + (1 - alpha) g^2``, ``P = 1 / (sqrt(a) + rmsprop_eps)``, drift times ``P`` and
-  noise times ``sqrt(P)``. Returns ``||w_r - w*_r||^2`` after the update, ``[R]`` float32.
+  element ``e = r * n + j`` being value ``e % 4`` of the call with counter (offset, ``e // 4``) and
+  key seed (four normals per call, Box-Muller on both word pairs), so the draw does not depend on
+  the launch grid; on CPU a torch generator seeded from both). With ``square_avg`` (float32
+  ``[R, n]``, updated in place) the step is RMSProp-preconditioned as
+  ``rllc_fast.sgld.rmsprop_sgld_delta`` writes it: ``a <- alpha a + (1 - alpha) g^2``,
+  ``P = 1 / (sqrt(a) + rmsprop_eps)``, drift times ``P`` and noise times ``sqrt(P)``. Returns
+  ``||w_r - w*_r||^2`` after the update, ``[R]`` float32.
 - ``rademacher(num_probes, n, rng_state) -> [P, n]`` float32 of +-1, counter-based from
   ``rng_state = [seed, offset]`` (reproducible; Philox bit 0 of entry ``p * n + j`` on CUDA, a
   torch generator on CPU, so the two streams differ).

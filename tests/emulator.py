@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -26,7 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 SHIM = ROOT / "tests" / "csrc"
 CACHE = ROOT / "build" / "emulator"
-FLAGS = ["-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-Wall", "-Werror", "-Wno-unknown-pragmas", "-Wno-sign-compare"]
+# hidden visibility: a mutant library loaded next to the main one shares none of its symbols
+FLAGS = ["-std=c++20", "-O2", "-fPIC", "-shared", "-pthread", "-fvisibility=hidden",
+         "-Wall", "-Werror", "-Wno-unknown-pragmas", "-Wno-sign-compare"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -41,27 +44,43 @@ def _sources(csrc: Path) -> list[Path]:
     return sorted([SHIM / "cuda_emulation.h", SHIM / "emulated_kernels.cpp", *csrc.glob("*.h"), *csrc.glob("cuda/*.cuh")])
 
 
-def build(csrc: Path = CSRC) -> ctypes.CDLL:
-    """The emulation library for the kernel sources under ``csrc`` (built once per source text)."""
-    torch_include = Path(torch.__file__).parent / "include"
-    cxx = _compiler()
+def _library(csrc: Path) -> Path:
+    """Where the build of the sources under ``csrc`` is cached (named by a hash of every input)."""
     digest = hashlib.sha256()
-    for part in [cxx, torch.__version__, *FLAGS]:
+    for part in [_compiler(), torch.__version__, *FLAGS]:
         digest.update(part.encode() + b"\0")
     for path in _sources(csrc):
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    lib = CACHE / f"emulated_kernels-{digest.hexdigest()[:16]}.so"
-    if not lib.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-            out = Path(tmp) / lib.name
-            cmd = [cxx, *FLAGS, f"-I{csrc}", f"-I{SHIM}", f"-I{torch_include}", str(SHIM / "emulated_kernels.cpp"),
-                   "-o", str(out)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"building the kernel emulation failed:\n{' '.join(cmd)}\n{done.stderr}")
-            os.replace(out, lib)  # atomic: a concurrent run sees the whole file or none
-    return _declare(ctypes.CDLL(str(lib)))
+    return CACHE / f"emulated_kernels-{digest.hexdigest()[:16]}.so"
+
+
+def _compile(csrc: Path, lib: Path) -> None:
+    if lib.exists():
+        return
+    CACHE.mkdir(parents=True, exist_ok=True)
+    torch_include = Path(torch.__file__).parent / "include"
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        out = Path(tmp) / lib.name
+        cmd = [_compiler(), *FLAGS, f"-I{csrc}", f"-I{SHIM}", f"-I{torch_include}", str(SHIM / "emulated_kernels.cpp"),
+               "-o", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"building the kernel emulation failed:\n{' '.join(cmd)}\n{done.stderr}")
+        os.replace(out, lib)  # atomic: a concurrent run sees the whole file or none
+
+
+def build(csrc: Path = CSRC) -> ctypes.CDLL:
+    """The emulation library for the kernel sources under ``csrc`` (built once per source text)."""
+    return build_all({"": csrc})[""]
+
+
+def build_all(trees: dict[str, Path]) -> dict[str, ctypes.CDLL]:
+    """``build`` for several source trees, the missing builds compiled in parallel (one per core)."""
+    libs = {name: _library(csrc) for name, csrc in trees.items()}
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        for job in [pool.submit(_compile, trees[name], lib) for name, lib in libs.items()]:
+            job.result()
+    return {name: _declare(ctypes.CDLL(str(lib))) for name, lib in libs.items()}
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from emulator import Emulator, build, mutated_csrc
+from emulator import CSRC, Emulator, build_all, mutated_csrc
 from philox_reference import philox_normal, philox_rademacher
 from rllc_fast import ops
 
@@ -36,9 +36,32 @@ TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6),  # float rounding of the same 
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
+# Copies of csrc with one injected bug each: (file, text, replacement of its first occurrence).
+MUTATIONS = {
+    "wrong_shuffle_offset": ("cuda/sgld_step_kernel.cuh", "__shfl_down_sync(0xffffffffu, v, o)",
+                             "__shfl_down_sync(0xffffffffu, v, o + 1)"),
+    "missing_syncthreads": ("cuda/sgld_step_kernel.cuh", "  __syncthreads();\n", "\n"),
+    "mask_on_n_not_lengths": ("cuda/sgld_step_kernel.cuh", "const int64_t len = lengths[r] < n ? lengths[r] : n;",
+                              "const int64_t len = n;"),
+    "wrong_philox_element": ("cuda/sgld_step_kernel.cuh", "philox_normal4(seed, offset, g)",
+                             "philox_normal4(seed, offset, g - first)"),
+    "blocked_dot_missing_syncthreads": ("cuda/hutchinson_kernels.cuh", "    __syncthreads();\n  }", "  }"),
+    "barrier_that_cannot_complete": ("cuda/sgld_step_kernel.cuh", "  if (lane == 0) warp_sums[warp] = v;\n  __syncthreads();",
+                                     "  if (lane == 0) {\n    warp_sums[warp] = v;\n    __syncthreads();\n  }"),
+}
+
+
 @pytest.fixture(scope="module")
-def emulated():
-    return Emulator(build())
+def builds(tmp_path_factory):
+    """The emulation of csrc as it is (key "") and of each mutated copy, built in parallel (cached)."""
+    root = tmp_path_factory.mktemp("mutants")
+    trees = {"": CSRC, **{name: mutated_csrc(root / name, *m) for name, m in MUTATIONS.items()}}
+    return {name: Emulator(lib) for name, lib in build_all(trees).items()}
+
+
+@pytest.fixture(scope="module")
+def emulated(builds):
+    return builds[""]
 
 
 def _inputs(dtype, seed=0, rows=R, n=N, lengths=LENGTHS):
@@ -147,39 +170,31 @@ def test_emulated_blocked_dot_marks_bad_offsets_nan(emulated):
         ops.blocked_dot(v, hv, torch.tensor([0, 30, 20, 50]))
 
 
-def test_emulation_reports_a_barrier_that_cannot_complete(tmp_path):
+def test_emulation_reports_a_barrier_that_cannot_complete(builds):
     """Lane 0 waiting at __syncthreads while its warp waits for it in __shfl_down_sync is undefined on a
     GPU (a hang, at best); the emulation stops with an error instead of hanging."""
-    src = mutated_csrc(tmp_path, "cuda/sgld_step_kernel.cuh", "  if (lane == 0) warp_sums[warp] = v;\n  __syncthreads();",
-                       "  if (lane == 0) {\n    warp_sums[warp] = v;\n    __syncthreads();\n  }")
     with pytest.raises(RuntimeError, match="deadlock"):
-        check_sgld_step(Emulator(build(src)))
+        check_sgld_step(builds["barrier_that_cannot_complete"])
 
 
 # ---------------------------------------------------------------------------- injected bugs
-MUTANTS = {
-    "wrong_shuffle_offset": ("cuda/sgld_step_kernel.cuh", "__shfl_down_sync(0xffffffffu, v, o)",
-                             "__shfl_down_sync(0xffffffffu, v, o + 1)", dict(rmsprop=False, philox=False)),
-    "missing_syncthreads": ("cuda/sgld_step_kernel.cuh", "  __syncthreads();\n", "\n", dict(rmsprop=False, philox=False)),
-    "mask_on_n_not_lengths": ("cuda/sgld_step_kernel.cuh", "const int64_t len = lengths[r] < n ? lengths[r] : n;",
-                              "const int64_t len = n;", dict(rmsprop=True, philox=False)),
-    "wrong_philox_element": ("cuda/sgld_step_kernel.cuh", "philox_normal4(seed, offset, g)",
-                             "philox_normal4(seed, offset, g - first)", dict(rmsprop=False, philox=True)),
+CAUGHT_BY = {
+    "wrong_shuffle_offset": dict(rmsprop=False, philox=False),  # ||w - w*||^2 wrong
+    "missing_syncthreads": dict(rmsprop=False, philox=False),  # warp 0 sums stale warp sums
+    "mask_on_n_not_lengths": dict(rmsprop=True, philox=False),  # padding and its RMSProp state change
+    "wrong_philox_element": dict(rmsprop=False, philox=True),  # rows > 0 get row 0's noise
 }
 
 
-@pytest.mark.parametrize("name", list(MUTANTS))
-def test_emulated_comparison_catches_an_injected_bug(tmp_path, name):
-    file, old, new, case = MUTANTS[name]
-    mutant = Emulator(build(mutated_csrc(tmp_path, file, old, new)))
+@pytest.mark.parametrize("name", list(CAUGHT_BY))
+def test_emulated_comparison_catches_an_injected_bug(builds, name):
     with pytest.raises(AssertionError):
-        check_sgld_step(mutant, torch.float32, **case)
+        check_sgld_step(builds[name], torch.float32, **CAUGHT_BY[name])
 
 
-def test_emulated_blocked_dot_comparison_catches_a_missing_syncthreads(tmp_path):
-    src = mutated_csrc(tmp_path, "cuda/hutchinson_kernels.cuh", "    __syncthreads();\n  }", "  }")
+def test_emulated_blocked_dot_comparison_catches_a_missing_syncthreads(builds):
     with pytest.raises(AssertionError):
-        check_blocked_dot(Emulator(build(src)))
+        check_blocked_dot(builds["blocked_dot_missing_syncthreads"])
 
 
 # ---------------------------------------------------------------------------- argument checks

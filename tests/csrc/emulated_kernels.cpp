@@ -68,15 +68,17 @@ void sgld(void* w, const void* grad, const void* w_star, const int64_t* lengths,
 
 }  // namespace
 
+#define EXPORT __attribute__((visibility("default")))
+
 extern "C" {
 
 // The grid sgld_step.cu launches for rows of n elements (blocks per replica).
-int64_t sgld_chunks(int64_t n) { return rllc_fast::sgld::chunks_for(n); }
+EXPORT int64_t sgld_chunks(int64_t n) { return rllc_fast::sgld::chunks_for(n); }
 
-int64_t rademacher_blocks(int64_t total) { return rllc_fast::hutchinson::rademacher_blocks(total); }
+EXPORT int64_t rademacher_blocks(int64_t total) { return rllc_fast::hutchinson::rademacher_blocks(total); }
 
 // dtype: 0 float32, 1 bfloat16, 2 float16 (the storage of w, grad, w_star). Grid (chunks, replicas).
-const char* run_sgld_step(int dtype, void* w, const void* grad, const void* w_star, const int64_t* lengths,
+EXPORT const char* run_sgld_step(int dtype, void* w, const void* grad, const void* w_star, const int64_t* lengths,
                           const float* noise, const int64_t* rng, float* square_avg, int64_t replicas, int64_t n,
                           float eps, float nbeta, float gamma, float alpha, float rms_eps, float* sq_dist,
                           int64_t chunks) {
@@ -93,7 +95,7 @@ const char* run_sgld_step(int dtype, void* w, const void* grad, const void* w_st
   });
 }
 
-const char* run_rademacher(float* out, int64_t total, const int64_t* rng, int64_t blocks) {
+EXPORT const char* run_rademacher(float* out, int64_t total, const int64_t* rng, int64_t blocks) {
   return guarded([&] {
     using namespace rllc_fast::hutchinson;
     rllc_emu::launch(uint3{static_cast<unsigned>(blocks), 1, 1}, kThreads, [&] { rademacher_kernel(out, total, rng); });
@@ -101,7 +103,7 @@ const char* run_rademacher(float* out, int64_t total, const int64_t* rng, int64_
 }
 
 // Grid (num_blocks, probes), as hutchinson.cu launches it.
-const char* run_blocked_dot(const float* v, const float* hv, const int64_t* offsets, int64_t probes, int64_t n,
+EXPORT const char* run_blocked_dot(const float* v, const float* hv, const int64_t* offsets, int64_t probes, int64_t n,
                             int64_t num_blocks, float* out) {
   return guarded([&] {
     using namespace rllc_fast::hutchinson;
@@ -110,7 +112,7 @@ const char* run_blocked_dot(const float* v, const float* hv, const int64_t* offs
   });
 }
 
-const char* check_sgld_args(const char* w, const char* grad, const char* w_star, const char* lengths,
+EXPORT const char* check_sgld_args(const char* w, const char* grad, const char* w_star, const char* lengths,
                             const char* noise, const char* rng_state, const char* square_avg, double alpha,
                             double eps) {
   return result(rllc_fast::check_sgld_args(parse_info(w), parse_info(grad), parse_info(w_star),
@@ -118,11 +120,11 @@ const char* check_sgld_args(const char* w, const char* grad, const char* w_star,
                                            parse_info(square_avg), alpha, eps));
 }
 
-const char* check_rademacher_args(int64_t num_probes, int64_t n, const char* rng_state) {
+EXPORT const char* check_rademacher_args(int64_t num_probes, int64_t n, const char* rng_state) {
   return result(rllc_fast::check_rademacher_args(num_probes, n, parse_info(rng_state)));
 }
 
-const char* check_blocked_dot_args(const char* v, const char* hv, const char* offsets) {
+EXPORT const char* check_blocked_dot_args(const char* v, const char* hv, const char* offsets) {
   return result(rllc_fast::check_blocked_dot_args(parse_info(v), parse_info(hv), parse_info(offsets)));
 }
 
