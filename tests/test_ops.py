@@ -249,6 +249,42 @@ def test_blocked_dot_bad_offsets_raise_on_cpu_and_give_nan_on_cuda(device, offse
         assert torch.isnan(ops.blocked_dot(v, v, bad)).any()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_arguments_raise_in_a_fresh_process(device):
+    """Each op given a bad argument raises ValueError in a process of its own, so that a crash (as the
+    CUDA op's `w must be 2-D` case ended the test process on the 2026-11-30 H200 run) is reported with
+    its signal here instead of ending the test session."""
+    code = f"""
+import torch
+from rllc_fast import ops
+d = {device!r}
+w = torch.zeros(3, 8, device=d)
+calls = [
+    lambda: ops.sgld_step(w[0], w[0], w[0], torch.tensor([8], device=d), step_size=1.0, nbeta=1.0, localization=0.0,
+                          noise=w[0]),
+    lambda: ops.sgld_step(w, w.t().contiguous().t(), w, torch.tensor([8, 8, 8], device=d), step_size=1.0, nbeta=1.0,
+                          localization=0.0, noise=w),
+    lambda: ops.rademacher(2, 5, torch.tensor([0, 0, 0], device=d)),
+    lambda: ops.blocked_dot(w[0], w[0], torch.tensor([0, 8], device=d)),
+]
+for call in calls:
+    try:
+        call()
+    except ValueError as e:
+        print(e)
+    else:
+        raise SystemExit("no ValueError")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, f"exit status {out.returncode} (negative: killed by that signal)\n{out.stderr}"
+    assert out.stdout.splitlines() == [
+        "sgld_step: w must be 2-D [replicas, n], got shape [8]",
+        "sgld_step: grad must be contiguous (pass grad.contiguous())",
+        "rademacher: rng_state must be int64 [2] = [seed, offset], got int64 [3]",
+        "blocked_dot: v must be 2-D [probes, n], got shape [8]",
+    ]
+
+
 def test_python_schemas_equal_the_cpp_definitions():
     source = (ROOT / "csrc" / "ops.cpp").read_text()
     cpp = dict((m.group(1), m.group(0)[1:-1]) for m in re.finditer(r'"(\w+)\([^"]*"', source))
