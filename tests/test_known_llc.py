@@ -81,12 +81,14 @@ def test_singular_models_recover_their_learning_coefficient(p, power_estimates):
 
 @pytest.mark.slow
 def test_power_models_together_pin_the_scale_of_the_estimate(power_estimates):
-    """The mean ratio estimate / exact over the nine models is 1 within 4 of its standard errors plus 5%:
-    an estimator off by a constant factor (halved, or 1.3x) fails here even where one model's standard
-    error is too wide to show it (with 4 chains, the per-model bands alone let a halved estimate of some
-    models pass)."""
+    """The inverse-variance weighted mean of estimate / exact over the nine models is 1 within 4 of its
+    standard errors plus 10% (SGLD's step-size bias): an estimator off by a constant factor (halved, or
+    1.3x) fails here. The per-model bands cannot show it for the slowly mixing higher powers (4 chains x
+    10,000 draws leave their standard errors at 20-45% of the value; measured 2026-11-30), so the models
+    that pin the scale are the sharp ones: w2 alone (2% standard error) and w1 w2 (8%)."""
     ratios = np.array([est.llc_mean / exact for est, exact, _ in power_estimates.values()])
     sems = np.array([est.llc_sem / exact for est, exact, _ in power_estimates.values()])
-    mean, sem = ratios.mean(), math.sqrt((sems**2).sum()) / len(ratios)
-    print(f"mean ratio estimate / exact over {len(ratios)} models: {mean:.3f} +- {sem:.3f}")
-    assert abs(mean - 1) <= 4 * sem + 0.05, (mean, sem, ratios.round(3).tolist())
+    weights = 1 / sems**2
+    mean, sem = float((weights * ratios).sum() / weights.sum()), float(1 / math.sqrt(weights.sum()))
+    print(f"weighted mean ratio estimate / exact over {len(ratios)} models: {mean:.3f} +- {sem:.3f}")
+    assert abs(mean - 1) <= 4 * sem + 0.1, (mean, sem, ratios.round(3).tolist(), sems.round(3).tolist())
