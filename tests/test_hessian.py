@@ -333,3 +333,16 @@ def test_probe_seeds_reach_the_device_in_one_copy(monkeypatch):
     assert len({s.untyped_storage().data_ptr() for s in states[3:]}) == 1
     one = ops.rademacher(1, support.numel, torch.tensor([7, 4]))
     assert torch.equal(support.shared_probes(7, [3, 4, 5])[1], (one * support.mask)[0])
+
+
+def test_metrics_move_a_model_quietly_and_only_when_elsewhere(capsys):
+    """TransformerLens prints when a model is moved; a Hessian metric asked for another device moves it without
+    printing (a sweep printed "Moving model to device: cuda" per unit), and leaves one already there alone."""
+    from rllc_fast.hessian.setup import prepare
+
+    model, tokens = _tiny_transformer()
+    prepare(model, None, tokens, 1, 8, 0, "auto", None, torch.device("cpu"))
+    setup = prepare(model, None, tokens, 1, 8, 0, "auto", None, "meta")
+    assert next(model.parameters()).device.type == "meta" and setup.device.type == "meta"
+    assert setup.support.mask.device.type == "meta" and setup.batches[0].device.type == "meta"
+    assert capsys.readouterr().out == ""
