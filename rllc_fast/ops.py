@@ -34,6 +34,8 @@ generator (so ``torch.manual_seed`` fixes the noise).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .sgld import rmsprop_sgld_delta, sgld_delta
@@ -72,6 +74,26 @@ def backend() -> str:
     if _EXTENSION:
         return "compiled extension without CUDA: PyTorch fallback on every device"
     return "PyTorch fallback on every device (extension not built)"
+
+
+class FallbackOnCudaWarning(UserWarning):
+    """The PyTorch fallback served an op on a CUDA device: the extension was built without CUDA kernels."""
+
+
+_warned_fallback_on_cuda = False  # this module's own state: the warning is given once per process
+
+
+def warn_fallback_on(device: torch.device, op: str) -> None:
+    """Warn once per process when the PyTorch fallback serves ``op`` on a CUDA ``device`` (no compiled CUDA
+    kernels): it draws the random numbers on the CPU and copies them over, every call."""
+    global _warned_fallback_on_cuda
+    if device.type != "cuda" or _warned_fallback_on_cuda:
+        return
+    _warned_fallback_on_cuda = True
+    warnings.warn(f"rllc_fast.ops.{op} on {device} runs the PyTorch fallback ({backend()}): its noise and "
+                  "probes are drawn on the CPU and copied to the GPU on every call, which is slow; rebuild the "
+                  "extension with CUDA kernels (FORCE_CUDA=1 pip install --no-build-isolation -e .)",
+                  FallbackOnCudaWarning, stacklevel=3)
 
 
 # ---------------------------------------------------------------------------- argument checks
@@ -192,6 +214,7 @@ TILE_ELEMENTS = 1 << 17
 def _sgld_step_fallback(w, grad, w_star, lengths, noise, rng_state, step_size, nbeta, localization,
                         square_avg=None, rmsprop_alpha=0.99, rmsprop_eps=0.1):
     check_sgld_args(w, grad, w_star, lengths, noise, rng_state, square_avg, rmsprop_alpha, rmsprop_eps)
+    warn_fallback_on(w.device, "sgld_step")
     if noise is None:
         noise = torch.randn(w.shape, generator=_cpu_generator(rng_state.cpu())).to(w.device)
     replicas, n = w.shape
@@ -230,12 +253,14 @@ def _sgld_step_fallback(w, grad, w_star, lengths, noise, rng_state, step_size, n
 
 def _rademacher_fallback(num_probes, n, rng_state):
     check_rademacher_args(num_probes, n, rng_state)
+    warn_fallback_on(rng_state.device, "rademacher")
     bits = torch.randint(0, 2, (num_probes, n), generator=_cpu_generator(rng_state.cpu()))
     return (bits * 2 - 1).float().to(rng_state.device)
 
 
 def _blocked_dot_fallback(v, hv, offsets):
     check_blocked_dot_args(v, hv, offsets)
+    warn_fallback_on(v.device, "blocked_dot")
     check_offsets(offsets, v.shape[1])
     sizes = (offsets[1:] - offsets[:-1]).tolist()
     # one reduction per block over a split of the product (measured ~6x faster on CPU than index_add_)

@@ -472,3 +472,19 @@ def test_cuda_graph_of_a_full_sgld_step_replays_like_eager_steps(rmsprop):
     assert not torch.equal(graphed["w"], w0)  # the replays did move the chains
     for r, k in enumerate(lengths.tolist()):
         assert torch.equal(graphed["w"][r, k:], w0[r, k:])
+
+
+def test_the_fallback_warns_once_when_it_serves_a_cuda_device(monkeypatch):
+    """Without compiled CUDA kernels the fallback would serve CUDA tensors silently (noise drawn on the CPU
+    and copied over every step): it warns once per process, naming the rebuild."""
+    import warnings
+
+    monkeypatch.setattr(ops, "_warned_fallback_on_cuda", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.warn_fallback_on(torch.device("cpu"), "sgld_step")
+    with pytest.warns(ops.FallbackOnCudaWarning, match="sgld_step on cuda:0 runs the PyTorch fallback.*FORCE_CUDA=1"):
+        ops.warn_fallback_on(torch.device("cuda:0"), "sgld_step")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.warn_fallback_on(torch.device("cuda:1"), "rademacher")
