@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
+from torch import nn
 
 from .components import as_component_dict, heads, layers, whole
 from .content_id import checkpoint_ids, signature
@@ -32,6 +33,7 @@ from .distributed import (Rank, barrier, device_for, init as dist_init, merge_ra
                           rank_store_path, rank_store_paths, shard)
 from .llc import estimate_llc
 from .losses import check_tokens
+from .models.build import move_to
 from .models.checkpoints import Checkpoint, CheckpointError, select_checkpoints
 from .progress import Progress
 from .result import ChainsDivergedError
@@ -172,6 +174,7 @@ def run_sweep(
     metric: str = "llc",
     hessian_options: Optional[Mapping] = None,
     distributed: Optional[bool] = None,
+    load: Optional[Callable[[Checkpoint], nn.Module]] = None,
 ) -> SweepReport:
     """Estimate every (checkpoint, data, component set) into ``store`` and return a ``SweepReport``.
 
@@ -182,6 +185,10 @@ def run_sweep(
     store:          a store path (its folder must exist; the file is created by the first written unit, and a
                     file that is not an rllc store is refused before any work) or a writable ``ResultStore``.
     like:           a model or config every checkpoint must match; default: the first checkpoint that loads.
+    load:           ``load(checkpoint) -> nn.Module``: your own loader (any model class; then ``like`` is not
+                    checked and component sets must suit the model, e.g. ``{"whole": None}`` or callables).
+                    Give ``checkpoints`` as ``Checkpoint(path, step, kind)`` objects for files ``select_checkpoints``
+                    does not list. An error it raises marks that checkpoint failed, as an unreadable file does.
     device:         where every unit runs, whatever the metric (default: cuda when available, else the CPU);
                     under torchrun a bare "cuda" (or the default) is ``cuda:LOCAL_RANK``
                     (``rllc_fast.distributed.device_for``).
@@ -242,8 +249,9 @@ def run_sweep(
         cid = ids.get(path, f"unreadable:{path}")  # never a content hash: such a unit is recorded as failed
         all_units += [(ckpt, UnitKey(ckpt.name, ckpt.step, d, s, cid, path, fingerprints[d]), d, s)
                       for d in data for s in sets]
+    opener = _checkpoint_loader(load)
     if rank.active:
-        cfg = getattr(like, "cfg", like) or _first_config(checkpoints)
+        cfg = getattr(like, "cfg", like) or _first_config(checkpoints, opener)
         owner = shard([_unit_cost(s, cfg) for _, _, _, s in all_units], rank.world_size)
         mine = [u for u, r in zip(all_units, owner) if r == rank.rank]
         stored = _stored_components(job, store, all_units, keys, rank)
@@ -272,12 +280,12 @@ def run_sweep(
             bar.set_description(f"step {ckpt.step} {data_name} {set_name}")
             if load_error is None and model is None:
                 try:
-                    model = ckpt.load(like=reference, device=device)
+                    model = opener(ckpt, reference, device)
                     if _signature_or_none(ckpt.path) != signatures[str(ckpt.path.absolute())]:
                         raise CheckpointError(f"{ckpt.path} changed on disk after the sweep hashed it; its rows would "
                                               "carry the old content's id: rerun the sweep once it is written")
                     if reference is None:
-                        reference = model.cfg
+                        reference = getattr(model, "cfg", None)
                         _check_data(data, model)
                 except CheckpointError as err:
                     load_error = str(err)
@@ -354,14 +362,35 @@ def _unit_cost(set_name: str, cfg) -> float:
     return 1.0 + {"whole": 1, "layers": n_layers, "heads": n_layers * n_heads}.get(set_name, 1)
 
 
-def _first_config(checkpoints):
-    """The model config of the first checkpoint that loads (None when none does)."""
+def _first_config(checkpoints, opener):
+    """The model config of the first checkpoint that loads (None when none does, or the model has no ``cfg``)."""
     for ckpt in checkpoints:
         try:
-            return ckpt.load().cfg
+            return getattr(opener(ckpt, None, "cpu"), "cfg", None)
         except CheckpointError:
             continue
     return None
+
+
+def _checkpoint_loader(load: Optional[Callable]) -> Callable:
+    """``open(ckpt, like, device) -> model``: ``Checkpoint.load``, or the user's ``load(ckpt)`` moved to
+    ``device``, its errors turned into a ``CheckpointError`` that names the checkpoint."""
+    if load is None:
+        return lambda ckpt, like, device: ckpt.load(like=like, device=device)
+    if not callable(load):
+        raise TypeError(f"load must be a callable load(checkpoint) -> nn.Module, got {type(load).__name__}")
+
+    def open_with_user_loader(ckpt, like, device):
+        try:
+            model = load(ckpt)
+        except Exception as err:  # the user's loader: any failure marks the checkpoint failed
+            raise CheckpointError(f"{ckpt.path}: load() raised {type(err).__name__}: {err}") from err
+        if not isinstance(model, nn.Module):
+            raise CheckpointError(f"{ckpt.path}: load() returned a {type(model).__name__}, not an nn.Module")
+        move_to(model, device)
+        return model.eval()
+
+    return open_with_user_loader
 
 
 def _signature_or_none(path) -> Optional[str]:

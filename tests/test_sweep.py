@@ -330,3 +330,42 @@ def test_every_metric_runs_on_the_resolved_device(tmp_path, monkeypatch, metric)
                   ["whole"], progress=False, metric=metric)
     assert resolved == [None]  # asked once, with what the caller gave
     assert seen == {"device": "meta", "model_device": "meta"}
+
+
+def test_a_users_own_model_class_sweeps_through_a_loader(tmp_path):
+    """``run_sweep(load=...)``: checkpoints in the user's own format, loaded by the user's function into
+    their own ``nn.Module`` (no TransformerLens), are swept; a loader error marks that checkpoint failed."""
+    from torch import nn
+
+    from rllc_fast.models import Checkpoint
+
+    class Bigram(nn.Module):
+        def __init__(self, table):
+            super().__init__()
+            self.table = nn.Parameter(table)
+
+        def forward(self, tokens):  # [N, T] -> logits [N, T, V]
+            return self.table[tokens]
+
+    paths = []
+    for step in (0, 10, 20):
+        table = torch.randn(16, 16, generator=torch.Generator().manual_seed(step)) * (1 + step / 10)
+        np.savez(tmp_path / f"bigram-{step}.npz", table=table.numpy())
+        paths.append(Checkpoint(tmp_path / f"bigram-{step}.npz", step, "npz"))
+    (tmp_path / "broken.npz").write_bytes(b"not an npz")
+    paths.append(Checkpoint(tmp_path / "broken.npz", 30, "npz"))
+
+    def load(ckpt):
+        return Bigram(torch.from_numpy(np.load(ckpt.path)["table"]))
+
+    tokens = torch.randint(0, 16, (32, 8), generator=torch.Generator().manual_seed(0))
+    store = tmp_path / "s.sqlite"
+    report = run_sweep(paths, {"mix": tokens}, SGLDConfig(num_chains=1, num_draws=3, batch_size=8), store,
+                       {"whole": None}, load=load, progress=False, log=lambda m: None)
+    assert sorted(u.step for u in report.computed) == [0, 10, 20]
+    (failed, message), = report.failed.items()
+    assert failed.step == 30 and "broken.npz: load() raised" in message
+    rows = ResultStore(store, readonly=True).rows()
+    assert sorted(rows.step) == [0, 10, 20] and (rows.numel == 256).all()
+    with pytest.raises(TypeError, match="load must be a callable"):
+        run_sweep(paths, {"mix": tokens}, SGLDConfig(), store, {"whole": None}, load="bigram", progress=False)
