@@ -16,6 +16,6 @@ mkdir -p "$OUT"
 # typeguard's and zarr's pytest plugins break pytest's start-up there; NVML-based CUDA checks keep the
 # driver process (which forks the steps) from initialising CUDA.
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 PYTHONUNBUFFERED=1 PYTORCH_NVML_BASED_CUDA_CHECK=1
-limit=570  # the driver stops itself at 540 s; this is the backstop inside the device tool's 600 s
+limit=570  # the driver stops itself at 540 s; this backstop (TERM, then KILL 10 s later) fits the tool's 600 s
 [ "${RLLC_GPU_DRY_RUN:-0}" = 1 ] && limit=2400  # the dry run's limits are 4x (a loaded CPU)
-timeout --signal=KILL "$limit" "${PY:-python3}" benchmarks/gpu_session.py run --out "$OUT"
+timeout --kill-after=10 "$limit" "${PY:-python3}" benchmarks/gpu_session.py run --out "$OUT"

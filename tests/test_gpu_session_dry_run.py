@@ -1,5 +1,6 @@
 """The GPU session (benchmarks/gpu_session.sh) as a CPU dry run: every step runs at tiny shapes, so the
 script that a lent GPU runs cannot rot before one arrives (issue 20)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -47,3 +48,35 @@ def test_dry_run_runs_every_step_and_writes_what_the_device_tool_brings_back(tmp
         assert paper[batch]["flops_per_step"] > 0 and paper[batch]["step_s"] > 0
     assert session["steps"]["e2e"]["op_chain"]["ok"] and session["steps"]["sweep"]["rows"] == 10
     assert session["steps"]["tests"]["junit"]["tests"] > 0
+
+
+def _session_module():
+    spec = importlib.util.spec_from_file_location("gpu_session", ROOT / "benchmarks" / "gpu_session.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CRASHING_TESTS = """
+import os, signal
+import pytest
+
+@pytest.mark.parametrize("case", ["w must be 2-D", "fine"])
+def test_op(case):
+    if case == "w must be 2-D":
+        os.kill(os.getpid(), signal.SIGSEGV)  # what the CUDA bad-argument case did on 2026-11-30
+
+def test_after():
+    pass
+"""
+
+
+def test_a_test_that_kills_pytest_is_named_deselected_and_the_rest_rerun(tmp_path):
+    session = _session_module()
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "test_crash.py").write_text(CRASHING_TESTS)
+    rec = {}
+    with pytest.raises(session.CheckFailed, match="died in"):
+        session.pytest_with_crash_reruns(["test_crash.py"], tmp_path / "tests.xml", rec, cwd=tmp_path)
+    assert rec["crashed"] == ["test_crash.py::test_op[w must be 2-D]"]
+    assert rec["exit_code"] == 0 and rec["junit"]["tests"] == 2 and rec["junit"]["not_passed"] == []
