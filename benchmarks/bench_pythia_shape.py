@@ -2,7 +2,9 @@
 
 Random weights (nothing is downloaded); contexts of 128 random tokens, batch 2, so that a CPU
 finishes in minutes. Records the time per SGLD step (all 192 replicas), the replica chunk sizes
-the memory budget chose, and the process's peak resident memory.
+the memory budget chose, and the process's peak resident memory; and, labelled "projection", the
+roofline projection of ``rllc_fast.cost_model`` for one H200 per 200-step checkpoint at the paper's
+and Pythia-70m's shapes, batch 8 and 16 (vendor peaks, not a measurement).
 
 Run:  python -m pytest benchmarks/bench_pythia_shape.py --benchmark-json=benchmarks/results/pythia-shape-cpu-<date>-<commit>.json
 """
@@ -14,6 +16,7 @@ import torch
 
 import rllc_fast as r
 from conftest import device_name
+from rllc_fast import cost_model
 from rllc_fast.models.tl_heads import HeadReplicas
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -40,6 +43,14 @@ def test_pythia70m_shape_all_heads(benchmark):
         estimated_bytes_per_replica_by_layer=per_replica,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         params=sum(p.numel() for p in model.parameters()),
+        projection={"label": "projection: roofline at an H200's vendor peaks (rllc_fast.cost_model), not measured",
+                    "peaks": cost_model.H200,
+                    "this_shape_step": cost_model.step_cost(model.cfg, cost_model.replica_layers(6, 8, 4), N, T).summary(),
+                    "h200_per_checkpoint": cost_model.projections()},
     )
+    print("projection (H200 vendor peaks, 200 steps per checkpoint; not measured):")
+    for name, row in benchmark.extra_info["projection"]["h200_per_checkpoint"].items():
+        print(f"  {name:40s} {row['tflop_per_step']:7.2f} TFLOP/step {row['gb_per_step']:6.0f} GB/step "
+              f"{row['projected_seconds_per_checkpoint']:7.1f} s/checkpoint")
     print(f"\n192 replicas, {DRAWS} draws: {seconds:.1f} s ({seconds / DRAWS:.1f} s per step incl. setup); "
           f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")

@@ -6,11 +6,13 @@ Public API:
     data: ModelDistribution (more in rllc_fast.data: corpora, tokenizer, token files)
     sweeps: run_sweep, ResultStore, write_report (models and checkpoints in rllc_fast.models)
     Hessian metrics: rllc_fast.hessian (trace, fim_trace, approx_rank, hvp)
+    cost_model: a FLOP-and-bytes model of one SGLD step and projected times on a device (step_cost, projections)
 """
-from .components import Component, ParamSlice, from_params, head, heads, layer, layers, whole
+from .components import (Component, ParamSlice, from_params, group_name, head, head_name, heads, layer, layers,
+                         parse_group_name, parse_head_name, whole)
 from .config import SGLDConfig
 from .data import ModelDistribution
-from . import hessian, models
+from . import cost_model, hessian, models
 from .llc import estimate_llc
 from .calibrate import calibrate_step_size
 from .result import ChainsDivergedError, ComponentLLC, LLCResult
@@ -30,11 +32,16 @@ __all__ = [
     "ResultStore",
     "SGLDConfig",
     "calibrate_step_size",
+    "cost_model",
     "hessian",
     "estimate_llc",
     "from_params",
     "head",
     "heads",
+    "head_name",
+    "group_name",
+    "parse_head_name",
+    "parse_group_name",
     "layer",
     "layers",
     "models",

@@ -79,10 +79,14 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--checkpoints", required=True,
                    help="a directory of checkpoints: *.pt (rllc_fast or TransformerLens state dicts) or Hugging Face "
                         "GPT-NeoX directories (step1000/ ...), ordered by training step; or one checkpoint file or "
-                        "Hugging Face directory; or a glob pattern in quotes ('run/step*.pt')")
+                        "Hugging Face directory; or a glob pattern in quotes ('run/step*.pt'); or a Hugging Face hub "
+                        "name (EleutherAI/pythia-70m) or models--org--name folder of the local hub cache "
+                        "(HF_HUB_CACHE/HF_HOME, offline): its stepN revisions")
     p.add_argument("--steps", type=steps,
                    help="only the checkpoints at these training steps: 0,1000,5000 (each must exist) or an "
                         "inclusive range 1000:5000 (also 1000: and :5000) (default: all)")
+    p.add_argument("--revisions", metavar="REV[,REV...]",
+                   help="hub caches only: these revisions (step0,step1000,...) instead of every stepN revision")
     p.add_argument("--data", action="append", required=True, metavar="[NAME=]SPEC",
                    help="a data distribution: built-in corpus (stdlib_code, stdlib_prose), synthetic:SOURCE (code, induction, dyck, ngram, mixture) or a token/text file "
                         "(.npy, .pt, raw .bin of --dtype, .txt with --tokenizer); repeat for several; NAME= names it")
@@ -153,17 +157,21 @@ def _hessian_options(args) -> dict:
 
 def _cmd_sweep(args) -> int:
     from .models.checkpoints import CheckpointError, select_checkpoints
+    from .models.hub_cache import RevisionNotCached
     from .store import ResultStore
     from .sweep import run_sweep
 
     sets = component_sets(args, "sweep")
     config = sgld_config(args, "sweep") if args.metric == "llc" else None
     try:
-        series = select_checkpoints(args.checkpoints, args.steps)
+        series = select_checkpoints(args.checkpoints, args.steps, args.revisions)
+    except RevisionNotCached as err:
+        raise SystemExit(f"rllc sweep: --revisions {args.revisions}: {err}") from None
     except (FileNotFoundError, CheckpointError) as err:  # the source
         raise SystemExit(f"rllc sweep: --checkpoints {args.checkpoints}: {err}") from None
-    except ValueError as err:  # the steps
-        raise SystemExit(f"rllc sweep: --steps {args.steps}: {err}") from None
+    except ValueError as err:  # the steps or revisions
+        flag = f"--revisions {args.revisions}" if str(err).startswith("revisions") else f"--steps {args.steps}"
+        raise SystemExit(f"rllc sweep: {flag}: {err}") from None
     like = load_like(args, "sweep")
     cfg, source = _model_config(series, like, args)
     context = context_for(args, cfg, source, "sweep")

@@ -159,7 +159,37 @@ def head(model: nn.Module, layer_index: int, head_index: int) -> Component:
                 continue  # models without attention biases
             raise ValueError(f"the model has no parameter {name!r}")
         slices.append((name, (head_index,)))
-    return make_component(model, f"{layer_index}:{head_index}", slices)
+    return make_component(model, head_name(layer_index, head_index), slices)
+
+
+_HEAD_NAME = re.compile(r"(\d+):(\d+)")
+_GROUP_NAME = re.compile(r"(\d+):g(\d+)")
+
+
+def head_name(layer_index: int, head_index: int) -> str:
+    """The name of attention head ``head_index`` of layer ``layer_index``: ``"l:h"`` (e.g. ``"1:6"``)."""
+    return f"{int(layer_index)}:{int(head_index)}"
+
+
+def group_name(layer_index: int, group_index: int) -> str:
+    """The name of key/value group ``group_index`` of layer ``layer_index`` (grouped-query attention): ``"l:gG"``."""
+    return f"{int(layer_index)}:g{int(group_index)}"
+
+
+def parse_head_name(name: str) -> Tuple[int, int]:
+    """``"l:h"`` -> ``(l, h)``; a ``ValueError`` naming the expected form for anything else."""
+    match = _HEAD_NAME.fullmatch(str(name).strip())
+    if match is None:
+        raise ValueError(f"head {name!r}: expected 'layer:head', e.g. '1:3'")
+    return int(match.group(1)), int(match.group(2))
+
+
+def parse_group_name(name: str) -> Tuple[int, int]:
+    """``"l:gG"`` -> ``(l, G)``; a ``ValueError`` naming the expected form for anything else."""
+    match = _GROUP_NAME.fullmatch(str(name).strip())
+    if match is None:
+        raise ValueError(f"group {name!r}: expected 'layer:gGROUP', e.g. '1:g0'")
+    return int(match.group(1)), int(match.group(2))
 
 
 def heads(model: nn.Module) -> Dict[str, Component]:
@@ -171,7 +201,7 @@ def heads(model: nn.Module) -> Dict[str, Component]:
     """
     cfg = _tl_config(model)
     return {
-        f"{l}:{h}": head(model, l, h) for l in range(cfg.n_layers) for h in range(cfg.n_heads)
+        head_name(l, h): head(model, l, h) for l in range(cfg.n_layers) for h in range(cfg.n_heads)
     }
 
 

@@ -66,16 +66,25 @@ def rank_from_env() -> Rank:
     return Rank(rank, world, local, local_world)
 
 
-def init(rank: Rank, backend: str | None = None) -> None:
-    """Join the process group (``gloo`` on CPU, ``nccl`` with CUDA unless ``backend`` says otherwise);
-    nothing for a single process or when already joined."""
+def init(rank: Rank, backend: str | None = None, device=None) -> None:
+    """Join the process group for work on ``device`` (default: ``device_for(rank)``): ``nccl``, with
+    ``torch.cuda.set_device`` to the rank's GPU, for a CUDA device, else ``gloo`` (``backend`` overrides
+    the choice). Nothing for a single process or when already joined. A rank whose CUDA device this
+    machine lacks (more ranks per machine than GPUs) raises ValueError before joining."""
     import torch.distributed as dist
 
     if not rank.active or dist.is_initialized():
         return
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend == "nccl":
-        torch.cuda.set_device(rank.local_rank)
+    device = torch.device(device_for(rank, device))
+    if device.type == "cuda":
+        index = rank.local_rank if device.index is None else device.index
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise ValueError(f"device: rank {rank.rank} (LOCAL_RANK={rank.local_rank}) needs cuda:{index} but this "
+                             f"machine has {count} CUDA device(s); start at most {count} rank(s) per machine "
+                             f"(torchrun --nproc-per-node={max(count, 1)}) or run the ranks on the CPU (--device cpu)")
+        torch.cuda.set_device(index)
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     dist.init_process_group(backend)
 
 

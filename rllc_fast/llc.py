@@ -28,20 +28,9 @@ from .engine.batched import run_batched
 from .engine.reference import run_reference
 from .losses import check_tokens, next_token_loss
 from .memory import parse_bytes
+from .models.build import move_to
 from .progress import Progress
 from .result import ChainsDivergedError, LLCResult, check_divergence
-
-def _move(module: nn.Module, device) -> None:
-    """Move ``module`` to ``device`` if it is elsewhere (quietly for TransformerLens models, which print)."""
-    device = torch.device(device)
-    here = next(module.parameters(), None)
-    if here is None or (here.device.type == device.type and device.index in (None, here.device.index)):
-        return
-    try:
-        module.to(device, print_details=False)
-    except TypeError:
-        module.to(device)
-
 
 def _run_generic(*args, max_memory=None):
     return run_batched(*args, max_memory=max_memory, structured=False)
@@ -105,13 +94,13 @@ def estimate_llc(
     if not any(True for _ in model.parameters()):
         raise ValueError("model has no parameters")
     if device is not None:
-        _move(model, device)
+        move_to(model, device)
     device = next(model.parameters()).device
 
     if isinstance(data, ModelDistribution):
         if loss_fn is not None:
             raise ValueError("a ModelDistribution brings its own loss (eq. 11); do not pass loss_fn as well")
-        _move(data.reference_model, device)
+        move_to(data.reference_model, device)
         loss_fn = data.loss_fn()
         data = data.contexts
         token_loss = True

@@ -43,12 +43,14 @@ def check_tokens(tokens, model: nn.Module | None = None, what: str = "data") -> 
         )
     cfg = getattr(model, "cfg", None)
     d_vocab = getattr(cfg, "d_vocab", None)
+    if not isinstance(d_vocab, int):  # a Hugging Face model's config
+        d_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     n_ctx = getattr(cfg, "n_ctx", None)
-    if isinstance(d_vocab, int) and tokens.numel() and (tokens.max() >= d_vocab or tokens.min() < 0):
-        raise ValueError(
-            f"{what}: token ids must lie in [0, {d_vocab}) for this model; found "
-            f"{int(tokens.min())}..{int(tokens.max())}"
-        )
+    if tokens.numel():
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or (isinstance(d_vocab, int) and hi >= d_vocab):
+            allowed = f"lie in [0, {d_vocab}) for this model" if isinstance(d_vocab, int) else "be >= 0"
+            raise ValueError(f"{what}: token ids must {allowed}; found {lo}..{hi}")
     if isinstance(n_ctx, int) and tokens.shape[1] > n_ctx:
         raise ValueError(
             f"{what}: contexts have {tokens.shape[1]} tokens but the model's n_ctx is {n_ctx}; "

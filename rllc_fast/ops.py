@@ -9,22 +9,32 @@ compiled extension is absent, and a test keeps the two identical):
   ``w[r, j] <- w - eps/2 (nbeta g + gamma (w - w*)) + sqrt(eps) xi`` for ``j < lengths[r]``
   (elements ``j >= lengths[r]`` are padding and untouched bit for bit), in float32 whatever the
   storage type; ``xi`` is ``noise`` when given, else drawn from ``rng_state = [seed, offset]``
-  (int64, on the data's device: on CUDA Philox4x32-10 with counter (offset, flat element index
-  ``r * n + j``) and key seed, so the draw does not depend on the launch grid; on CPU a torch
-  generator seeded from both). With ``square_avg`` (float32 ``[R, n]``, updated in place) the step is
-  RMSProp-preconditioned as ``rllc_fast.sgld.rmsprop_sgld_delta`` writes it:
-  ``a <- alpha a + (1 - alpha) g^2``, ``P = 1 / (sqrt(a) + rmsprop_eps)``, drift times ``P`` and
-  noise times ``sqrt(P)``. Returns ``||w_r - w*_r||^2`` after the update, ``[R]`` float32.
+  (int64, on the data's device: on CUDA the Philox4x32-10 normal stream of ``csrc/cuda/philox.cuh``,
+  element ``e = r * n + j`` being value ``e % 4`` of the call with counter (offset, ``e // 4``) and
+  key seed (four normals per call, Box-Muller on both word pairs), so the draw does not depend on
+  the launch grid; on CPU a torch generator seeded from both). With ``square_avg`` (float32
+  ``[R, n]``, updated in place) the step is RMSProp-preconditioned as
+  ``rllc_fast.sgld.rmsprop_sgld_delta`` writes it: ``a <- alpha a + (1 - alpha) g^2``,
+  ``P = 1 / (sqrt(a) + rmsprop_eps)``, drift times ``P`` and noise times ``sqrt(P)``. Returns
+  ``||w_r - w*_r||^2`` after the update, ``[R]`` float32.
 - ``rademacher(num_probes, n, rng_state) -> [P, n]`` float32 of +-1, counter-based from
   ``rng_state = [seed, offset]`` (reproducible; Philox bit 0 of entry ``p * n + j`` on CUDA, a
   torch generator on CPU, so the two streams differ).
 - ``blocked_dot(v, hv, offsets) -> [P, B]`` float32: ``sum_{j in block b} v[p, j] * hv[p, j]``
-  with block ``b`` the columns ``offsets[b]:offsets[b+1]`` (per-block Hutchinson terms).
+  with block ``b`` the columns ``offsets[b]:offsets[b+1]`` (per-block Hutchinson terms). Offsets
+  that do not rise from 0 to ``n`` raise on CPU; on CUDA they are checked by the kernel, without a
+  host sync, and the blocks they make bad come out NaN.
+
+Argument checks (shapes, dtypes, devices, contiguity) are written once here (``check_*_args``, run by
+the fake kernels and the fallbacks) and once in ``csrc/arg_checks.h`` for the CUDA ops, with the same
+messages; tests/test_emulated_kernels.py compares the two.
 
 ``new_rng_state(device, generator=None)`` makes an ``rng_state`` whose seed comes from torch's
 generator (so ``torch.manual_seed`` fixes the noise).
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -66,57 +76,126 @@ def backend() -> str:
     return "PyTorch fallback on every device (extension not built)"
 
 
+class FallbackOnCudaWarning(UserWarning):
+    """The PyTorch fallback served an op on a CUDA device: the extension was built without CUDA kernels."""
+
+
+_warned_fallback_on_cuda = False  # this module's own state: the warning is given once per process
+
+
+def warn_fallback_on(device: torch.device, op: str) -> None:
+    """Warn once per process when the PyTorch fallback serves ``op`` on a CUDA ``device`` (no compiled CUDA
+    kernels): it draws the random numbers on the CPU and copies them over, every call."""
+    global _warned_fallback_on_cuda
+    if device.type != "cuda" or _warned_fallback_on_cuda:
+        return
+    _warned_fallback_on_cuda = True
+    warnings.warn(f"rllc_fast.ops.{op} on {device} runs the PyTorch fallback ({backend()}): its noise and "
+                  "probes are drawn on the CPU and copied to the GPU on every call, which is slow; rebuild the "
+                  "extension with CUDA kernels (FORCE_CUDA=1 pip install --no-build-isolation -e .)",
+                  FallbackOnCudaWarning, stacklevel=3)
+
+
 # ---------------------------------------------------------------------------- argument checks
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
+# The one Python statement of each op's shape/dtype/device checks, run by the fake (meta) kernels and
+# by the fallbacks. The CUDA ops run csrc/arg_checks.h, which makes the same checks in the same order
+# with the same messages (tests/test_emulated_kernels.py compares the two on every bad input).
+def _check(cond, message) -> None:
+    """Raise ValueError(message()) unless ``cond``; a symbolic condition (fake tensors with dynamic
+    shapes) goes to ``torch._check_value``."""
+    if cond is True:
+        return
+    if cond is False:
+        raise ValueError(message())
+    torch._check_value(cond, message)
+
+
+def _shape(t) -> str:
+    return str([int(s) for s in t.shape])
+
+
+def _dtype(t) -> str:
+    return str(t.dtype).split(".")[-1]
+
+
+def _contiguous(op: str, name: str) -> str:
+    return f"{op}: {name} must be contiguous (pass {name}.contiguous())"
+
+
+def check_rng_state(op: str, rng_state) -> None:
+    """``rng_state`` is int64 ``[2] = [seed, offset]`` and contiguous."""
+    _check(rng_state.dim() == 1 and rng_state.shape[0] == 2 and rng_state.dtype == torch.int64,
+           lambda: f"{op}: rng_state must be int64 [2] = [seed, offset], got {_dtype(rng_state)} {_shape(rng_state)}")
+    _check(rng_state.is_contiguous(), lambda: _contiguous(op, "rng_state"))
 
 
 def check_sgld_args(w, grad, w_star, lengths, noise, rng_state, square_avg, rmsprop_alpha, rmsprop_eps) -> None:
-    """The checks ``csrc`` makes with TORCH_CHECK, with the same messages."""
-    _check(w.dim() == 2, f"sgld_step: w must be 2-D [replicas, n], got shape {tuple(w.shape)}")
+    """The shape/dtype/device checks of ``sgld_step`` (csrc/arg_checks.h makes the same on CUDA)."""
+    op = "sgld_step"
+    _check(w.dim() == 2, lambda: f"{op}: w must be 2-D [replicas, n], got shape {_shape(w)}")
     _check(w.dtype in (torch.float32, torch.bfloat16, torch.float16),
-           f"sgld_step: w must be float32, bfloat16 or float16, got {w.dtype}")
-    _check(w.is_contiguous(), "sgld_step: w must be contiguous")
+           lambda: f"{op}: w must be float32, bfloat16 or float16, got {_dtype(w)}")
+    _check(w.is_contiguous(),
+           lambda: f"{op}: w must be contiguous (it is updated in place: keep the replicas in one contiguous buffer)")
     for name, t in (("grad", grad), ("w_star", w_star)):
-        _check(t.shape == w.shape, f"sgld_step: {name} must have w's shape {tuple(w.shape)}, got {tuple(t.shape)}")
-        _check(t.dtype == w.dtype, f"sgld_step: {name} must have w's dtype {w.dtype}, got {t.dtype}")
-        _check(t.device == w.device, f"sgld_step: {name} must be on w's device {w.device}, got {t.device}")
+        _check(t.shape == w.shape, lambda: f"{op}: {name} must have w's shape {_shape(w)}, got {_shape(t)}")
+        _check(t.dtype == w.dtype, lambda: f"{op}: {name} must have w's dtype {_dtype(w)}, got {_dtype(t)}")
+        _check(t.device == w.device, lambda: f"{op}: {name} must be on w's device {w.device}, got {t.device}")
+        _check(t.is_contiguous(), lambda: _contiguous(op, name))
     _check(lengths.dim() == 1 and lengths.shape[0] == w.shape[0],
-           f"sgld_step: lengths must be [replicas] = [{w.shape[0]}], got shape {tuple(lengths.shape)}")
-    _check(lengths.dtype == torch.int64, f"sgld_step: lengths must be int64, got {lengths.dtype}")
-    _check(lengths.device == w.device, f"sgld_step: lengths must be on w's device {w.device}")
+           lambda: f"{op}: lengths must be [replicas] = [{w.shape[0]}], got shape {_shape(lengths)}")
+    _check(lengths.dtype == torch.int64, lambda: f"{op}: lengths must be int64, got {_dtype(lengths)}")
+    _check(lengths.device == w.device, lambda: f"{op}: lengths must be on w's device {w.device}, got {lengths.device}")
+    _check(lengths.is_contiguous(), lambda: _contiguous(op, "lengths"))
     if noise is not None:
-        _check(noise.shape == w.shape, f"sgld_step: noise must have w's shape {tuple(w.shape)}, got {tuple(noise.shape)}")
-        _check(noise.dtype == torch.float32, f"sgld_step: noise must be float32, got {noise.dtype}")
-        _check(noise.device == w.device, f"sgld_step: noise must be on w's device {w.device}")
+        _check(noise.shape == w.shape, lambda: f"{op}: noise must have w's shape {_shape(w)}, got {_shape(noise)}")
+        _check(noise.dtype == torch.float32, lambda: f"{op}: noise must be float32, got {_dtype(noise)}")
+        _check(noise.device == w.device, lambda: f"{op}: noise must be on w's device {w.device}, got {noise.device}")
+        _check(noise.is_contiguous(), lambda: _contiguous(op, "noise"))
     else:
-        _check(rng_state is not None, "sgld_step: pass noise or rng_state ([seed, offset] int64)")
+        _check(rng_state is not None, lambda: f"{op}: pass noise or rng_state ([seed, offset] int64)")
     if rng_state is not None:
-        _check_rng_state("sgld_step", rng_state, w.device)
+        check_rng_state(op, rng_state)
+        _check(rng_state.device == w.device,
+               lambda: f"{op}: rng_state must be on w's device {w.device}, got {rng_state.device}")
     if square_avg is not None:
         _check(square_avg.shape == w.shape,
-               f"sgld_step: square_avg must have w's shape {tuple(w.shape)}, got {tuple(square_avg.shape)}")
-        _check(square_avg.dtype == torch.float32, f"sgld_step: square_avg must be float32, got {square_avg.dtype}")
-        _check(square_avg.device == w.device, f"sgld_step: square_avg must be on w's device {w.device}")
-        _check(square_avg.is_contiguous(), "sgld_step: square_avg must be contiguous")
-        _check(0 <= rmsprop_alpha < 1, f"sgld_step: rmsprop_alpha must be in [0, 1), got {rmsprop_alpha}")
-        _check(rmsprop_eps > 0, f"sgld_step: rmsprop_eps must be > 0, got {rmsprop_eps}")
+               lambda: f"{op}: square_avg must have w's shape {_shape(w)}, got {_shape(square_avg)}")
+        _check(square_avg.dtype == torch.float32, lambda: f"{op}: square_avg must be float32, got {_dtype(square_avg)}")
+        _check(square_avg.device == w.device,
+               lambda: f"{op}: square_avg must be on w's device {w.device}, got {square_avg.device}")
+        _check(square_avg.is_contiguous(), lambda: _contiguous(op, "square_avg"))
+        _check(0 <= rmsprop_alpha < 1, lambda: f"{op}: rmsprop_alpha must be in [0, 1), got {rmsprop_alpha:.6g}")
+        _check(rmsprop_eps > 0, lambda: f"{op}: rmsprop_eps must be > 0, got {rmsprop_eps:.6g}")
 
 
-def _check_rng_state(op: str, rng_state, device) -> None:
-    _check(rng_state.shape == (2,) and rng_state.dtype == torch.int64,
-           f"{op}: rng_state must be int64 [2] = [seed, offset], got {rng_state.dtype} {tuple(rng_state.shape)}")
-    _check(rng_state.device == device, f"{op}: rng_state must be on device {device}, got {rng_state.device}")
+def check_rademacher_args(num_probes, n, rng_state) -> None:
+    """The checks of ``rademacher`` (csrc/arg_checks.h makes the same on CUDA)."""
+    _check(num_probes >= 1 and n >= 1, lambda: f"rademacher: num_probes and n must be >= 1, got {num_probes}, {n}")
+    check_rng_state("rademacher", rng_state)
 
 
 def check_blocked_dot_args(v, hv, offsets) -> None:
-    _check(v.dim() == 2, f"blocked_dot: v must be 2-D [probes, n], got shape {tuple(v.shape)}")
-    _check(hv.shape == v.shape, f"blocked_dot: hv must have v's shape {tuple(v.shape)}, got {tuple(hv.shape)}")
-    _check(v.dtype == torch.float32 and hv.dtype == torch.float32, "blocked_dot: v and hv must be float32")
-    _check(hv.device == v.device and offsets.device == v.device, "blocked_dot: v, hv and offsets must share a device")
-    _check(offsets.dim() == 1 and offsets.numel() >= 2 and offsets.dtype == torch.int64,
-           "blocked_dot: offsets must be int64 [blocks + 1]")
+    """The shape/dtype/device checks of ``blocked_dot`` (csrc/arg_checks.h makes the same on CUDA).
+    The values of ``offsets`` are checked by the op itself (``check_offsets`` on CPU; NaN blocks on CUDA)."""
+    op = "blocked_dot"
+    _check(v.dim() == 2, lambda: f"{op}: v must be 2-D [probes, n], got shape {_shape(v)}")
+    _check(hv.shape == v.shape, lambda: f"{op}: hv must have v's shape {_shape(v)}, got {_shape(hv)}")
+    _check(v.dtype == torch.float32, lambda: f"{op}: v must be float32, got {_dtype(v)}")
+    _check(hv.dtype == torch.float32, lambda: f"{op}: hv must be float32, got {_dtype(hv)}")
+    _check(hv.device == v.device, lambda: f"{op}: hv must be on v's device {v.device}, got {hv.device}")
+    _check(offsets.dim() == 1 and offsets.shape[0] >= 2 and offsets.dtype == torch.int64,
+           lambda: f"{op}: offsets must be int64 [blocks + 1] with blocks >= 1, got {_dtype(offsets)} {_shape(offsets)}")
+    _check(offsets.device == v.device, lambda: f"{op}: offsets must be on v's device {v.device}, got {offsets.device}")
+    for name, t in (("v", v), ("hv", hv), ("offsets", offsets)):
+        _check(t.is_contiguous(), lambda: _contiguous(op, name))
+
+
+def check_offsets(offsets, n: int) -> None:
+    """``offsets`` rise from 0 to ``n`` (reads the values: a host sync on CUDA, so the CUDA op does not
+    call it; its kernel writes NaN for the blocks of bad offsets instead)."""
+    _check(int(offsets[0]) == 0 and int(offsets[-1]) == n and bool((offsets[1:] >= offsets[:-1]).all()),
+           lambda: f"blocked_dot: offsets must rise from 0 to n = {n}, got {offsets.tolist()}")
 
 
 # ---------------------------------------------------------------------------- fallbacks
@@ -135,6 +214,7 @@ TILE_ELEMENTS = 1 << 17
 def _sgld_step_fallback(w, grad, w_star, lengths, noise, rng_state, step_size, nbeta, localization,
                         square_avg=None, rmsprop_alpha=0.99, rmsprop_eps=0.1):
     check_sgld_args(w, grad, w_star, lengths, noise, rng_state, square_avg, rmsprop_alpha, rmsprop_eps)
+    warn_fallback_on(w.device, "sgld_step")
     if noise is None:
         noise = torch.randn(w.shape, generator=_cpu_generator(rng_state.cpu())).to(w.device)
     replicas, n = w.shape
@@ -172,16 +252,16 @@ def _sgld_step_fallback(w, grad, w_star, lengths, noise, rng_state, step_size, n
 
 
 def _rademacher_fallback(num_probes, n, rng_state):
-    _check(num_probes >= 1 and n >= 1, f"rademacher: num_probes and n must be >= 1, got {num_probes}, {n}")
-    _check_rng_state("rademacher", rng_state, rng_state.device)
+    check_rademacher_args(num_probes, n, rng_state)
+    warn_fallback_on(rng_state.device, "rademacher")
     bits = torch.randint(0, 2, (num_probes, n), generator=_cpu_generator(rng_state.cpu()))
     return (bits * 2 - 1).float().to(rng_state.device)
 
 
 def _blocked_dot_fallback(v, hv, offsets):
     check_blocked_dot_args(v, hv, offsets)
-    _check(int(offsets[0]) == 0 and int(offsets[-1]) == v.shape[1] and bool((offsets[1:] >= offsets[:-1]).all()),
-           f"blocked_dot: offsets must rise from 0 to n = {v.shape[1]}")
+    warn_fallback_on(v.device, "blocked_dot")
+    check_offsets(offsets, v.shape[1])
     sizes = (offsets[1:] - offsets[:-1]).tolist()
     # one reduction per block over a split of the product (measured ~6x faster on CPU than index_add_)
     return torch.stack([part.sum(dim=1) for part in torch.split(v * hv, sizes, dim=1)], dim=1)
@@ -193,19 +273,23 @@ torch.library.register_kernel("rllc_fast::rademacher", _DEVICES, _rademacher_fal
 torch.library.register_kernel("rllc_fast::blocked_dot", _DEVICES, _blocked_dot_fallback)
 
 
+# The fake kernels (shapes only, for torch.compile / FakeTensor) make the same argument checks.
 @torch.library.register_fake("rllc_fast::sgld_step")
 def _(w, grad, w_star, lengths, noise, rng_state, step_size, nbeta, localization, square_avg=None,
       rmsprop_alpha=0.99, rmsprop_eps=0.1):
+    check_sgld_args(w, grad, w_star, lengths, noise, rng_state, square_avg, rmsprop_alpha, rmsprop_eps)
     return w.new_empty((w.shape[0],), dtype=torch.float32)
 
 
 @torch.library.register_fake("rllc_fast::rademacher")
 def _(num_probes, n, rng_state):
+    check_rademacher_args(num_probes, n, rng_state)
     return rng_state.new_empty((num_probes, n), dtype=torch.float32)
 
 
 @torch.library.register_fake("rllc_fast::blocked_dot")
 def _(v, hv, offsets):
+    check_blocked_dot_args(v, hv, offsets)
     return v.new_empty((v.shape[0], offsets.shape[0] - 1), dtype=torch.float32)
 
 

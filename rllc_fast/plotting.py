@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from .atomic import write_atomically
+from .components import parse_head_name
 
 #: One colour per head type (the demo's figure and ``rllc analyze``).
 TYPE_COLORS = {"induction": "#d62728", "previous-token": "#1f77b4", "current-token": "#2ca02c",
@@ -67,8 +68,7 @@ def log_step_axis(ax, steps, label: str = STEP_LABEL) -> None:
 
 def head_key(name: str) -> Tuple[int, int]:
     """``"l:h"`` -> ``(l, h)``; ``ValueError`` for a name of another form."""
-    layer, head = name.split(":")
-    return int(layer), int(head)
+    return parse_head_name(name)
 
 
 def sort_key(name: str):

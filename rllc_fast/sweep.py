@@ -182,6 +182,9 @@ def run_sweep(
     store:          a store path (its folder must exist; the file is created by the first written unit, and a
                     file that is not an rllc store is refused before any work) or a writable ``ResultStore``.
     like:           a model or config every checkpoint must match; default: the first checkpoint that loads.
+    device:         where every unit runs, whatever the metric (default: cuda when available, else the CPU);
+                    under torchrun a bare "cuda" (or the default) is ``cuda:LOCAL_RANK``
+                    (``rllc_fast.distributed.device_for``).
     metric:         "llc" (default: SGLD with ``config``, ``engine``) or a Hessian metric from ``METRICS``
                     ("hessian-trace", "fim-trace", "hessian-rank"), computed by ``rllc_fast.hessian`` with the
                     keyword arguments ``hessian_options`` (e.g. ``{"num_probes": 20}``); ``config`` is then unused.
@@ -206,9 +209,10 @@ def run_sweep(
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     rank = rank_from_env() if distributed is not False else Rank()
+    device = device_for(rank, device)  # resolved once: every unit of either metric runs there
     inner = progress and rank.is_main  # progress inside each unit
     job = _LLCJob(config, engine, device, max_memory, log, inner) if metric == "llc" else \
-        _HessianJob(metric, hessian_options, device or "cpu", inner)
+        _HessianJob(metric, hessian_options, device, inner)
     if distributed and not rank.active:
         log("distributed sweep: no torchrun environment (WORLD_SIZE > 1); running in one process")
     store_path = store.path if isinstance(store, ResultStore) else os.fspath(store)
@@ -220,8 +224,7 @@ def run_sweep(
         raise ValueError(f"store: {store.path} was opened read-only; a sweep needs ResultStore({store.path!r})")
     target = store
     if rank.active:
-        dist_init(rank)
-        device = device_for(rank, device)
+        dist_init(rank, device=device)
         if rank.is_main:
             merged = merge_rank_stores(store)  # finished work of an interrupted distributed run
             if merged:
@@ -269,7 +272,7 @@ def run_sweep(
             bar.set_description(f"step {ckpt.step} {data_name} {set_name}")
             if load_error is None and model is None:
                 try:
-                    model = ckpt.load(like=reference, device=device or "cpu")
+                    model = ckpt.load(like=reference, device=device)
                     if _signature_or_none(ckpt.path) != signatures[str(ckpt.path.absolute())]:
                         raise CheckpointError(f"{ckpt.path} changed on disk after the sweep hashed it; its rows would "
                                               "carry the old content's id: rerun the sweep once it is written")

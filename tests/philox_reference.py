@@ -2,8 +2,9 @@
 CUDA noise (the CPU fallback draws from torch generators instead, so its stream differs).
 
 ``philox_normal(seed, offset, elements)`` is the ``xi`` the CUDA ``sgld_step`` uses for flat
-element ``r * n + j`` of an ``[R, n]`` buffer; ``philox_rademacher`` the CUDA ``rademacher`` probe
-entry ``p * n + j``. Checked against the Random123 known-answer vectors in tests/test_philox.py.
+element ``r * n + j`` of an ``[R, n]`` buffer (four elements per Philox call: ``philox_normal4``);
+``philox_rademacher`` the CUDA ``rademacher`` probe entry ``p * n + j`` (one call per entry, bit 0
+of its first word). Checked against the Random123 known-answer vectors in tests/test_philox.py.
 """
 import numpy as np
 
@@ -32,13 +33,29 @@ def philox_bits(seed: int, offset: int, elements):
     return philox4x32_10(ctr, (s & _LO, s >> _32))
 
 
-def philox_normal(seed: int, offset: int, elements) -> np.ndarray:
-    """Box-Muller on the first two words, in float32 as the kernel computes u1 and u2."""
-    x, y, _, _ = philox_bits(seed, offset, elements)
+NORMALS_PER_CALL = 4
+
+
+def philox_normal4(seed: int, offset: int, groups):
+    """The four normals of each Philox call (counter element word ``group``): Box-Muller on words
+    (x, y) and on (z, w), with u1 and u2 in float32 as the kernel computes them; ``[len(groups), 4]``."""
+    words = philox_bits(seed, offset, groups)
     scale = np.float32(2.3283064365386963e-10)
-    u1 = (x.astype(np.float32) + np.float32(1.0)) * scale
-    u2 = y.astype(np.float32) * scale
-    return (np.sqrt(-2.0 * np.log(u1.astype(np.float64))) * np.cos(2 * np.pi * u2.astype(np.float64))).astype(np.float32)
+    out = []
+    for a, b in ((words[0], words[1]), (words[2], words[3])):
+        u1 = (a.astype(np.float32) + np.float32(1.0)) * scale  # (0, 1]
+        u2 = b.astype(np.float32) * scale
+        radius = np.sqrt(-2.0 * np.log(u1.astype(np.float64)))
+        angle = 2 * np.pi * u2.astype(np.float64)
+        out += [radius * np.cos(angle), radius * np.sin(angle)]
+    return np.stack(out, axis=-1).astype(np.float32)
+
+
+def philox_normal(seed: int, offset: int, elements) -> np.ndarray:
+    """Element e of the normal stream: value ``e % 4`` of the call for group ``e // 4``."""
+    e = np.asarray(elements, dtype=np.uint64)
+    values = philox_normal4(seed, offset, e // np.uint64(NORMALS_PER_CALL))
+    return np.take_along_axis(values, (e % np.uint64(NORMALS_PER_CALL)).astype(np.int64)[..., None], axis=-1)[..., 0]
 
 
 def philox_rademacher(seed: int, offset: int, elements) -> np.ndarray:

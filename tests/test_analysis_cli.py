@@ -1,6 +1,8 @@
 """`rllc analyze` end to end on a tiny toy run: every subcommand writes its rows and figure, `rllc plot
 --clusters` colours heads by cluster, and bad input gets a message that names the problem."""
 import json
+import shutil
+import sqlite3
 import subprocess
 import sys
 
@@ -57,12 +59,27 @@ def test_every_subcommand_writes_rows_and_a_figure(run):
     assert counts["cluster"] == n_heads
     clusters = json.loads((out / "clusters.json").read_text())
     assert set(clusters["labels"]) == {"0:0", "0:1", "1:0", "1:1"} and set(clusters["colours"]) == set(clusters["labels"])
-    # a clustering fitted on one run labels another run's heads (here the same run: the same labels)
+    # a clustering fitted on one run labels another run's heads: here a copy of the run with two heads of
+    # different clusters swapped, so the right labels are the fitted ones swapped (catches labels taken
+    # from the fitted run instead of predicted from the other run's curves)
+    fitted = rllc("analyze", "cluster", "--data", "mix", "--clusters", "2", "--method", "kmeans", *common, cwd=root)
+    assert fitted.returncode == 0, fitted.stderr
+    labels = json.loads((out / "clusters.json").read_text())["labels"]
+    a = sorted(labels)[0]
+    b = next(h for h in sorted(labels) if labels[h] != labels[a])
+    other = root / "swapped.sqlite"
+    shutil.copyfile(store.path, other)
+    con = sqlite3.connect(other)
+    for old_name, new_name in ((a, "tmp"), (b, a), ("tmp", b)):
+        con.execute("UPDATE estimates SET component=? WHERE component=?", (new_name, old_name))
+    con.commit()
+    con.close()
     applied = rllc("analyze", "cluster", "--data", "mix", "--clusters", "2", "--method", "kmeans", "--apply-to",
-                   store.path, *common, cwd=root)
+                   other, *common, cwd=root)
     assert applied.returncode == 0, applied.stderr
-    fitted = json.loads((out / "clusters.json").read_text())
-    assert fitted["applied"][str(store.path)] == fitted["labels"]
+    result = json.loads((out / "clusters.json").read_text())
+    assert result["labels"] == labels  # the same fit (kmeans is seeded)
+    assert result["applied"][str(other)] == {**labels, a: labels[b], b: labels[a]}
     # rerunning replaces rows instead of duplicating them
     assert rllc("analyze", "composition", "--checkpoints", ckpts, *common, cwd=root).returncode == 0
     assert len(store.analysis_rows("composition")) == counts["composition"]

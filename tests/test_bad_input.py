@@ -91,6 +91,29 @@ def test_mismatched_shapes(tiny_tl):
         r.estimate_llc(tiny_tl, torch.zeros(4, 9, dtype=torch.long), CFG)
     with pytest.raises(ValueError, match="token ids"):
         r.estimate_llc(tiny_tl, torch.full((4, 8), 11), CFG)
+
+
+def test_negative_token_ids_are_refused_before_sampling(tiny_tl):
+    """Negative ids are refused by the check with its message, for a TransformerLens model and for a model
+    that states no vocabulary (torch would otherwise fail later with an unrelated indexing error, or a
+    model that wraps ids silently would give a wrong number)."""
+    bad = torch.zeros(4, 8, dtype=torch.long)
+    bad[2, 3] = -1
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 11\) for this model; found -1\.\.0"):
+        r.estimate_llc(tiny_tl, bad, CFG)
+
+    class Wrapping(nn.Module):  # an embedding model that would accept -1 (Python-style indexing)
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(11, 11))
+
+        def forward(self, tokens):
+            return self.table[tokens]
+
+    with pytest.raises(ValueError, match="token ids must be >= 0; found -1..0"):
+        r.estimate_llc(Wrapping(), bad, CFG)
+    with pytest.raises(ValueError, match="token ids"):
+        r.hessian.trace(tiny_tl, bad, num_probes=2, num_batches=1, batch_size=4)
     with pytest.raises(TypeError, match="integer"):
         r.estimate_llc(tiny_tl, torch.zeros(4, 8), CFG)
     with pytest.raises(ValueError, match="first"):

@@ -144,6 +144,22 @@ def test_sweep_cli_takes_a_glob_and_a_step_range(run, capsys):
     con.close()
 
 
+def test_sweep_exits_3_when_a_checkpoint_fails_and_keeps_the_others(run, capsys):
+    """A checkpoint that cannot be read makes `rllc sweep` exit 3 (scripts and CI see the failure), names it,
+    and the readable checkpoints are still stored. Catches an exit status of 0 with failures."""
+    (run / "ckpts" / "step100.pt").write_bytes(b"not a checkpoint")
+    store = run / "s.sqlite"
+    code = cli.main(["sweep", "--checkpoints", str(run / "ckpts"), "--data", f"mix={run / 'mix.npy'}",
+                     "--components", "whole", "--store", str(store), "--chains", "1", "--draws", "2",
+                     "--device", "cpu", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 3, captured
+    assert "step100.pt" in captured.out + captured.err and "not a readable torch checkpoint" in captured.out + captured.err
+    con = sqlite3.connect(store)
+    assert sorted(r[0] for r in con.execute("SELECT step FROM estimates")) == [1, 10, 1000, 5000]
+    con.close()
+
+
 def _fails(capsys, *args) -> str:
     """Run ``rllc ARGS`` in-process; it must fail; return its message (SystemExit text or argparse's stderr)."""
     with pytest.raises(SystemExit) as exit_info:

@@ -74,3 +74,19 @@ def test_component_from_another_model_is_refused():
         r.estimate_llc(small, torch.randint(0, 11, (4, 8)), components=[foreign])
     with pytest.raises(ValueError, match="has shape"):
         r.estimate_llc(small, torch.randint(0, 11, (4, 8)), components=[r.heads(wider)["0:0"]])
+
+
+def test_head_names_are_built_and_parsed_in_one_place():
+    """``head_name``/``parse_head_name`` (and the group forms) round-trip, and anything else is refused with
+    the expected form; ``heads()`` keys and the analysis code use the same helper."""
+    import rllc_fast as r
+
+    assert r.head_name(1, 6) == "1:6" and r.parse_head_name("1:6") == (1, 6) and r.parse_head_name(" 12:0 ") == (12, 0)
+    assert r.group_name(2, 0) == "2:g0" and r.parse_group_name("2:g0") == (2, 0)
+    for bad in ("L1", "1:g0", "1:2:3", "a:b", "-1:2", ""):
+        with pytest.raises(ValueError, match="expected 'layer:head'"):
+            r.parse_head_name(bad)
+    with pytest.raises(ValueError, match="expected 'layer:gGROUP'"):
+        r.parse_group_name("1:0")
+    model = r.models.attn_only(n_layers=2, d_model=16, n_heads=2, d_head=8, n_ctx=8, d_vocab=16)
+    assert list(r.heads(model)) == [r.head_name(l, h) for l in range(2) for h in range(2)]

@@ -183,3 +183,47 @@ def test_a_killed_rank_loses_no_work_and_a_rerun_completes(setup):
     rows = _rows(store)
     assert len(rows) == 4 * (4 + 1) and not rows.index.duplicated().any()
     assert rank_store_paths(store) == []
+
+
+class _FakeProcessGroup:
+    """Stand-ins for CUDA and torch.distributed: what ``distributed.init`` asked for."""
+
+    def __init__(self, monkeypatch, gpus: int):
+        import torch
+        import torch.distributed as dist
+
+        self.backend, self.set_device = None, []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        monkeypatch.setattr(torch.cuda, "set_device", self.set_device.append)
+        monkeypatch.setattr(dist, "is_initialized", lambda: False)
+        monkeypatch.setattr(dist, "init_process_group", lambda backend: setattr(self, "backend", backend))
+
+
+def test_process_group_follows_the_requested_device(monkeypatch):
+    """gloo and no CUDA device chosen for CPU ranks even where a GPU is visible; nccl and the rank's own GPU
+    for CUDA; a clear error (not 'invalid device ordinal') when a machine has fewer GPUs than ranks."""
+    from rllc_fast.distributed import init
+
+    second = Rank(rank=1, world_size=2, local_rank=1, local_world_size=2)  # two ranks on this machine
+    fake = _FakeProcessGroup(monkeypatch, gpus=1)
+    init(second, device="cpu")
+    assert (fake.backend, fake.set_device) == ("gloo", [])
+
+    fake = _FakeProcessGroup(monkeypatch, gpus=2)
+    init(second)  # default: the rank's GPU
+    assert (fake.backend, fake.set_device) == ("nccl", [1])
+    fake = _FakeProcessGroup(monkeypatch, gpus=2)
+    init(second, device="cuda:0")
+    assert (fake.backend, fake.set_device) == ("nccl", [0])
+
+    fake = _FakeProcessGroup(monkeypatch, gpus=1)
+    with pytest.raises(ValueError, match=r"needs cuda:1 but this machine has 1 CUDA device.*--device cpu"):
+        init(second, device="cuda")
+    assert (fake.backend, fake.set_device) == (None, [])
+
+    fake = _FakeProcessGroup(monkeypatch, gpus=0)
+    init(second)  # no GPU at all: CPU ranks
+    assert (fake.backend, fake.set_device) == ("gloo", [])
+    init(Rank(), device="cuda")  # a single process never joins a group
+    assert fake.backend == "gloo"

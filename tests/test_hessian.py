@@ -57,6 +57,24 @@ def test_mlp_block_traces_match_the_exact_hessian():
     _within(hpp, exact)
 
 
+def test_traces_over_several_batches_are_the_hessian_of_the_mean_loss_over_all_of_them():
+    """``num_batches=2``: the estimate is the trace of the Hessian of the mean loss over both batches (here
+    every row), whose two halves' traces differ by far more than the standard error (rows of very
+    different scales). Catches an estimate that uses only one of the batches."""
+    model, (x, y) = _mlp()
+    data = (x * torch.linspace(0.2, 3.0, 48)[:, None], y)
+    names = ["0.weight", "0.bias", "2.weight", "2.bias"]
+    H = _exact_hessian(model, names, lambda pd: _ce(lambda x: torch.func.functional_call(model, pd, (x,)), data))
+    diag = [H[i][i].reshape(p.numel(), p.numel()).diagonal().sum().item()
+            for i, p in enumerate(dict(model.named_parameters())[n] for n in names)]
+    exact = {"L0": diag[0] + diag[1], "L2": diag[2] + diag[3]}
+    comps = [r.from_params(model, names[:2], name="L0"), r.from_params(model, names[2:], name="L2")]
+    _within(hessian.trace(model, data, comps, num_probes=2000, num_batches=2, batch_size=24, loss_fn=_ce,
+                          probe_chunk=16), exact)
+    _within(hessian.trace(model, data, comps, num_probes=90, num_batches=2, batch_size=24, loss_fn=_ce,
+                          hutchpp=True), exact)
+
+
 def test_hutchpp_is_exact_when_the_sketch_spans_the_block():
     model, data = _mlp()
     names = ["0.weight", "0.bias", "2.weight", "2.bias"]
@@ -265,3 +283,84 @@ def test_a_list_of_batches_is_the_same_data_as_the_stacked_tensor():
     assert hessian.trace(mlp, pairs, **args)["whole"].value == hessian.trace(mlp, (x, y), **args)["whole"].value
     with pytest.raises(ValueError, match="read as a list of batches.*as a tuple"):
         hessian.trace(mlp, [x, y], **args)  # columns in a list: refused, not read as two odd batches
+
+
+# ---------------------------------------------------------------------------- device placement
+def test_matrix_rank_works_on_the_matrix_device(monkeypatch):
+    """Probes and start vector are made on the matrix's device and dtype (the meta device stands in for a GPU:
+    mixing it with CPU tensors fails as CUDA would)."""
+    from rllc_fast.hessian import chebyshev
+
+    seen = []
+
+    def bounds(matvec, v0, iters):
+        seen.append(("start", v0.device.type, v0.dtype, matvec(v0).device.type))
+        return torch.tensor([-1.0]), torch.tensor([1.0])
+
+    def count(matvec, probes, a, b, tau, degree):
+        seen.append(("probes", probes.device.type, probes.dtype, matvec(probes).device.type))
+        return torch.ones(probes.shape[0], dtype=torch.float64)
+
+    A = torch.empty(6, 6, dtype=torch.float64, device="meta")
+    monkeypatch.setattr(chebyshev, "spectral_bounds", bounds)
+    monkeypatch.setattr(chebyshev, "count_above", count)
+    est, _, _ = hessian.matrix_rank(A, tau=0.5, num_probes=4)
+    assert est == 1.0
+    assert seen == [("start", "meta", torch.float64, "meta"), ("probes", "meta", torch.float64, "meta")]
+
+
+def test_fim_labels_are_drawn_on_the_model_device():
+    """The Fisher trace's labels never bring the [positions, classes] probabilities to the host: drawn on the
+    meta device they stay there; on the CPU they follow the model's distribution (zero-probability classes never)."""
+    from rllc_fast.hessian.trace import draw_labels
+
+    meta = nn.Linear(4, 6).to("meta")
+    labels = draw_labels(meta, torch.empty(3, 5, 4, device="meta"), torch.Generator().manual_seed(0))
+    assert labels.device.type == "meta" and labels.shape == (3, 5) and labels.dtype == torch.int64
+
+    p = torch.tensor([0.5, 0.0, 0.2, 0.3, 0.0])
+
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return p.log().expand(x.shape[0], -1)
+
+    labels = draw_labels(Fixed(), torch.zeros(40_000, 1), torch.Generator().manual_seed(0))
+    freq = torch.bincount(labels, minlength=5).double() / labels.numel()
+    assert freq[1] == 0 and freq[4] == 0
+    assert torch.allclose(freq, p.double(), atol=4 * math.sqrt(0.25 / labels.numel()))
+    again = draw_labels(Fixed(), torch.zeros(40_000, 1), torch.Generator().manual_seed(0))
+    assert torch.equal(labels, again)  # a seed gives the same labels
+
+
+def test_probe_seeds_reach_the_device_in_one_copy(monkeypatch):
+    """Each probe's rng_state is a row of one [probes, 2] tensor made at once (not a blocking copy per probe),
+    and each row is still [seed, stream]: the probes are those drawn one by one."""
+    from rllc_fast import ops
+    from rllc_fast.hessian.operator import Support
+
+    model, _ = _mlp()
+    comps = {"a": r.from_params(model, ["0.weight"], name="a"), "b": r.from_params(model, ["2.weight"], name="b")}
+    support = Support(model, comps, "cpu")
+    states = []
+    with monkeypatch.context() as m:
+        m.setattr(ops, "rademacher", lambda P, n, state: states.append(state) or torch.ones(P, n))
+        support.shared_probes(7, [3, 4, 5])
+        support.component_probes(["a", "b"], 7, [1, 2])
+    assert [s.tolist() for s in states] == [[7, 3], [7, 4], [7, 5], [7, 1], [7, 2]]
+    assert len({s.untyped_storage().data_ptr() for s in states[:3]}) == 1
+    assert len({s.untyped_storage().data_ptr() for s in states[3:]}) == 1
+    one = ops.rademacher(1, support.numel, torch.tensor([7, 4]))
+    assert torch.equal(support.shared_probes(7, [3, 4, 5])[1], (one * support.mask)[0])
+
+
+def test_metrics_move_a_model_quietly_and_only_when_elsewhere(capsys):
+    """TransformerLens prints when a model is moved; a Hessian metric asked for another device moves it without
+    printing (a sweep printed "Moving model to device: cuda" per unit), and leaves one already there alone."""
+    from rllc_fast.hessian.setup import prepare
+
+    model, tokens = _tiny_transformer()
+    prepare(model, None, tokens, 1, 8, 0, "auto", None, torch.device("cpu"))
+    setup = prepare(model, None, tokens, 1, 8, 0, "auto", None, "meta")
+    assert next(model.parameters()).device.type == "meta" and setup.device.type == "meta"
+    assert setup.support.mask.device.type == "meta" and setup.batches[0].device.type == "meta"
+    assert capsys.readouterr().out == ""

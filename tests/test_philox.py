@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from philox_reference import philox4x32_10, philox_bits, philox_normal, philox_rademacher
+from philox_reference import philox4x32_10, philox_bits, philox_normal, philox_normal4, philox_rademacher
 
 # Random123 kat_vectors, "philox4x32 10" lines: counter words, key words, expected output.
 KAT = [
@@ -61,6 +61,21 @@ def test_header_draws_equal_the_reference(host_philox):
         assert [int(x, 16) for x in words[:4]] == [int(w[0]) for w in philox_bits(s, o, [e])]
         assert math.isclose(float(words[4]), float(philox_normal(s, o, [e])[0]), rel_tol=1e-5, abs_tol=1e-6)
         assert float(words[5]) == float(philox_rademacher(s, o, [e])[0])
+
+
+def test_header_uses_all_four_words_of_each_call(host_philox):
+    """philox_normal4 gives four normals per call (Box-Muller on (x, y) and on (z, w)), equal to the
+    reference's; element e of the stream is value e % 4 of group e // 4."""
+    groups = [(0, 0, 0), (1234, 7, 1), (2**63 - 1, 199, 2**30 + 3), (42, 2**33 + 5, 2**40 + 17)]
+    lines = host_philox([f"normal4 {s} {o} {g}" for s, o, g in groups])
+    for (s, o, g), line in zip(groups, lines):
+        got = [float(x) for x in line.split()]
+        want = philox_normal4(s, o, [g])[0].tolist()
+        assert len(got) == 4 and all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6) for a, b in zip(got, want))
+        draws = host_philox([f"draw {s} {o} {4 * g + k}" for k in range(4)])  # the header's element-wise draw
+        assert [float(d.split()[4]) for d in draws] == got
+    stream = philox_normal(9, 2, range(8))
+    assert stream.tolist() == philox_normal4(9, 2, [0, 1]).reshape(-1).tolist()
 
 
 def test_reference_normal_and_rademacher_statistics():

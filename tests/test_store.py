@@ -419,3 +419,25 @@ def test_a_checkpoint_rewritten_after_hashing_is_not_stored_under_its_old_id(tmp
     monkeypatch.setattr(Checkpoint, "load", original)
     again = _sweep(run, tmp_path / "s.sqlite")  # the rerun hashes the new content and computes it
     assert [u.step for u in again.computed] == [2] and not again.failed
+
+
+def test_a_unit_whose_write_fails_midway_leaves_none_of_its_rows(tmp_path):
+    """A unit's rows are written in one transaction: when the write of its third row fails (an SQLite
+    trigger aborts it, standing in for a crash), none of its rows stay and a rerun's ``done()`` sees no
+    part of the unit. Catches rows committed one at a time (the SIGKILL test cannot: it only counts
+    rows in multiples of the unit size after the fact)."""
+    path = tmp_path / "s.sqlite"
+    store = ResultStore(path)
+    config = SGLDConfig(**FAST)
+    store.write(UnitKey("step0.pt", 0, "mix", "heads", "id-0", data_hash="d"), "k1", config, "batched",
+                [_estimate("0:0", 1.0)], 1.0)  # creates the schema
+    con = sqlite3.connect(path)
+    con.execute("CREATE TRIGGER crash BEFORE INSERT ON estimates WHEN NEW.component = '1:0' "
+                "BEGIN SELECT RAISE(ABORT, 'simulated crash'); END")
+    con.commit()
+    con.close()
+    unit = UnitKey("step1.pt", 1, "mix", "heads", "id-1", data_hash="d")
+    with pytest.raises(sqlite3.DatabaseError, match="simulated crash"):
+        store.write(unit, "k1", config, "batched", [_estimate(n, 1.0) for n in ("0:0", "0:1", "1:0", "1:1")], 1.0)
+    assert store.done(unit, "k1") == set()
+    assert ResultStore(path, readonly=True).rows("all").checkpoint.tolist() == ["step0.pt"]

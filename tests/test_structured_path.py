@@ -29,6 +29,23 @@ def _neox_like(seed=1, vocab=96):
     return model
 
 
+def _gpt2_like(seed=2, vocab=80):
+    """A tiny GPT-2-style TransformerLens model: learned positions, LayerNorm, sequential attention then MLP."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=16, d_vocab=vocab,
+                                  act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard",
+                                  parallel_attn_mlp=False, seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = HookedTransformer(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
 @pytest.fixture(scope="module")
 def small_tl():
     model = r.models.attn_only(n_layers=2, d_model=64, n_heads=4, d_head=16, n_ctx=32, d_vocab=128, seed=3)
@@ -109,6 +126,29 @@ def test_structured_path_follows_the_reference_chains_neox(neox):
     bat = r.estimate_llc(model, tokens, cfg, components=r.heads(model), engine="batched")
     _assert_same_chains(bat, ref)
     assert np.ptp(bat.loss_trace, axis=-1).min() > 0  # the chains moved
+
+
+def test_structured_path_follows_the_reference_chains_gpt2_sequential_mlp():
+    """Sequential (GPT-2-style) blocks: a replica's own layer runs its MLP after the attention. Catches a
+    structured path that skips that MLP (the other tests' models are attention-only or parallel)."""
+    model = _gpt2_like()
+    tokens = torch.randint(0, 80, (24, 16), generator=torch.Generator().manual_seed(2))
+    batch = tokens[:2]
+    hr = HeadReplicas(model)
+    comps = r.heads(model)
+    params = dict(model.named_parameters())
+    for layer in range(3):  # logits at w* equal the model's, for every layer's replicas
+        rows = torch.stack([torch.cat([s.view(params[s.param]).reshape(-1) for s in comps[f"{layer}:{h}"].slices])
+                            for h in range(4)]).detach()
+        got = hr.replica_logits(hr.shared(batch, [layer]), layer, torch.arange(4), rows)
+        with torch.no_grad():
+            torch.testing.assert_close(got, model(batch)[None].expand_as(got), rtol=1e-4, atol=1e-5)
+    cfg = r.SGLDConfig(num_chains=2, num_draws=6, batch_size=6, seed=3, step_size=3e-3)
+    picked = {n: comps[n] for n in ("0:1", "1:2", "2:0")}
+    ref = r.estimate_llc(model, tokens, cfg, components=picked, engine="reference")
+    bat = r.estimate_llc(model, tokens, cfg, components=picked, engine="batched")
+    assert set(plan(model, picked, next_token_loss)[0]) == set(picked)
+    _assert_same_chains(bat, ref)
 
 
 def test_structured_path_with_kl_to_a_reference_model(small_tl):

@@ -299,3 +299,34 @@ def test_sampler_warnings_become_one_log_line_and_other_warnings_pass():
             warnings.warn("unrelated", UserWarning)
     assert lines == ["chains disagree (R-hat 1.5): lower step_size"]
     assert warnings.filters == filters
+
+
+class _Recorded(Exception):
+    """Raised by a stand-in metric once it has recorded the device it was given."""
+
+
+@pytest.mark.filterwarnings("ignore:.*to a meta parameter:UserWarning")  # loading onto the meta device
+@pytest.mark.parametrize("metric", ["llc", "hessian-trace"])
+def test_every_metric_runs_on_the_resolved_device(tmp_path, monkeypatch, metric):
+    """run_sweep(device=None) resolves the device once (``distributed.device_for``) and both the rLLC and the
+    Hessian jobs get it: the model is loaded there and the metric is asked to run there (never the CPU by default)."""
+    import rllc_fast.hessian
+    import rllc_fast.sweep as sweep
+
+    _checkpoints(tmp_path / "ckpts")
+    seen = {}
+
+    def fake_metric(model, data, *args, device=None, **kwargs):
+        seen.update(device=device, model_device=next(model.parameters()).device.type)
+        raise _Recorded
+
+    resolved = []
+    monkeypatch.setattr(sweep, "device_for", lambda rank, device: resolved.append(device) or "meta")
+    monkeypatch.setattr(sweep, "estimate_llc", fake_metric)
+    monkeypatch.setattr(rllc_fast.hessian, "trace", fake_metric)
+    data = {"mix": torch.randint(0, 64, (32, 16), generator=torch.Generator().manual_seed(0))}
+    with pytest.raises(_Recorded):
+        run_sweep(tmp_path / "ckpts", data, SGLDConfig(num_draws=2, batch_size=8), tmp_path / "s.sqlite",
+                  ["whole"], progress=False, metric=metric)
+    assert resolved == [None]  # asked once, with what the caller gave
+    assert seen == {"device": "meta", "model_device": "meta"}

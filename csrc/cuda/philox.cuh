@@ -1,8 +1,10 @@
 // Header-only Philox4x32-10 (Salmon et al. 2011) and the normal/Rademacher draws built on it.
-// Counter = (offset lo, offset hi, element lo, element hi), key = seed: the draw for an element
+// Counter = (offset lo, offset hi, index lo, index hi), key = seed, with index = element / 4 for the
+// normal stream (four normals per call) and index = element for the Rademacher stream: a draw
 // depends only on (seed, offset, element index), never on the launch grid.
 // Also compiles as plain host C++ (tests/csrc/philox_host.cpp checks it against the Random123
-// known-answer vectors and tests/philox_reference.py).
+// known-answer vectors and tests/philox_reference.py; the CPU emulation of the kernels,
+// tests/test_emulated_kernels.py, runs it inside the kernels).
 #pragma once
 #include <cstdint>
 
@@ -48,18 +50,45 @@ RLLC_HD Philox4 philox_bits(int64_t seed, int64_t offset, int64_t element) {
                        static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32));
 }
 
-// One N(0, 1) draw by Box-Muller from the first two 32-bit words.
-RLLC_HD float philox_normal(int64_t seed, int64_t offset, int64_t element) {
-  const Philox4 r = philox_bits(seed, offset, element);
-  const float u1 = (static_cast<float>(r.x) + 1.0f) * 2.3283064365386963e-10f;  // (0, 1]
-  const float u2 = static_cast<float>(r.y) * 2.3283064365386963e-10f;           // [0, 1]
+// Normal draws: each Philox call gives four N(0, 1) values, Box-Muller on words (x, y) and on (z, w).
+// Element e of the stream is value e % 4 of the call with counter element word e / 4, so one call
+// serves four consecutive elements (the kernels draw a group of four per call).
+constexpr int kNormalsPerCall = 4;
+
+struct Normal4 { float v[kNormalsPerCall]; };
+
+// Two N(0, 1) values from two 32-bit words: u1 in (0, 1], u2 in [0, 1), radius sqrt(-2 log u1).
+RLLC_HD void box_muller(uint32_t a, uint32_t b, float* z0, float* z1) {
+  const float u1 = (static_cast<float>(a) + 1.0f) * 2.3283064365386963e-10f;
+  const float u2 = static_cast<float>(b) * 2.3283064365386963e-10f;
 #ifdef __CUDA_ARCH__
-  return sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
+  const float radius = sqrtf(-2.0f * logf(u1));
+  float s, c;
+  sincospif(2.0f * u2, &s, &c);
 #else
-  return std::sqrt(-2.0f * std::log(u1)) * static_cast<float>(std::cos(6.283185307179586 * u2));
+  const float radius = std::sqrt(-2.0f * std::log(u1));
+  const float c = static_cast<float>(std::cos(6.283185307179586 * u2));
+  const float s = static_cast<float>(std::sin(6.283185307179586 * u2));
 #endif
+  *z0 = radius * c;
+  *z1 = radius * s;
 }
 
+// The four normals of stream elements 4 * group .. 4 * group + 3.
+RLLC_HD Normal4 philox_normal4(int64_t seed, int64_t offset, int64_t group) {
+  const Philox4 r = philox_bits(seed, offset, group);
+  Normal4 out;
+  box_muller(r.x, r.y, &out.v[0], &out.v[1]);
+  box_muller(r.z, r.w, &out.v[2], &out.v[3]);
+  return out;
+}
+
+// Element `element` (>= 0) of the normal stream.
+RLLC_HD float philox_normal(int64_t seed, int64_t offset, int64_t element) {
+  return philox_normal4(seed, offset, element / kNormalsPerCall).v[element % kNormalsPerCall];
+}
+
+// Rademacher entry `element`: bit 0 of the first word of the call with counter element word `element`.
 RLLC_HD float philox_rademacher(int64_t seed, int64_t offset, int64_t element) {
   return (philox_bits(seed, offset, element).x & 1u) ? 1.0f : -1.0f;
 }

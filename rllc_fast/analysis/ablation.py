@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
+from ..components import head_name, parse_head_name
 
 KINDS = ("zero", "mean", "resample")
 Head = Tuple[int, int]
@@ -28,10 +29,7 @@ def parse_heads(model, heads: Union[HeadSpec, Iterable[HeadSpec]]) -> List[Head]
     out = []
     for spec in heads:
         if isinstance(spec, str):
-            try:
-                l, h = (int(x) for x in spec.split(":"))
-            except ValueError:
-                raise ValueError(f"head {spec!r}: expected 'layer:head', e.g. '1:3'") from None
+            l, h = parse_head_name(spec)
         else:
             l, h = (int(x) for x in spec)
         if not (0 <= l < n_layers and 0 <= h < n_heads):
@@ -45,7 +43,7 @@ def parse_heads(model, heads: Union[HeadSpec, Iterable[HeadSpec]]) -> List[Head]
 
 def head_names(model) -> List[str]:
     """Every head of the model as ``"l:h"``, layer by layer."""
-    return [f"{l}:{h}" for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+    return [head_name(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
 
 
 def _z_name(layer: int) -> str:
@@ -133,7 +131,7 @@ def ablation_scores(model, tokens: torch.Tensor, heads=None, kind: str = "mean",
     out = {}
     for group in groups:
         loss = per_token_loss(model, tokens, ablation_hooks(model, tokens, group, kind, z)).mean().item()
-        out["+".join(f"{l}:{h}" for l, h in group)] = loss - clean
+        out["+".join(head_name(l, h) for l, h in group)] = loss - clean
     return out
 
 
@@ -145,7 +143,7 @@ def path_patch(model, tokens: torch.Tensor, senders, receiver: HeadSpec, kind: s
     increases instead of their mean. Every sender must sit in an earlier layer than the receiver."""
     senders = parse_heads(model, senders)
     (r_layer, r_head), = parse_heads(model, [receiver])
-    late = [f"{l}:{h}" for l, h in senders if l >= r_layer]
+    late = [head_name(l, h) for l, h in senders if l >= r_layer]
     if late:
         raise ValueError(f"path_patch: sender(s) {late} are not in an earlier layer than the receiver "
                          f"{r_layer}:{r_head}; a path needs sender layer < receiver layer")

@@ -18,6 +18,7 @@ import itertools
 from typing import Dict, Iterable
 
 import torch
+from ..components import parse_head_name
 
 KINDS = ("Q", "K", "V")
 
@@ -67,7 +68,7 @@ def dense_composition_score(model, kind: str, earlier: str, later: str) -> float
     if kind not in KINDS:
         raise ValueError(f"composition kind {kind!r}: choose from {KINDS}")
     W_Q, W_K, W_V, W_O = _weights(model)
-    (l1, h1), (l2, h2) = (tuple(int(x) for x in name.split(":")) for name in (earlier, later))
+    (l1, h1), (l2, h2) = (parse_head_name(name) for name in (earlier, later))
     ov1 = W_V[l1, h1] @ W_O[l1, h1]
     qk2 = W_Q[l2, h2] @ W_K[l2, h2].T
     M = {"Q": qk2, "K": qk2.T, "V": W_V[l2, h2] @ W_O[l2, h2]}[kind]

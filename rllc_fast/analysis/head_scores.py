@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Dict, Mapping, Optional
 
 import torch
+from ..components import head_name
 
 #: Head labels of ``classify_heads``, in the order they are tried.
 HEAD_TYPES = ("induction", "previous-token", "current-token", "multigram")
@@ -26,7 +27,7 @@ def scores_by_head(matrix) -> Dict[str, float]:
     """``{"l:h": score}`` (layer, then head order) from a ``[layers][heads]`` score matrix (nested lists or a
     tensor)."""
     rows = matrix.tolist() if hasattr(matrix, "tolist") else matrix
-    return {f"{l}:{h}": float(v) for l, row in enumerate(rows) for h, v in enumerate(row)}
+    return {head_name(l, h): float(v) for l, row in enumerate(rows) for h, v in enumerate(row)}
 
 
 def attention_patterns(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -148,5 +149,5 @@ def classify_heads(scores: Mapping[str, torch.Tensor], previous_token: float = 0
                 label = "current-token"
             else:
                 label = "multigram"
-            labels[f"{l}:{h}"] = label
+            labels[head_name(l, h)] = label
     return labels

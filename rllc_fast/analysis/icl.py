@@ -13,6 +13,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .ablation import ablation_hooks, clean_z, head_names, parse_heads, per_token_loss
+from ..components import head_name
 
 
 def icl_positions(context_length: int) -> Tuple[int, int]:
@@ -48,5 +49,5 @@ def per_head_icl_scores(model, tokens: torch.Tensor, heads=None, kind: str = "me
     out = {"none": icl_score(model, tokens, **positions)}
     z = clean_z(model, tokens) if kind != "zero" else None
     for l, h in heads:
-        out[f"{l}:{h}"] = icl_score(model, tokens, ablate=[(l, h)], kind=kind, z=z, **positions)
+        out[head_name(l, h)] = icl_score(model, tokens, ablate=[(l, h)], kind=kind, z=z, **positions)
     return out

@@ -12,6 +12,7 @@ from ..progress import progress_iter
 from ..store import ResultStore, check_one_checkpoint_per_step
 from . import figures
 from .head_scores import scores_by_head
+from ..components import head_name, parse_head_name
 
 
 def _models(series, desc: str, progress: bool, like=None):
@@ -115,7 +116,7 @@ def analyze_tokens(checkpoint, tokens: torch.Tensor, data: str, store: ResultSto
     from .tokens_in_context import head_tokens_in_context
 
     model = checkpoint.load(like=like)
-    names = [f"{l}:{h}" for l, h in parse_heads(model, heads if heads is not None else head_names(model))]
+    names = [head_name(l, h) for l, h in parse_heads(model, heads if heads is not None else head_names(model))]
     summaries, rows = {}, []
     for head in progress_iter(names, f"tokens in context (step {checkpoint.step})", progress, unit="head"):
         _, summary = head_tokens_in_context(model, tokens, head, k, "mean", brackets)
@@ -146,7 +147,7 @@ def head_curves(store: ResultStore, data: str, layer: Optional[int] = None, comp
                          f"{', '.join(map(repr, have)) or 'no data'} (or run `rllc sweep` for {data!r} first)")
     check_one_checkpoint_per_step(df, str(store.path))
     if layer is not None:
-        df = df[[int(c.split(":")[0]) == layer for c in df["component"]]]
+        df = df[[parse_head_name(c)[0] == layer for c in df["component"]]]
         if df.empty:
             raise ValueError(f"no heads of layer {layer} on data {data!r} in {store.path}")
     table = df.pivot_table(index="step", columns="component", values="llc_mean", aggfunc="first", dropna=False)

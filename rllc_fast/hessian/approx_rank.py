@@ -68,15 +68,15 @@ def approx_rank(model: nn.Module, data, components=None, tau: Optional[float] = 
             check_interval(low, high, a_fixed, b_fixed, names)
         probes = support.component_probes(owners, seed, streams)
         bounds = []
+        lows, highs = low.tolist(), high.tolist()  # the intervals are needed on the host: one copy
         for j, name in enumerate(names):
             if fixed:
                 a, b, t = a_fixed, b_fixed, tau
             else:
-                a, b, largest = adaptive_interval(low[j], high[j], margin)
+                a, b, largest = adaptive_interval(lows[j], highs[j], margin)
                 t = tau if tau is not None else tau_fraction * largest
             bounds.append((a, b, t))
-            info[name] = {"interval": [a, b], "tau": t, "lowest_eigenvalue": float(low[j]),
-                          "highest_eigenvalue": float(high[j])}
+            info[name] = {"interval": [a, b], "tau": t, "lowest_eigenvalue": lows[j], "highest_eigenvalue": highs[j]}
         per_row = np.repeat(np.array(bounds), num_probes, axis=0)  # [J, 3]: every probe its component's
         counts = count_above(lambda v: hessian.matvec(v, owners), probes, per_row[:, 0], per_row[:, 1],
                              per_row[:, 2], degree).cpu().numpy()

@@ -133,12 +133,16 @@ def adaptive_interval(low, high, margin: float = 1.2) -> Tuple[float, float, flo
 def matrix_rank(matrix: torch.Tensor, tau: float, interval="adaptive", degree: int = 100, num_probes: int = 100,
                 seed: int = 0, tau_fraction=None, power_iters: int = 50):
     """Approximate rank of a symmetric ``[n, n]`` matrix (for checks against known spectra): returns
-    ``(estimate, standard error, (a, b))``. ``tau`` is absolute; ``interval`` is ``(a, b)`` or "adaptive"."""
+    ``(estimate, standard error, (a, b))``. ``tau`` is absolute; ``interval`` is ``(a, b)`` or "adaptive".
+    The probes and the start vector are drawn from a CPU generator (the same for a seed on every device) and
+    copied once to the matrix's device and dtype, where all the work runs."""
     n = matrix.shape[0]
     gen = torch.Generator().manual_seed(seed)
-    probes = (torch.randint(0, 2, (num_probes, n), generator=gen) * 2 - 1).to(matrix.dtype)
+    probes = (torch.randint(0, 2, (num_probes, n), generator=gen) * 2 - 1).to(device=matrix.device,
+                                                                               dtype=matrix.dtype)
+    start = torch.randn(1, n, generator=gen, dtype=matrix.dtype).to(matrix.device)
     matvec = lambda x: x @ matrix
-    low, high = spectral_bounds(matvec, torch.randn(1, n, generator=gen, dtype=matrix.dtype), power_iters)
+    low, high = spectral_bounds(matvec, start, power_iters)
     if interval == "adaptive":
         a, b, largest = adaptive_interval(low[0], high[0])
         tau = tau if tau_fraction is None else tau_fraction * largest

@@ -89,19 +89,23 @@ class Support:
             out.append(torch.zeros(rows, n, device=self.device) if part is None else part.reshape(rows, n))
         return torch.cat(out, dim=1)
 
+    def _rng_states(self, seed: int, streams: Sequence[int]) -> torch.Tensor:
+        """``[len(streams), 2]`` int64 ``[seed, stream]`` rows on the device, made in one host-to-device copy
+        (row j is the ``rng_state`` of probe j)."""
+        return torch.tensor([[seed, s] for s in streams], dtype=torch.int64).to(self.device)
+
     def shared_probes(self, seed: int, streams: Sequence[int]) -> torch.Tensor:
         """``[len(streams), numel]`` Rademacher probes over every component's weights (zero elsewhere);
         row j depends only on ``(seed, streams[j])``, so chunking does not change the probes."""
-        rows = [ops.rademacher(1, self.numel, torch.tensor([seed, s], dtype=torch.int64, device=self.device))
-                for s in streams]
+        states = self._rng_states(seed, streams)
+        rows = [ops.rademacher(1, self.numel, state) for state in states]
         return torch.cat(rows) * self.mask
 
     def component_probes(self, owners: Sequence[str], seed: int, streams: Sequence[int]) -> torch.Tensor:
         """``[len(owners), numel]``: row j is a Rademacher probe on component ``owners[j]``'s weights only."""
         out = torch.zeros(len(owners), self.numel, device=self.device)
-        for j, (name, stream) in enumerate(zip(owners, streams)):
+        for j, (name, state) in enumerate(zip(owners, self._rng_states(seed, streams))):
             idx = self.index[name]
-            state = torch.tensor([seed, stream], dtype=torch.int64, device=self.device)
             out[j, idx] = ops.rademacher(1, idx.numel(), state)[0]
         return out
 
@@ -181,7 +185,8 @@ def unused_parameters(model: nn.Module, loss_fn: Callable, batch, support: Suppo
 
 
 class BatchHessian:
-    """``H v`` on one batch for flat probes ``[J, numel]`` (call ``apply``); the loss on the batch is ``loss``.
+    """``H v`` on one batch for flat probes ``[J, numel]`` (call ``apply``); the loss on the batch is ``loss``
+    (a 0-dim tensor on the device, so building the operator does not wait for the device).
 
     Use inside ``only_grad_for(model, support.names)``."""
 
@@ -200,7 +205,7 @@ class BatchHessian:
             # gradients with no graph of their own (constant in the weights) add nothing to H v
             self._pairs = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
             self._params = params
-            self.loss = float(loss.detach())
+            self.loss = loss.detach()
         else:
             from torch.func import functional_call, grad
 
@@ -210,7 +215,7 @@ class BatchHessian:
             self._names = names
             self._grad = grad(lambda pd: functional_call(module, pd, (batch,), strict=False))
             with torch.no_grad():
-                self.loss = float(check_scalar_loss(loss_fn(model, batch)))
+                self.loss = check_scalar_loss(loss_fn(model, batch))
 
     def apply(self, v: torch.Tensor) -> torch.Tensor:
         """``[J, numel]`` probes -> ``[J, numel]`` Hessian-vector products (float32)."""

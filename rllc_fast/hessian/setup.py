@@ -11,6 +11,7 @@ import torch
 
 from ..components import as_component_dict
 from ..data.normalise import normalise_data, row_data
+from ..models.build import move_to
 from .operator import Support, default_loss, resolve_method, unused_parameters
 
 #: Stream offset between components' probes (per-component probes of component i use streams i*STRIDE + p).
@@ -54,10 +55,9 @@ class Setup:
 
 def prepare(model, components, data, num_batches, batch_size, seed, hvp, probe_chunk, device) -> Setup:
     """Components and support on ``device`` (default: the model's), ``num_batches`` batches, HVP method/chunk."""
-    current = next(model.parameters()).device
-    device = torch.device(device) if device is not None else current
-    if device != current:
-        model.to(device)
+    if device is not None:
+        move_to(model, device)  # quietly, and not at all when already there ("cuda" for a model on cuda:0)
+    device = next(model.parameters()).device
     comps = as_component_dict(model, components)
     support = Support(model, comps, device)
     batches = data_batches(data, num_batches, batch_size, seed, device)

@@ -63,8 +63,9 @@ def _quadratic_forms(support: Support, jobs, v: torch.Tensor, hv: torch.Tensor) 
 def _hutchinson(model, losses, batches, support, names, num_probes, probes, method, chunk, seed, bar,
                 fresh_probes: bool = False):
     """Per batch (``losses[b]`` its loss_fn), ``{component: [num_probes]}`` of ``v_V.(H v)_V``. The same probes
-    serve every batch (so their batch means are Hutchinson samples of the mean Hessian) unless ``fresh_probes``."""
-    per_batch = []
+    serve every batch (so their batch means are Hutchinson samples of the mean Hessian) unless ``fresh_probes``.
+    The quadratic forms stay on the device until every batch is done; one copy brings them to the host."""
+    on_device = []
     for b, batch in enumerate(batches):
         jobs = _jobs(names, num_probes, probes, first=b * num_probes if fresh_probes else 0)
         op = BatchHessian(model, losses[b], batch, support, method, chunk)
@@ -72,13 +73,15 @@ def _hutchinson(model, losses, batches, support, names, num_probes, probes, meth
         for i in range(0, len(jobs), chunk):
             part = jobs[i:i + chunk]
             v = _probe_rows(support, part, seed)
-            forms.append(_quadratic_forms(support, part, v, op.apply(v)).detach().double().cpu())
+            forms.append(_quadratic_forms(support, part, v, op.apply(v)).detach().double())
             bar.update(len(part))
-        forms = torch.cat(forms)
-        if probes == "shared":  # [P, C]
-            per_batch.append({n: forms[:, j].numpy() for j, n in enumerate(names)})
-        else:  # [C * P] in component-major order
-            per_batch.append({n: forms[j * num_probes:(j + 1) * num_probes].numpy() for j, n in enumerate(names)})
+        on_device.append(torch.cat(forms))
+    per_batch = []
+    for forms in torch.stack(on_device).cpu().numpy():  # [batches, P, C] (shared) or [batches, C * P]
+        if probes == "shared":
+            per_batch.append({n: forms[:, j] for j, n in enumerate(names)})
+        else:  # component-major order
+            per_batch.append({n: forms[j * num_probes:(j + 1) * num_probes] for j, n in enumerate(names)})
     return per_batch
 
 
@@ -158,16 +161,17 @@ def _hutchpp(model, loss_fn, batches, support, names, num_probes, method, chunk,
     a_basis = hessian.matvec(basis.float(), owners)
     a_proj = hessian.matvec(projected.float(), owners)
     bar.close()
-    out = {}
-    for j, name in enumerate(names):
+    samples = []
+    for j in range(len(names)):
         rows = slice(j * k, (j + 1) * k)
-        top = float((basis[rows] * a_basis[rows].double()).sum())
+        top = (basis[rows] * a_basis[rows].double()).sum()
         proj = projected[rows]
         # the residual's A-products projected again: (I - QQ^T) A (I - QQ^T) g
         a_p = a_proj[rows].double()
         a_p = a_p - (a_p @ basis[rows].T) @ basis[rows]
-        out[name] = top + (proj * a_p).sum(1).cpu().numpy()
-    return out
+        samples.append(top + (proj * a_p).sum(1))
+    on_host = torch.stack(samples).cpu().numpy()  # [C, k]: one copy to the host
+    return {name: on_host[j] for j, name in enumerate(names)}
 
 
 def _logits(model: nn.Module, x) -> torch.Tensor:
@@ -189,12 +193,17 @@ def sampled_label_loss(labels: torch.Tensor) -> Callable:
 
 
 def draw_labels(model: nn.Module, x, generator: torch.Generator) -> torch.Tensor:
-    """Labels drawn from the model's own predictive distribution at every position of ``x``."""
+    """Labels drawn from the model's own predictive distribution at every position of ``x``, on the model's
+    device: one uniform per position from ``generator`` (a CPU generator, so a seed gives the same labels on
+    every device) is copied over and inverted through the cumulative distribution (float64) there; the
+    ``[positions, classes]`` probabilities never leave the device."""
     with torch.no_grad():
         logits = _logits(model, x).float()
-        probs = torch.softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
-        labels = torch.multinomial(probs.cpu(), 1, generator=generator).view(logits.shape[:-1])
-    return labels.to(logits.device)
+        flat = logits.reshape(-1, logits.shape[-1])
+        cdf = torch.softmax(flat.double(), dim=-1).cumsum_(dim=-1)
+        u = torch.rand(flat.shape[0], 1, generator=generator, dtype=torch.float64).to(flat.device)
+        labels = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=flat.shape[-1] - 1)
+    return labels.view(logits.shape[:-1])
 
 
 def fim_trace(model: nn.Module, contexts, components=None, num_probes: int = 5, num_batches: int = 30,

@@ -66,3 +66,16 @@ def hooked_transformer(cfg):
         model = HookedTransformer(unseeded)
     model.cfg.seed = seed
     return model
+
+
+def move_to(module: torch.nn.Module, device) -> None:
+    """Move ``module`` to ``device`` unless it is there already (``"cuda"`` matches any CUDA device, so a model on
+    ``cuda:0`` is not moved for it), quietly for TransformerLens models, which print when moved."""
+    device = torch.device(device)
+    here = next(module.parameters(), None)
+    if here is None or (here.device.type == device.type and device.index in (None, here.device.index)):
+        return
+    try:
+        module.to(device, print_details=False)
+    except TypeError:
+        module.to(device)

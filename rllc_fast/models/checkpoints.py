@@ -15,12 +15,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
 
 from ..atomic import write_atomically
+from . import hub_cache
 from .build import hooked_config, hooked_transformer
 
 FORMAT = "rllc_fast.checkpoint/1"
@@ -38,10 +39,11 @@ class Checkpoint:
     path: Path
     step: int
     kind: str
+    label: Optional[str] = None  # the name to show and store (a hub revision: "pythia-70m@step1000")
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return self.label or self.path.name
 
     def load(self, like=None, device: str | torch.device = "cpu"):
         """The checkpoint as a ``HookedTransformer`` (eval mode) on ``device``.
@@ -101,11 +103,19 @@ def config_fields(cfg) -> dict:
     return out
 
 
-def checkpoint_series(directory: str | os.PathLike) -> List[Checkpoint]:
+def checkpoint_series(directory: str | os.PathLike, revisions=None) -> List[Checkpoint]:
     """The checkpoints in ``directory``, ordered by training step (ties: by name).
+
+    directory: a folder of checkpoints, or a Hugging Face hub cache entry (a hub name ``org/name`` looked up
+               offline in the local cache, its ``models--org--name`` folder or that folder's ``snapshots``):
+               its ``stepN`` revisions, steps read from the revision names (``rllc_fast.models.hub_cache``).
+    revisions: hub caches only: revision names (a list, or "step0,step1000") instead of every ``stepN``.
 
     Raises ``FileNotFoundError`` for a missing directory or one without checkpoints, and
     ``CheckpointError`` for an entry whose step cannot be told (naming it and the fix)."""
+    hub = _hub_series(directory, revisions)
+    if hub is not None:
+        return hub
     root = Path(directory).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint directory {root} does not exist (argument: checkpoints)")
@@ -135,11 +145,27 @@ def checkpoint_at(path: str | os.PathLike) -> Checkpoint:
         return Checkpoint(path, 0, "hf" if path.is_dir() else "state_dict")
 
 
-def select_checkpoints(source: str | os.PathLike, steps=None) -> List[Checkpoint]:
+def _hub_series(source, revisions) -> Optional[List[Checkpoint]]:
+    """The checkpoints of a hub cache entry (``checkpoint_series``), or None when ``source`` is not one."""
+    repo = hub_cache.find_repo(source)
+    if repo is None:
+        if revisions is not None:
+            raise ValueError(f"revisions: {os.fspath(source)} is not a Hugging Face hub cache entry (a hub name "
+                             "org/name or a models--org--name folder); revisions select among a hub cache's refs")
+        return None
+    wanted = hub_cache.parse_revisions(revisions) if isinstance(revisions, str) else revisions
+    short = hub_cache.repo_label(repo).split("/")[-1]
+    return [Checkpoint(snapshot, step, "hf", label=f"{short}@{rev}")
+            for rev, step, snapshot in hub_cache.hub_series(repo, wanted)]
+
+
+def select_checkpoints(source: str | os.PathLike, steps=None, revisions=None) -> List[Checkpoint]:
     """The checkpoints of ``source``, ordered by training step, restricted to ``steps``.
 
     source: a directory of checkpoints (``checkpoint_series``), one checkpoint file or Hugging Face
-            directory (``checkpoint_at``), or a glob pattern such as ``run/step*.pt``.
+            directory (``checkpoint_at``), a glob pattern such as ``run/step*.pt``, or a Hugging Face hub
+            cache entry (a hub name such as ``EleutherAI/pythia-70m``, offline; see ``checkpoint_series``).
+    revisions: hub caches only: the revisions to take (default: every ``stepN``).
     steps:  None (all); exact steps ``"0,1000,5000"`` or ``[0, 1000, 5000]`` (each must exist); or an
             inclusive range ``"1000:5000"``, ``"1000:"``, ``":5000"`` or ``slice(1000, 5000)`` (must
             select at least one). See ``parse_steps``.
@@ -148,7 +174,10 @@ def select_checkpoints(source: str | os.PathLike, steps=None) -> List[Checkpoint
     unmatched ``steps`` (listing the steps found)."""
     text = os.fspath(source)
     path = Path(text).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file():
+    hub = _hub_series(source, revisions)
+    if hub is not None:
+        series = hub
+    elif path.is_dir() and not (path / "config.json").is_file():
         series = checkpoint_series(path)
     elif path.exists():
         series = [checkpoint_at(path)]

@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 
+from . import hub_cache
 from .build import hooked_config, hooked_transformer, isolated_random_state
 
 def pythia_70m_config(**overrides):
@@ -56,44 +58,40 @@ def tl_config_from_hf(hf_config, device: str | torch.device = "cpu"):
     )
 
 
-def resolve_local_dir(local_dir: str | os.PathLike) -> Path:
-    """The directory holding ``config.json``: ``local_dir`` itself, or a hub name's cached snapshot.
+def resolve_local_dir(local_dir: str | os.PathLike, revision: Optional[str] = None) -> Path:
+    """The directory holding ``config.json``: ``local_dir`` itself, or a hub cache entry's snapshot.
 
-    Raises ``FileNotFoundError`` that says to pass a local directory when neither exists (nothing is
-    ever downloaded)."""
+    local_dir: a checkpoint directory; or a hub name ``org/name`` / ``models--org--name`` folder of the local
+               Hugging Face cache (offline, ``rllc_fast.models.hub_cache``), at ``revision`` (default ``main``,
+               or the only cached revision).
+    Raises ``FileNotFoundError`` that says what to pass (nothing is ever downloaded); the revisions found are
+    listed when the one asked for is not cached."""
+    repo = hub_cache.find_repo(local_dir)
+    if repo is not None:
+        return hub_cache.snapshot_of(repo, revision)
+    if revision is not None:
+        raise ValueError(f"revision={revision!r}: {local_dir} is not a Hugging Face hub cache entry; revisions "
+                         "select among a hub cache's refs (pass the directory alone)")
     path = Path(local_dir).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no config.json here; pass a Hugging Face GPT-NeoX checkpoint directory")
         return path
-    name = str(local_dir)
-    if name.count("/") == 1 and not path.exists():
-        try:
-            from huggingface_hub import snapshot_download
-
-            cached = Path(snapshot_download(name, local_files_only=True))
-            if (cached / "config.json").is_file():
-                return cached
-        except Exception:
-            pass
-        raise FileNotFoundError(
-            f"{name!r} looks like a Hugging Face hub name, and it is not in the local cache; rllc_fast never "
-            "downloads weights: download the checkpoint where you have network (e.g. with "
-            "`huggingface-cli download`) and pass its local directory"
-        )
     raise FileNotFoundError(f"checkpoint directory {path} does not exist")
 
 
-def load_gpt_neox(local_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype=torch.float32):
+def load_gpt_neox(local_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype=torch.float32,
+                  revision: Optional[str] = None):
     """A ``HookedTransformer`` holding the GPT-NeoX checkpoint in ``local_dir`` (a folder with
-    ``config.json`` and ``model.safetensors`` or ``pytorch_model.bin``, e.g. Pythia's ``step1000/``).
+    ``config.json`` and ``model.safetensors`` or ``pytorch_model.bin``, e.g. Pythia's ``step1000/``), or a
+    hub name / ``models--org--name`` folder of the local Hugging Face cache at ``revision`` (``resolve_local_dir``).
 
     Fully offline; the logits equal ``transformers``' own model's (tested to 1e-4). Global random state
     is left as it was (both libraries draw initial weights before loading the checkpoint's)."""
     from transformer_lens.pretrained.weight_conversions.neox import convert_neox_weights
     from transformers import AutoConfig, GPTNeoXForCausalLM
 
-    path = resolve_local_dir(local_dir)
+    path = resolve_local_dir(local_dir, revision)
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
     if hf_config.model_type != "gpt_neox":
         raise ValueError(f"{path}: model_type is {hf_config.model_type!r}, not 'gpt_neox'")

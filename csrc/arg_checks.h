@@ -1,0 +1,121 @@
+// Argument checks of the rllc_fast ops in plain C++ (no torch headers): the CUDA ops call them
+// through csrc/cuda/tensor_info.cuh, and tests/test_emulated_kernels.py calls them through the CPU
+// emulation build. They make the checks of rllc_fast/ops.py (check_sgld_args and the others), in the
+// same order and with the same messages; a test compares the two on every bad input it can make.
+// Each returns "" when the arguments are fine, else the message of the first failed check. Only
+// metadata is read (dims before sizes), never data.
+#pragma once
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+namespace rllc_fast {
+
+// What the checks read of a tensor.
+struct TensorInfo {
+  bool defined = false;        // false: an absent optional tensor
+  std::vector<int64_t> sizes;
+  std::string dtype;           // as torch names it, without "torch.": float32, bfloat16, int64, ...
+  std::string device;          // as torch prints it: cpu, cuda:0, meta
+  bool contiguous = true;
+  int64_t dim() const { return static_cast<int64_t>(sizes.size()); }
+};
+
+// "[5, 37]", as Python prints list(t.shape).
+inline std::string shape_str(const std::vector<int64_t>& sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
+
+inline std::string shape_str(const TensorInfo& t) { return shape_str(t.sizes); }
+
+// printf's %.6g, as Python's f"{x:.6g}".
+inline std::string number_str(double x) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.6g", x);
+  return buf;
+}
+
+inline std::string contiguous_message(const std::string& op, const std::string& name) {
+  return op + ": " + name + " must be contiguous (pass " + name + ".contiguous())";
+}
+
+inline std::string check_rng_state(const std::string& op, const TensorInfo& rng_state) {
+  if (!(rng_state.dim() == 1 && rng_state.sizes[0] == 2 && rng_state.dtype == "int64"))
+    return op + ": rng_state must be int64 [2] = [seed, offset], got " + rng_state.dtype + " " + shape_str(rng_state);
+  if (!rng_state.contiguous) return contiguous_message(op, "rng_state");
+  return "";
+}
+
+inline std::string check_sgld_args(const TensorInfo& w, const TensorInfo& grad, const TensorInfo& w_star,
+                                   const TensorInfo& lengths, const TensorInfo& noise, const TensorInfo& rng_state,
+                                   const TensorInfo& square_avg, double rmsprop_alpha, double rmsprop_eps) {
+  const std::string op = "sgld_step";
+  if (w.dim() != 2) return op + ": w must be 2-D [replicas, n], got shape " + shape_str(w);
+  if (!(w.dtype == "float32" || w.dtype == "bfloat16" || w.dtype == "float16"))
+    return op + ": w must be float32, bfloat16 or float16, got " + w.dtype;
+  if (!w.contiguous) return op + ": w must be contiguous (it is updated in place: keep the replicas in one contiguous buffer)";
+  for (const auto& [name, t] : {std::pair<std::string, const TensorInfo*>{"grad", &grad}, {"w_star", &w_star}}) {
+    if (t->sizes != w.sizes) return op + ": " + name + " must have w's shape " + shape_str(w) + ", got " + shape_str(*t);
+    if (t->dtype != w.dtype) return op + ": " + name + " must have w's dtype " + w.dtype + ", got " + t->dtype;
+    if (t->device != w.device) return op + ": " + name + " must be on w's device " + w.device + ", got " + t->device;
+    if (!t->contiguous) return contiguous_message(op, name);
+  }
+  if (!(lengths.dim() == 1 && lengths.sizes[0] == w.sizes[0]))
+    return op + ": lengths must be [replicas] = [" + std::to_string(w.sizes[0]) + "], got shape " + shape_str(lengths);
+  if (lengths.dtype != "int64") return op + ": lengths must be int64, got " + lengths.dtype;
+  if (lengths.device != w.device) return op + ": lengths must be on w's device " + w.device + ", got " + lengths.device;
+  if (!lengths.contiguous) return contiguous_message(op, "lengths");
+  if (noise.defined) {
+    if (noise.sizes != w.sizes) return op + ": noise must have w's shape " + shape_str(w) + ", got " + shape_str(noise);
+    if (noise.dtype != "float32") return op + ": noise must be float32, got " + noise.dtype;
+    if (noise.device != w.device) return op + ": noise must be on w's device " + w.device + ", got " + noise.device;
+    if (!noise.contiguous) return contiguous_message(op, "noise");
+  } else if (!rng_state.defined) {
+    return op + ": pass noise or rng_state ([seed, offset] int64)";
+  }
+  if (rng_state.defined) {
+    const std::string message = check_rng_state(op, rng_state);
+    if (!message.empty()) return message;
+    if (rng_state.device != w.device) return op + ": rng_state must be on w's device " + w.device + ", got " + rng_state.device;
+  }
+  if (square_avg.defined) {
+    if (square_avg.sizes != w.sizes)
+      return op + ": square_avg must have w's shape " + shape_str(w) + ", got " + shape_str(square_avg);
+    if (square_avg.dtype != "float32") return op + ": square_avg must be float32, got " + square_avg.dtype;
+    if (square_avg.device != w.device) return op + ": square_avg must be on w's device " + w.device + ", got " + square_avg.device;
+    if (!square_avg.contiguous) return contiguous_message(op, "square_avg");
+    if (!(0.0 <= rmsprop_alpha && rmsprop_alpha < 1.0))
+      return op + ": rmsprop_alpha must be in [0, 1), got " + number_str(rmsprop_alpha);
+    if (!(rmsprop_eps > 0.0)) return op + ": rmsprop_eps must be > 0, got " + number_str(rmsprop_eps);
+  }
+  return "";
+}
+
+inline std::string check_rademacher_args(int64_t num_probes, int64_t n, const TensorInfo& rng_state) {
+  if (!(num_probes >= 1 && n >= 1))
+    return "rademacher: num_probes and n must be >= 1, got " + std::to_string(num_probes) + ", " + std::to_string(n);
+  return check_rng_state("rademacher", rng_state);
+}
+
+// The values of `offsets` (rising from 0 to n) are not read here: the CPU op checks them, the CUDA
+// kernel marks the blocks of bad offsets NaN (no host sync).
+inline std::string check_blocked_dot_args(const TensorInfo& v, const TensorInfo& hv, const TensorInfo& offsets) {
+  const std::string op = "blocked_dot";
+  if (v.dim() != 2) return op + ": v must be 2-D [probes, n], got shape " + shape_str(v);
+  if (hv.sizes != v.sizes) return op + ": hv must have v's shape " + shape_str(v) + ", got " + shape_str(hv);
+  if (v.dtype != "float32") return op + ": v must be float32, got " + v.dtype;
+  if (hv.dtype != "float32") return op + ": hv must be float32, got " + hv.dtype;
+  if (hv.device != v.device) return op + ": hv must be on v's device " + v.device + ", got " + hv.device;
+  if (!(offsets.dim() == 1 && offsets.sizes[0] >= 2 && offsets.dtype == "int64"))
+    return op + ": offsets must be int64 [blocks + 1] with blocks >= 1, got " + offsets.dtype + " " + shape_str(offsets);
+  if (offsets.device != v.device) return op + ": offsets must be on v's device " + v.device + ", got " + offsets.device;
+  if (!v.contiguous) return contiguous_message(op, "v");
+  if (!hv.contiguous) return contiguous_message(op, "hv");
+  if (!offsets.contiguous) return contiguous_message(op, "offsets");
+  return "";
+}
+
+}  // namespace rllc_fast
