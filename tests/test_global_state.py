@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import rllc_fast as r
+from devices import DEVICES
 from rllc_fast import hessian
 from rllc_fast.data import data_from_spec
 from rllc_fast.models import attn_only, checkpoint_series, load_gpt_neox, pythia_like, save_checkpoint
@@ -81,15 +82,16 @@ def test_model_builders_leave_the_global_random_state_alone(name, tmp_path):
     _assert_same_random_state(before, _random_state())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_building_on_cuda_leaves_the_cuda_generators_alone():
-    torch.cuda.init()
+@pytest.mark.parametrize("device", DEVICES)
+def test_building_on_a_device_leaves_its_generators_alone(device):
+    if device == "cuda":
+        torch.cuda.init()
     _seed_everything(5)
     before = _random_state()
-    on_cuda = attn_only(seed=3, device="cuda", **TINY)
+    on_device = attn_only(seed=3, device=device, **TINY)
     _assert_same_random_state(before, _random_state())
-    for (k, a), b in zip(on_cuda.state_dict().items(), attn_only(seed=3, **TINY).state_dict().values()):
-        assert torch.equal(a.cpu(), b), k  # drawn on the CPU, then moved
+    for (k, a), b in zip(on_device.state_dict().items(), attn_only(seed=3, **TINY).state_dict().values()):
+        assert a.device.type == device and torch.equal(a.cpu(), b), k  # drawn on the CPU, then moved
 
 
 def test_data_drawn_after_building_a_model_is_fresh():

@@ -1,6 +1,6 @@
 """The custom ops: the PyTorch fallback against literal loops, opcheck, noise statistics, errors.
 
-CUDA cases exist only where a GPU is present (DEVICES), where the CUDA kernels are checked
+CUDA cases (DEVICES, tests/devices.py: marked ``cuda``, skipped without a GPU) check the CUDA kernels
 against the CPU fallback: same formula, noise checked statistically, reproducible under a seed.
 """
 import math
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from devices import DEVICES, cuda_only
 from rllc_fast import ops
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -369,37 +369,46 @@ def test_rmsprop_delta_is_the_written_formula():
     torch.testing.assert_close(delta, expect)
 
 
-# ---------------------------------------------------------------------------- CUDA kernels only
-# These need a GPU and the extension built with CUDA (FORCE_CUDA=1 pip install ...); without a GPU
-# they are skipped, which the README's test section and the GPU results JSON say.
-needs_cuda_kernels = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# ---------------------------------------------------------------------------- CUDA kernels
+# Their CUDA cases need a GPU and the extension built with CUDA (FORCE_CUDA=1 pip install ...); without a
+# GPU they are skipped, which the README's test section and the GPU results JSON say.
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_op_has_a_kernel_for_the_device(device):
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device]
+    for name in ops.SCHEMAS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"rllc_fast::{name}", key), (name, key)
+    if device == "cuda":
+        assert ops.CUDA_KERNELS, ("a GPU is visible but rllc_fast._C has no CUDA kernels: rebuild with "
+                                  "FORCE_CUDA=1 pip install --no-build-isolation -e .")
 
 
-@needs_cuda_kernels
-def test_cuda_kernels_are_built_where_a_gpu_is():
-    assert ops.CUDA_KERNELS, ("a GPU is visible but rllc_fast._C has no CUDA kernels: rebuild with "
-                              "FORCE_CUDA=1 pip install --no-build-isolation -e .")
-
-
-@needs_cuda_kernels
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rmsprop", [False, True])
-def test_cuda_op_equals_the_cpu_fallback(dtype, rmsprop):
+def test_op_equals_the_cpu_fallback_and_the_literal_loop(device, dtype, rmsprop):
+    """n = 3001 spans several CUDA blocks per replica; the CPU op is the fallback."""
     args = _inputs("cpu", dtype, R=5, n=3001)
     avg = torch.rand(args[0].shape, generator=torch.Generator().manual_seed(2)) if rmsprop else None
     kw = dict(step_size=1e-3, nbeta=30.0, localization=200.0, rmsprop_alpha=0.9, rmsprop_eps=0.1)
-    cuda_args = [a.cuda() for a in args]
-    cuda_avg = avg.cuda() if rmsprop else None
+    literal = _literal_sgld(*args, 1e-3, 30.0, 200.0, avg, alpha=0.9, reps=0.1)
+    want_w = literal[0] if rmsprop else literal
+    dev_args = [a.to(device, copy=True) for a in args]
+    dev_avg = avg.to(device, copy=True) if rmsprop else None
     sq_cpu = ops.sgld_step(*args[:4], noise=args[4], square_avg=avg, **kw)
-    sq_gpu = ops.sgld_step(*cuda_args[:4], noise=cuda_args[4], square_avg=cuda_avg, **kw)
+    sq_dev = ops.sgld_step(*dev_args[:4], noise=dev_args[4], square_avg=dev_avg, **kw)
+    loop_tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(args[0], want_w, **loop_tol)
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-5)  # 1 bf16 ulp
-    torch.testing.assert_close(cuda_args[0].cpu(), args[0], **tol)
-    torch.testing.assert_close(sq_gpu.cpu(), sq_cpu, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dev_args[0].cpu(), args[0], **tol)
+    torch.testing.assert_close(sq_dev.cpu(), sq_cpu, rtol=1e-4, atol=1e-4)
     if rmsprop:
-        torch.testing.assert_close(cuda_avg.cpu(), avg, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(avg, literal[1], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(dev_avg.cpu(), avg, rtol=1e-6, atol=1e-6)
 
 
-@needs_cuda_kernels
+# The kernels' own Philox draws, element by element: no CPU counterpart in this file (the CPU fallback
+# draws from torch generators); the emulated kernels (pytest -k emulat) check the same on the CPU.
+@cuda_only
 def test_cuda_noise_is_the_philox_stream_of_each_element():
     """xi of flat element r * n + j from Philox(seed, step), four elements per call; n > 1024 blocks x
     256 threads x 4 elements, so the grid-stride loop covers some elements on a second pass: the draw
@@ -412,7 +421,7 @@ def test_cuda_noise_is_the_philox_stream_of_each_element():
     torch.testing.assert_close(w.cpu(), want, rtol=1e-5, atol=1e-5)
 
 
-@needs_cuda_kernels
+@cuda_only
 def test_cuda_rademacher_is_the_philox_stream():
     from philox_reference import philox_rademacher
 
@@ -422,20 +431,21 @@ def test_cuda_rademacher_is_the_philox_stream():
     assert torch.equal(v.cpu(), want)
 
 
-@needs_cuda_kernels
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rmsprop", [False, True])
-def test_cuda_graph_of_a_full_sgld_step_replays_like_eager_steps(rmsprop):
+def test_graph_of_a_full_sgld_step_replays_like_eager_steps(device, rmsprop):
     """Gradient (of a least-squares loss per replica), the fused step and the step counter, captured
-    once and replayed: the same as the same steps run eagerly (same noise: the counter advances)."""
+    once and replayed: the same as the same steps run eagerly (same noise: the counter advances).
+    On CUDA a CUDA graph; on the CPU the "replay" reruns the step on a second state: bit for bit."""
     R, n, m, steps = 6, 257, 40, 5
     g = torch.Generator().manual_seed(3)
-    A, b = torch.randn(m, n, generator=g).cuda() / n, torch.randn(R, m, generator=g).cuda()
-    w0 = torch.randn(R, n, generator=g).cuda()
-    lengths = torch.tensor([n, n, 100, 0, n - 1, 7], device="cuda")
+    A, b = torch.randn(m, n, generator=g).to(device) / n, torch.randn(R, m, generator=g).to(device)
+    w0 = torch.randn(R, n, generator=g).to(device)
+    lengths = torch.tensor([n, n, 100, 0, n - 1, 7], device=device)
 
     def make_state():
-        return dict(w=w0.clone(), grad=torch.zeros_like(w0), rng=torch.tensor([11, 0], device="cuda"),
-                    avg=torch.zeros_like(w0) if rmsprop else None, sq=torch.zeros(R, device="cuda"))
+        return dict(w=w0.clone(), grad=torch.zeros_like(w0), rng=torch.tensor([11, 0], device=device),
+                    avg=torch.zeros_like(w0) if rmsprop else None, sq=torch.zeros(R, device=device))
 
     def full_step(s):
         s["grad"].copy_(2 * (s["w"] @ A.T - b) @ A)
@@ -446,25 +456,31 @@ def test_cuda_graph_of_a_full_sgld_step_replays_like_eager_steps(rmsprop):
     eager = make_state()
     for _ in range(steps):
         full_step(eager)
-    torch.cuda.synchronize()
 
     graphed = make_state()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside capture, then reset the state
-        full_step(make_state())
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        full_step(graphed)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside capture, then reset the state
+            full_step(make_state())
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            full_step(graphed)
+        replay = graph.replay
+    else:
+        def replay():
+            full_step(graphed)
     # capture does not run the step: graphed is still at its initial state
     assert torch.equal(graphed["w"], w0) and int(graphed["rng"][1]) == 0
     for _ in range(steps):
-        graph.replay()
-    torch.cuda.synchronize()
+        replay()
+    if device == "cuda":
+        torch.cuda.synchronize()
     assert int(graphed["rng"][1]) == steps
     # the matmul may pick another cuBLAS algorithm under capture: equal up to float rounding
-    close = dict(rtol=1e-5, atol=1e-6)
+    close = dict(rtol=1e-5, atol=1e-6) if device == "cuda" else dict(rtol=0, atol=0)
     torch.testing.assert_close(graphed["w"], eager["w"], **close)
     torch.testing.assert_close(graphed["sq"], eager["sq"], **close)
     if rmsprop:
