@@ -169,6 +169,8 @@ class _OnDevice:
 
 def _to(batch, device):
     if isinstance(batch, torch.Tensor):
+        if device.type == "cuda" and batch.device.type == "cpu":  # pinned: the copy does not block the host
+            return batch.pin_memory().to(device, non_blocking=True)
         return batch.to(device)
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to(b, device) for b in batch)
@@ -179,21 +181,25 @@ def _to(batch, device):
 
 @torch.no_grad()
 def loss_at_optimum(model: nn.Module, batches, loss_fn: Callable, batch_ids) -> np.ndarray:
-    """l(w*) on every step's minibatch ``[num_steps]``; each distinct batch is evaluated once."""
-    cache = {}
+    """l(w*) on every step's minibatch ``[num_steps]``; each distinct batch is evaluated once, and the
+    values reach the host in one read at the end."""
+    order = list(dict.fromkeys(batch_ids))
+    values = []
+    for b in order:
+        loss = loss_fn(model, batches[b])
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"loss_fn must return a scalar tensor (the mean loss), got {shape}")
+        values.append(loss.detach().reshape(()).to(torch.float64))
+    host = torch.stack(values).cpu().numpy() if values else np.empty(0)
+    cache = dict(zip(order, host.tolist()))
     out = np.empty(len(batch_ids))
     for t, b in enumerate(batch_ids):
-        if b not in cache:
-            loss = loss_fn(model, batches[b])
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-                raise ValueError(f"loss_fn must return a scalar tensor (the mean loss), got {shape}")
-            value = float(loss)
-            if not math.isfinite(value):
-                raise ValueError(
-                    f"the loss at w* is {value} on the minibatch of step {t}: the model or data is broken "
-                    "before sampling starts (check for NaN weights or out-of-range inputs)"
-                )
-            cache[b] = value
-        out[t] = cache[b]
+        value = cache[b]
+        if not math.isfinite(value):
+            raise ValueError(
+                f"the loss at w* is {value} on the minibatch of step {t}: the model or data is broken "
+                "before sampling starts (check for NaN weights or out-of-range inputs)"
+            )
+        out[t] = value
     return out
