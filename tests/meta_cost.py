@@ -10,6 +10,7 @@ from the device to the CPU. Unlike the shared tool, the patches are installed on
 
     python tests/meta_cost.py paper 40GB       # the paper's shape (64 head replicas, batch 8 x 1024)
     python tests/meta_cost.py pythia 40GB      # Pythia-70m's shape (192 head replicas, batch 8 x 512)
+    python tests/meta_cost.py paper 40GB --math-sdpa   # attention as meta's decomposed math path
 """
 from __future__ import annotations
 
@@ -49,6 +50,59 @@ class _Watch(TorchDispatchMode):
         if name == "aten._to_copy" and tensors and _fake(tensors[0]) and str(kwargs.get("device", "")) == "cpu":
             self.c["sync"] += 1
         return func(*args, **kwargs)
+
+
+class _Peak(TorchDispatchMode):
+    """Live bytes of the meta storages created inside, swept of freed ones at every op; keeps the peak."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.multiprocessing.reductions import StorageWeakRef
+        self.ref, self.live, self.now, self.peak = StorageWeakRef, {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.now -= self.live.pop(key)[1]
+        for t in torch.utils._pytree.tree_leaves(out):
+            if _fake(t):
+                st = t.untyped_storage()
+                key = st._cdata
+                if key not in self.live:
+                    self.live[key] = (self.ref(st), st.nbytes())
+                    self.now += st.nbytes()
+        self.peak = max(self.peak, self.now)
+        return out
+
+
+@contextlib.contextmanager
+def cuda_like_sdpa():
+    """On ``meta``, ``F.scaled_dot_product_attention`` decomposes into the math path (scores materialized,
+    ~20 ops); CUDA runs one fused kernel. Inside this context, meta inputs go to CUDA's memory-efficient
+    attention op (one op forward, one backward; saves only the output and log-sum-exp), so counts and
+    peaks model a CUDA run. Other devices are untouched."""
+    F = torch.nn.functional
+    orig = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        if _fake(q) and attn_mask is None and dropout_p == 0.0 and not kw:
+            grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+            return torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, None, grad, 0.0, is_causal, scale=scale)[0]
+        return orig(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = orig
+
+
+@contextlib.contextmanager
+def peak_bytes():
+    """Yield a ``_Peak`` whose ``.peak`` is the most bytes of meta tensors created inside and alive at once."""
+    with _Peak() as p:
+        yield p
 
 
 @contextlib.contextmanager
@@ -115,8 +169,10 @@ def model_and_tokens(shape: str, seed: int = 0):
     return model, tokens, N
 
 
-def step_cost(shape: str = "paper", max_memory="40GB", chains: int = 4, draws=(2, 4), **estimate_kwargs):
-    """``(syncs per step, dispatches per step, Counter of per-step op counts)`` of the default engine."""
+def step_cost(shape: str = "paper", max_memory="40GB", chains: int = 4, draws=(2, 4), cuda_sdpa: bool = True,
+              **estimate_kwargs):
+    """``(syncs per step, dispatches per step, Counter of per-step op counts)`` of the default engine
+    (with ``cuda_sdpa``, attention counted as CUDA's fused kernel: ``cuda_like_sdpa``)."""
     import rllc_fast as r
 
     model, tokens, N = model_and_tokens(shape)
@@ -124,7 +180,8 @@ def step_cost(shape: str = "paper", max_memory="40GB", chains: int = 4, draws=(2
     runs = {}
     for D in draws:
         cfg = r.SGLDConfig(num_chains=chains, num_draws=D, batch_size=N, seed=0)
-        with warnings.catch_warnings(), counting() as c:
+        sdpa = cuda_like_sdpa() if cuda_sdpa else contextlib.nullcontext()
+        with warnings.catch_warnings(), sdpa, counting() as c:
             warnings.simplefilter("ignore")
             try:
                 r.estimate_llc(model, tokens, cfg, components=comps, max_memory=max_memory, **estimate_kwargs)
@@ -139,8 +196,11 @@ def step_cost(shape: str = "paper", max_memory="40GB", chains: int = 4, draws=(2
 if __name__ == "__main__":
     shape = sys.argv[1] if len(sys.argv) > 1 else "paper"
     budget = sys.argv[2] if len(sys.argv) > 2 else "40GB"
-    syncs, ops, per = step_cost(shape, budget)
-    print(f"{shape} shape, max_memory={budget}, on meta: {syncs:.1f} host syncs/step, {ops:.0f} aten dispatches/step")
+    raw = "--math-sdpa" in sys.argv
+    syncs, ops, per = step_cost(shape, budget, cuda_sdpa=not raw)
+    how = "SDPA decomposed (meta's math path)" if raw else "SDPA as one fused op (as on CUDA)"
+    print(f"{shape} shape, max_memory={budget}, on meta, {how}: {syncs:.1f} host syncs/step, "
+          f"{ops:.0f} aten dispatches/step")
     top = sorted(((v, k) for k, v in per.items() if k.startswith(("op:", "sync:")) and v), reverse=True)[:25]
     for v, k in top:
         print(f"  {v:10.1f}  {k}")

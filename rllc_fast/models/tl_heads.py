@@ -286,11 +286,19 @@ class HeadReplicas:
         return out
 
     def bytes_per_replica(self, N: int, T: int, layer: int) -> int:
-        """Estimated autograd memory (bytes) of one replica of ``layer`` on ``[N, T]`` tokens: its own head
-        and the saved activations of the layers above (the unembedding loss is blocked, see
-        ``rllc_fast.unembed_loss``, and holds only ``O(d_model)`` per token)."""
+        """Upper bound on the autograd memory (bytes, peak) of one replica of ``layer`` on ``[N, T]``
+        tokens: its own head, the saved activations of the layers above and the features and their
+        gradient (the unembedding's row blocks come on top, once per chunk: ``rllc_fast.unembed_loss``).
+
+        Per token, in float32 words: ``16 d_model + 8 d_head`` for the own head and the final features
+        (plus ``4 T`` with materialized scores), and per layer above ``4 d_model + 2 n_heads d_head +
+        2 d_mlp`` (plus ``5 n_heads T`` with materialized scores). Checked against the peak of live
+        tensors on the meta device (tests/test_step_cost.py) at the paper's and Pythia-70m's shapes,
+        with attention as CUDA's fused kernel."""
         cfg = self.cfg
         above = cfg.n_layers - layer - 1
-        per_layer = 14 * cfg.d_model + 4 * cfg.n_heads * T + (0 if cfg.attn_only else 8 * (cfg.d_mlp or 0))
-        per_token = 16 * cfg.d_model + 4 * T + 8 * cfg.d_head + above * per_layer
+        scores = 0 if self.sdpa else 1
+        per_layer = (4 * cfg.d_model + 2 * cfg.n_heads * cfg.d_head + 5 * scores * cfg.n_heads * T
+                     + (0 if cfg.attn_only else 2 * (cfg.d_mlp or 0)))
+        per_token = 16 * cfg.d_model + 8 * cfg.d_head + 4 * scores * T + above * per_layer
         return 4 * N * T * per_token
