@@ -28,6 +28,7 @@ from torch import nn
 from ..components import HEAD_PARAMS, Component
 
 ATTENTION = ("sdpa", "materialized")
+DEFAULT_ATTENTION = "sdpa"  # the engine's choice; "materialized" is kept as the checked alternative
 _QK_NORM_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 
@@ -104,13 +105,14 @@ class SharedPass:
 class HeadReplicas:
     """Per-replica logits of head-perturbed copies of one ``HookedTransformer``."""
 
-    def __init__(self, model: nn.Module, attention: str = "sdpa"):
-        """attention: ``"sdpa"`` (``scaled_dot_product_attention``, causal: for the replica's own head and
+    def __init__(self, model: nn.Module, attention: Optional[str] = None):
+        """attention: ``DEFAULT_ATTENTION`` when None; ``"sdpa"`` (``scaled_dot_product_attention``, causal: for the replica's own head and
         for every layer above it that has no hooks attached) or ``"materialized"`` (full ``[.., T, T]``
         scores, and TransformerLens's own blocks above)."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(reason)
+        attention = DEFAULT_ATTENTION if attention is None else attention
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
         self.model = model
