@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -93,6 +94,8 @@ def run_batched(
     draws, steps = config.num_draws, config.num_steps
     touched = sorted({n for c in components.values() for n in c.param_names})
     budget = default_budget(device) if max_memory is None else parse_bytes(max_memory)
+    if device.type == "cpu":
+        budget = min(budget, CPU_CHUNK_BYTES)
     block_bytes = None if (device.type == "cpu" and max_memory is None) else unembed_block_bytes(budget)
     head_of, _, _ = plan(model, components, loss_fn, structured)
 
@@ -268,9 +271,11 @@ upper layers' attention), and no slower than single replicas."""
 class _HeadReplicaGrads:
     """Loss and gradient of head replicas from one shared ``w*`` pass per batch (structured path).
 
-    Replicas are grouped by layer and processed in chunks of at most ``budget`` bytes of activations
-    (and at most ``CPU_CHUNK_BYTES`` on a CPU). Every replica is computed every step, diverged ones
-    too (their rows are frozen by the update), so no step needs to know on the host which are live.
+    Replicas are grouped by layer and processed in chunks of at most ``budget`` bytes (the engine caps
+    it at ``CPU_CHUNK_BYTES`` on a CPU) less the unembedding's ``block_bytes``, as
+    ``HeadReplicas.bytes_per_replica`` models them; a chunk that runs out of device memory is halved and
+    retried, with a warning. Every replica is computed every step, diverged ones too (their rows are
+    frozen by the update), so no step needs to know on the host which are live.
     """
 
     def __init__(self, model, loss_fn, indices: List[int], layer_heads: List[Tuple[int, int]], schedule,
@@ -281,8 +286,7 @@ class _HeadReplicaGrads:
         first = schedule[0]
         N, T = first.shape
         device = next(model.parameters()).device
-        limit = budget if device.type != "cpu" else min(budget, CPU_CHUNK_BYTES)
-        limit = max(1, limit - (block_bytes or 0))
+        limit = max(1, budget - (block_bytes or 0))
         self.chunks: Dict[int, List[Tuple[object, torch.Tensor]]] = {}  # layer -> [(rows, heads)]
         for layer in sorted({l for l, _ in layer_heads}):
             rows = [(r, h) for r, (l, h) in zip(indices, layer_heads) if l == layer]
@@ -292,19 +296,49 @@ class _HeadReplicaGrads:
     def __call__(self, batch, w, grad, live, values) -> None:
         shared = self.hr.shared(batch, list(self.chunks))
         prepared = self.loss_fn.prepare(batch)
+        for layer, chunks in self.chunks.items():
+            i = 0
+            while i < len(chunks):
+                if self._chunk_fits(shared, prepared, batch, layer, chunks[i], w, grad, values):
+                    i += 1
+                    continue
+                chunks[i : i + 1] = _halves(*chunks[i])  # kept for the later steps too
+                warnings.warn(f"out of device memory in a chunk of {len(chunks[i][1]) + len(chunks[i + 1][1])} "
+                              f"replicas of layer {layer}: retrying in halves (pass a smaller max_memory to "
+                              "start there)", RuntimeWarning, stacklevel=2)
+
+    def _chunk_fits(self, shared, prepared, batch, layer, chunk, w, grad, values) -> bool:
+        """Loss and gradient of one chunk into ``values``/``grad``; False (nothing written) when the device
+        ran out of memory and the chunk can be halved."""
+        rows, hs = chunk
+        try:
+            self._run_chunk(shared, prepared, batch, layer, rows, hs, w, grad, values)
+            return True
+        except torch.OutOfMemoryError:
+            if len(hs) == 1:
+                raise
+        if w.device.type == "cuda":  # the failed chunk's tensors are released now that the handler is left
+            torch.cuda.empty_cache()
+        return False
+
+    def _run_chunk(self, shared, prepared, batch, layer, rows, hs, w, grad, values) -> None:
         n = self.hr.numel
         unembed = self.hr.model.unembed
-        for layer, chunks in self.chunks.items():
-            for rows, hs in chunks:
-                leaf = w[rows, :n].detach().clone().requires_grad_(True)
-                with torch.enable_grad():
-                    x = self.hr.replica_features(shared, layer, hs, leaf)
-                    losses = self.loss_fn.feature_losses(x, unembed.W_U, unembed.b_U, batch, prepared,
-                                                         **self.block_kw)
-                    del x
-                    losses.sum().backward()
-                grad[rows, :n] = leaf.grad
-                values[rows] = losses.detach()
+        leaf = w[rows, :n].detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            x = self.hr.replica_features(shared, layer, hs, leaf)
+            losses = self.loss_fn.feature_losses(x, unembed.W_U, unembed.b_U, batch, prepared, **self.block_kw)
+            del x
+            losses.sum().backward()
+        grad[rows, :n] = leaf.grad
+        values[rows] = losses.detach()
+
+
+def _halves(rows, heads) -> List[Tuple[object, torch.Tensor]]:
+    k = len(heads) // 2
+    if isinstance(rows, slice):
+        return [(slice(rows.start, rows.start + k), heads[:k]), (slice(rows.start + k, rows.stop), heads[k:])]
+    return [(rows[:k], heads[:k]), (rows[k:], heads[k:])]
 
 
 def _chunk(rows: List[Tuple[int, int]], device) -> Tuple[object, torch.Tensor]:
