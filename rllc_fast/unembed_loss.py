@@ -29,8 +29,8 @@ MIN_BLOCK_ROWS = 64       # at least 64 rows: keeps the products efficient for b
 def block_row_bytes(vocab: int, kl: bool = False) -> int:
     """Bytes of block temporaries per row (upper bound): the float32 logits reused in place for the
     softmax/gradient, a bfloat16 product under autocast, and for the KL loss the reference log-probs,
-    their exponential and the pointwise product (``[rows, vocab]`` float32 each)."""
-    return vocab * (4 + 2 + (12 if kl else 0)) + 64
+    their exponential and two pointwise temporaries (``[rows, vocab]`` float32 each)."""
+    return vocab * (4 + 2 + (16 if kl else 0)) + 64
 
 
 def block_rows(vocab: int, block_bytes: Optional[int] = None, kl: bool = False) -> int:
@@ -79,6 +79,7 @@ class _UnembedLoss(torch.autograd.Function):
                 grad_x[start:end] = dlogits @ Wt
             else:
                 torch.mm(dlogits, Wt, out=grad_x[start:end])
+            del logits, dlogits  # one block's temporaries alive at a time (the budget counts one)
         ctx.save_for_backward(grad_x)
         ctx.R, ctx.M, ctx.dtype = R, M, x.dtype
         return row_loss.view(R, M).mean(1)

@@ -45,10 +45,11 @@ def _meta_model(kind):
 @pytest.mark.parametrize("attention", ["sdpa", "materialized"])
 @pytest.mark.parametrize("kind", ["attn_only", "neox"])
 def test_memory_model_bounds_the_meta_peak_of_a_chunk(kind, attention):
-    """``bytes_per_replica`` x replicas is at least the peak of live tensors of one chunk's forward and
-    backward (the unembedding's row blocks excluded: they are budgeted apart), for every layer."""
+    """``bytes_per_replica`` x replicas + the unembedding's block budget is at least the peak of live
+    tensors of one chunk's forward and backward, for every layer (3 row blocks: one alive at a time)."""
     model = _meta_model(kind)
     N, T, R = 4, 128, 3
+    BLOCK = 2 * 10**6  # 643 rows of 512 logits: 3 blocks for the 3 x 4 x 127 rows
     tokens = torch.zeros(N, T, dtype=torch.long, device="meta")
     hr = HeadReplicas(model, attention=attention)
     with cuda_like_sdpa():
@@ -59,9 +60,9 @@ def test_memory_model_bounds_the_meta_peak_of_a_chunk(kind, attention):
                 leaf = w.clone().requires_grad_(True)
                 x = hr.replica_features(shared, layer, torch.arange(R, device="meta"), leaf)
                 losses = next_token_loss.feature_losses(x, model.unembed.W_U, model.unembed.b_U, tokens, None,
-                                                        block_bytes=0)
+                                                        block_bytes=BLOCK)
                 del x
                 losses.sum().backward()
-            modelled = R * hr.bytes_per_replica(N, T, layer)
+            modelled = R * hr.bytes_per_replica(N, T, layer) + BLOCK
             assert pk.peak > 0.3 * modelled, (layer, pk.peak, modelled)  # the bound is not vacuous
             assert pk.peak <= modelled, (layer, pk.peak, modelled)
