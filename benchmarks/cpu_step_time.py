@@ -1,8 +1,8 @@
 """CPU seconds per SGLD step of the default engine (all heads x chains), for before/after comparisons.
 
-Per-step time = (T(3 draws) - T(1 draw)) / 2, the best of ``--repeats`` runs, so setup and l(w*) are
+Per-step time = (T(11 draws) - T(1 draw)) / 10, the best of ``--repeats`` runs, so setup and l(w*) are
 left out. Random weights (timing only). Cases:
-  small:  2 layers x 4 heads, d_model 64, context 64, vocabulary 256; 2 chains (8 replicas), batch 16
+  small:  2 layers x 4 heads, d_model 64, context 64, vocabulary 256; 2 chains (16 replicas), batch 16
   reduced: 2 layers x 8 heads, d_model 64, context 32, vocabulary 256; 4 chains (64 replicas), batch 8
   full16: the paper's model, contexts of 256 tokens; heads 0:0, 0:1, 1:0, 1:1 x 4 chains, batch 8
 
@@ -47,6 +47,6 @@ if __name__ == "__main__":
         model, tokens, comps, chains, batch = case(name)
         seconds(model, tokens, comps, chains, batch, 1)  # warm-up
         one = min(seconds(model, tokens, comps, chains, batch, 1) for _ in range(repeats))
-        three = min(seconds(model, tokens, comps, chains, batch, 3) for _ in range(repeats))
-        step = max(three - one, 0.0) / 2
+        eleven = min(seconds(model, tokens, comps, chains, batch, 11) for _ in range(repeats))
+        step = max(eleven - one, 0.0) / 10
         print(f"{name}: {step * 1e3:.1f} ms/step ({len(comps) * chains} replicas, {torch.get_num_threads()} threads)")
