@@ -25,6 +25,8 @@ from .config import SGLDConfig
 from .data import BatchSchedule, ModelDistribution
 from .diagnostics import SamplerWarning, refined_exceeding_whole, step_size_problems, warn_unreliable
 from .engine.batched import run_batched
+from .engine.common import MATMUL_PRECISIONS
+from .engine.common import matmul_precision as matmul_precision_context
 from .engine.reference import run_reference
 from .losses import check_tokens, next_token_loss
 from .memory import parse_bytes
@@ -53,6 +55,7 @@ def estimate_llc(
     engine: str = "batched",
     progress: bool = False,
     max_memory=None,
+    matmul_precision: str = "fp32",
 ) -> LLCResult:
     """Estimate the (weight- and/or data-refined) LLC of ``model`` at its current weights ``w*``.
 
@@ -75,6 +78,9 @@ def estimate_llc(
     max_memory: activation memory the structured path may hold at once (bytes, or a string such as
                 "8GB"); replicas are processed in chunks that fit. Default: 60% of free GPU memory,
                 or min(4 GiB, 30% of available RAM) on a CPU.
+    matmul_precision: "fp32" (default), "tf32" (TF32 products on CUDA; the same as "fp32" elsewhere) or
+                "bf16" (bfloat16 autocast on CPU and CUDA), for l(w*) and l(w_t) alike
+                (``rllc_fast.engine.common.matmul_precision``); no global flag is left changed.
 
     Warnings (``SamplerWarning``, a ``RuntimeWarning``; see ``rllc_fast.diagnostics`` and
     docs/diagnostics.md), each with the fix: before sampling, a step size that is unstable or biases the
@@ -91,6 +97,8 @@ def estimate_llc(
         raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
     if max_memory is not None:
         parse_bytes(max_memory)
+    if matmul_precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {matmul_precision!r}")
     if not any(True for _ in model.parameters()):
         raise ValueError("model has no parameters")
     if device is not None:
@@ -120,12 +128,15 @@ def estimate_llc(
     if token_loss:
         check_tokens(schedule[0], model, what="data (first batch)")
     batches = _OnDevice(schedule, device)
-    init_losses = loss_at_optimum(model, batches, loss_fn, schedule.distinct_batch_ids())
+    with matmul_precision_context(matmul_precision, device):
+        init_losses = loss_at_optimum(model, batches, loss_fn, schedule.distinct_batch_ids())
 
     total = len(comps) * config.num_chains * config.num_steps
     bar = Progress(total, progress)
     try:
-        estimates = ENGINES[engine](model, batches, loss_fn, comps, config, init_losses, bar, max_memory=max_memory)
+        with matmul_precision_context(matmul_precision, device):
+            estimates = ENGINES[engine](model, batches, loss_fn, comps, config, init_losses, bar,
+                                        max_memory=max_memory)
     finally:
         bar.close()
     result = LLCResult(estimates=estimates, config=config, engine=engine)
@@ -158,6 +169,8 @@ class _OnDevice:
 
 def _to(batch, device):
     if isinstance(batch, torch.Tensor):
+        if device.type == "cuda" and batch.device.type == "cpu":  # pinned: the copy does not block the host
+            return batch.pin_memory().to(device, non_blocking=True)
         return batch.to(device)
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to(b, device) for b in batch)
@@ -168,21 +181,25 @@ def _to(batch, device):
 
 @torch.no_grad()
 def loss_at_optimum(model: nn.Module, batches, loss_fn: Callable, batch_ids) -> np.ndarray:
-    """l(w*) on every step's minibatch ``[num_steps]``; each distinct batch is evaluated once."""
-    cache = {}
+    """l(w*) on every step's minibatch ``[num_steps]``; each distinct batch is evaluated once, and the
+    values reach the host in one read at the end."""
+    order = list(dict.fromkeys(batch_ids))
+    values = []
+    for b in order:
+        loss = loss_fn(model, batches[b])
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"loss_fn must return a scalar tensor (the mean loss), got {shape}")
+        values.append(loss.detach().reshape(()).to(torch.float64))
+    host = torch.stack(values).cpu().numpy() if values else np.empty(0)
+    cache = dict(zip(order, host.tolist()))
     out = np.empty(len(batch_ids))
     for t, b in enumerate(batch_ids):
-        if b not in cache:
-            loss = loss_fn(model, batches[b])
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-                raise ValueError(f"loss_fn must return a scalar tensor (the mean loss), got {shape}")
-            value = float(loss)
-            if not math.isfinite(value):
-                raise ValueError(
-                    f"the loss at w* is {value} on the minibatch of step {t}: the model or data is broken "
-                    "before sampling starts (check for NaN weights or out-of-range inputs)"
-                )
-            cache[b] = value
-        out[t] = cache[b]
+        value = cache[b]
+        if not math.isfinite(value):
+            raise ValueError(
+                f"the loss at w* is {value} on the minibatch of step {t}: the model or data is broken "
+                "before sampling starts (check for NaN weights or out-of-range inputs)"
+            )
+        out[t] = value
     return out

@@ -90,11 +90,13 @@ class NextTokenLoss:
     def prepare(self, tokens: torch.Tensor):
         return None
 
-    def feature_losses(self, x: torch.Tensor, W_U, b_U, tokens: torch.Tensor, prepared) -> torch.Tensor:
-        """``[R]`` losses from final features ``x [R, N, T-1, d]`` with unembedding ``W_U, b_U``."""
+    def feature_losses(self, x: torch.Tensor, W_U, b_U, tokens: torch.Tensor, prepared,
+                       block_bytes=None) -> torch.Tensor:
+        """``[R]`` losses from final features ``x [R, N, T-1, d]`` with unembedding ``W_U, b_U``
+        (``block_bytes``: see ``rllc_fast.unembed_loss``)."""
         from .unembed_loss import unembed_token_losses
 
-        return unembed_token_losses(x, W_U, b_U, tokens)
+        return unembed_token_losses(x, W_U, b_U, tokens, block_bytes)
 
     def __repr__(self) -> str:
         return "next_token_loss"
@@ -114,11 +116,13 @@ class KLToReference:
         """The reference's log-probs ``[N, T-1, vocab]`` on ``tokens`` (computed once per batch)."""
         return F.log_softmax(model_logits(self.reference, tokens)[:, :-1].float(), dim=-1)
 
-    def feature_losses(self, x: torch.Tensor, W_U, b_U, tokens: torch.Tensor, prepared) -> torch.Tensor:
-        """``[R]`` losses from final features ``x [R, N, T-1, d]`` with unembedding ``W_U, b_U``."""
+    def feature_losses(self, x: torch.Tensor, W_U, b_U, tokens: torch.Tensor, prepared,
+                       block_bytes=None) -> torch.Tensor:
+        """``[R]`` losses from final features ``x [R, N, T-1, d]`` with unembedding ``W_U, b_U``
+        (``block_bytes``: see ``rllc_fast.unembed_loss``)."""
         from .unembed_loss import unembed_kl_losses
 
-        return unembed_kl_losses(x, W_U, b_U, prepared)
+        return unembed_kl_losses(x, W_U, b_U, prepared, block_bytes)
 
     def __call__(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         return kl_losses(self.prepare(tokens), model_logits(model, tokens)[None])[0]

@@ -14,13 +14,18 @@ component's slices flattened in order; ``lengths[r]`` marks the used part). Each
   3. one ``sgld_step`` op updates every replica at once (fused CUDA kernel on GPU, tiled PyTorch on
      CPU), RMSProp-preconditioned when asked; a diverged replica (NaN/Inf loss) gets
      ``lengths[r] = 0`` and is never touched again.
+A steady-state step makes no host sync: losses, distances and divergence flags stay in device
+tensors, read by the host every ``SYNC_EVERY`` steps and at the end; the next batch is copied while
+this step runs; the CUDA noise counter is advanced on the device.
 On CPU each replica's noise comes from the same generator as in the reference engine, so with the
 same seed both engines follow the same chains up to float rounding; on CUDA the op draws Philox
 noise from ``[seed, step]``.
 """
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -63,6 +68,11 @@ def plan(model: nn.Module, components: Dict[str, Component], loss_fn: Callable, 
     return heads, rest, None if heads else "no component is a single attention head"
 
 
+SYNC_EVERY = 16
+"""SGLD steps between the engine's host reads (progress and the divergence flags the generic path
+uses to skip replicas): losses, distances and divergence stay on the device in between."""
+
+
 def run_batched(
     model: nn.Module,
     schedule,
@@ -83,10 +93,10 @@ def run_batched(
     n_max = max(c.numel for _, c, _ in replicas)
     draws, steps = config.num_draws, config.num_steps
     touched = sorted({n for c in components.values() for n in c.param_names})
-    losses = np.full((R, draws), np.nan)
-    dists = np.full((R, draws), np.nan)
-    diverged_at = np.full(R, -1)
     budget = default_budget(device) if max_memory is None else parse_bytes(max_memory)
+    if device.type == "cpu":
+        budget = min(budget, CPU_CHUNK_BYTES)
+    block_bytes = None if (device.type == "cpu" and max_memory is None) else unembed_block_bytes(budget)
     head_of, _, _ = plan(model, components, loss_fn, structured)
 
     with frozen_parameters(model, touched) as originals:
@@ -100,31 +110,25 @@ def run_batched(
         if head_of:
             idx = [r for r, (n, _, _) in enumerate(replicas) if n in head_of]
             sources.append(_HeadReplicaGrads(model, loss_fn, idx, [head_of[replicas[r][0]] for r in idx],
-                                             schedule, budget))
+                                             schedule, budget, block_bytes))
         generic = [r for r, (n, _, _) in enumerate(replicas) if n not in head_of]
         if generic:
             sources.append(_GenericGrads(model, params, originals, loss_fn, replicas, generic))
         updater = _Updater(replicas, w, w_star, grad, lengths, config, device)
-        sq_dist = torch.zeros(R, device=device)
+        trace = _DeviceTrace(R, draws, steps, device, progress)
+        batch = schedule[0]
         for t in range(steps):
-            batch = schedule[t]
+            upcoming = schedule[t + 1] if t + 1 < steps else None  # copied ahead (non-blocking on CUDA)
             grad.zero_()
-            values = np.full(R, np.nan)
-            live = diverged_at < 0
+            trace.values.fill_(math.nan)
             for source in sources:
-                source(batch, w, grad, live, values)
-            d = config.draw_index(t)
-            sq_prev = sq_dist.tolist()
-            for r in np.flatnonzero(live):
-                if not math.isfinite(values[r]):
-                    diverged_at[r] = t
-                    lengths[r] = 0
-                    progress.update(steps - t)
-                elif d >= 0:
-                    losses[r, d] = values[r]
-                    dists[r, d] = math.sqrt(max(sq_prev[r], 0.0))
-            sq_dist = updater.step(t)
-            progress.update(int((diverged_at < 0).sum()))
+                source(batch, w, grad, trace.host_live, trace.values)
+            trace.record(t, config.draw_index(t), lengths)
+            trace.sq_dist = updater.step(t)
+            if (t + 1) % SYNC_EVERY == 0:
+                trace.sync(t + 1)
+            batch = upcoming
+        losses, dists, diverged_at = trace.finish()
 
     kept = list(config.kept_steps)
     results: Dict[str, ComponentLLC] = {}
@@ -137,8 +141,68 @@ def run_batched(
     return results
 
 
+UNEMBED_SHARE = 8
+"""With a memory budget, the unembedding's row blocks get ``budget / UNEMBED_SHARE`` and replica chunks
+the rest (``rllc_fast.unembed_loss``)."""
+
+
+def unembed_block_bytes(budget: int) -> int:
+    """Bytes for the unembedding's row-block temporaries out of a ``budget`` of bytes."""
+    return budget // UNEMBED_SHARE
+
+
+class _DeviceTrace:
+    """Per-replica losses, distances and divergence kept on the device; read by the host every
+    ``SYNC_EVERY`` steps (progress) and at the end.
+
+    Divergence is found on the device: a live replica whose loss is not finite gets ``diverged_at = t``
+    and ``lengths = 0`` (the update leaves it as it is from then on); nothing else is touched.
+    """
+
+    def __init__(self, R: int, draws: int, steps: int, device, progress: Progress):
+        self.R, self.steps, self.progress = R, steps, progress
+        self.values = torch.full((R,), math.nan, dtype=torch.float64, device=device)  # this step's losses
+        self.live = torch.ones(R, dtype=torch.bool, device=device)
+        self.diverged_at = torch.full((R,), -1, dtype=torch.int64, device=device)
+        self.losses = torch.full((R, draws), math.nan, dtype=torch.float64, device=device)
+        self.sq = torch.full((R, draws), math.nan, dtype=torch.float32, device=device)
+        self.sq_dist = torch.zeros(R, dtype=torch.float32, device=device)  # ||w - w*||^2 before this step
+        self.host_live = np.ones(R, dtype=bool)   # as last read by the host (may lag the device)
+        self.reported = 0
+
+    def record(self, t: int, d: int, lengths: torch.Tensor) -> None:
+        """Flag step ``t``'s divergences and, for draw ``d >= 0``, keep the live replicas' losses and distances."""
+        bad = torch.isfinite(self.values).logical_not_().logical_and_(self.live)
+        self.diverged_at.masked_fill_(bad, t)
+        lengths.masked_fill_(bad, 0)
+        self.live.logical_and_(bad.logical_not_())
+        if d >= 0:
+            dead = self.live.logical_not()
+            self.losses[:, d] = self.values.masked_fill(dead, math.nan)
+            self.sq[:, d] = self.sq_dist.masked_fill(dead, math.nan)
+
+    def sync(self, done: int) -> np.ndarray:
+        """One host read after ``done`` steps: refresh ``host_live`` and the progress bar; return ``diverged_at``."""
+        diverged_at = self.diverged_at.cpu().numpy()
+        self.host_live = diverged_at < 0
+        total = int(np.where(self.host_live, done, self.steps).sum())  # a diverged replica counts as finished
+        self.progress.update(total - self.reported)
+        self.reported = total
+        return diverged_at
+
+    def finish(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(losses [R, draws] float64, distances [R, draws], diverged_at [R])`` on the host."""
+        diverged_at = self.sync(self.steps)
+        losses = self.losses.cpu().numpy()
+        sq = self.sq.cpu().numpy().astype(np.float64)
+        return losses, np.sqrt(np.maximum(sq, 0.0)), diverged_at
+
+
 class _Updater:
-    """The update of all replicas: one fused ``sgld_step`` op (RMSProp state passed to it when asked)."""
+    """The update of all replicas: one fused ``sgld_step`` op (RMSProp state passed to it when asked).
+
+    On CUDA the op draws Philox noise from ``rng_state = [seed, step]``; the step counter lives on the
+    device and is advanced there after each update (no host write per step)."""
 
     def __init__(self, replicas, w, w_star, grad, lengths, config: SGLDConfig, device):
         self.replicas, self.w, self.w_star, self.grad, self.lengths = replicas, w, w_star, grad, lengths
@@ -152,27 +216,32 @@ class _Updater:
 
     @torch.no_grad()
     def step(self, t: int) -> torch.Tensor:
-        """Update every live replica in place; return ``||w_r - w*_r||^2`` per replica ``[R]``."""
+        """Update every live replica in place (step ``t``); return ``||w_r - w*_r||^2`` per replica ``[R]``."""
         cfg = self.config
         if self.on_cpu:  # the reference engine's per-replica streams
             for r, (_, comp, _) in enumerate(self.replicas):
                 torch.randn(comp.numel, generator=self.gens[r], out=self.noise[r, : comp.numel])
-        self.rng_state[1] = t
-        return sgld_step(self.w, self.grad, self.w_star, self.lengths, step_size=cfg.step_size,
-                         nbeta=cfg.nbeta, localization=cfg.localization,
-                         noise=self.noise if self.on_cpu else None,
-                         rng_state=None if self.on_cpu else self.rng_state,
-                         square_avg=self.square_avg, rmsprop_alpha=cfg.rmsprop_alpha, rmsprop_eps=cfg.rmsprop_eps)
+        sq_dist = sgld_step(self.w, self.grad, self.w_star, self.lengths, step_size=cfg.step_size,
+                            nbeta=cfg.nbeta, localization=cfg.localization,
+                            noise=self.noise if self.on_cpu else None,
+                            rng_state=None if self.on_cpu else self.rng_state,
+                            square_avg=self.square_avg, rmsprop_alpha=cfg.rmsprop_alpha, rmsprop_eps=cfg.rmsprop_eps)
+        if not self.on_cpu:
+            self.rng_state[1:].add_(1)  # the step counter, advanced on the device: offset t at step t
+        return sq_dist
 
 
 class _GenericGrads:
-    """Loss and gradient of each replica by a loop over replicas (any model, any component)."""
+    """Loss and gradient of each replica by a loop over replicas (any model, any component).
+
+    Replicas the host knows to have diverged are skipped; one that diverged since the last host read
+    is still computed (its loss is ignored and its update masked out on the device)."""
 
     def __init__(self, model, params, originals, loss_fn, replicas: List[Replica], indices: List[int]):
         self.model, self.params, self.originals, self.loss_fn = model, params, originals, loss_fn
         self.replicas, self.indices = replicas, indices
 
-    def __call__(self, batch, w, grad, live, values) -> None:
+    def __call__(self, batch, w, grad, live: np.ndarray, values: torch.Tensor) -> None:
         params = self.params
         for r in self.indices:
             if not live[r]:
@@ -183,12 +252,10 @@ class _GenericGrads:
                 params[n].requires_grad_(True)
                 params[n].grad = None
             loss = self.loss_fn(self.model, batch)
-            value = float(loss.detach())
-            values[r] = value
-            if math.isfinite(value):
-                if loss.requires_grad:
-                    loss.backward()
-                grad[r, : comp.numel] = pack_grad(comp, params)
+            values[r] = loss.detach().reshape(())
+            if loss.requires_grad:
+                loss.backward()
+            grad[r, : comp.numel] = pack_grad(comp, params)
             for n in comp.param_names:
                 params[n].requires_grad_(False)
                 params[n].grad = None
@@ -204,52 +271,90 @@ upper layers' attention), and no slower than single replicas."""
 class _HeadReplicaGrads:
     """Loss and gradient of head replicas from one shared ``w*`` pass per batch (structured path).
 
-    Replicas are grouped by layer and processed in chunks of at most ``budget`` bytes of activations
-    (and at most ``CPU_CHUNK_BYTES`` on a CPU).
+    Replicas are grouped by layer and processed in chunks of at most ``budget`` bytes (the engine caps
+    it at ``CPU_CHUNK_BYTES`` on a CPU) less the unembedding's ``block_bytes``, as
+    ``HeadReplicas.bytes_per_replica`` models them; a chunk that runs out of device memory is halved and
+    retried, with a warning. Every replica is computed every step, diverged ones too (their rows are
+    frozen by the update), so no step needs to know on the host which are live.
     """
 
-    def __init__(self, model, loss_fn, indices: List[int], layer_heads: List[Tuple[int, int]], schedule, budget: int):
+    def __init__(self, model, loss_fn, indices: List[int], layer_heads: List[Tuple[int, int]], schedule,
+                 budget: int, block_bytes: Optional[int] = None):
         self.hr = tl_heads.HeadReplicas(model)
         self.loss_fn = loss_fn
+        self.block_kw = {"block_bytes": block_bytes} if _takes_block_bytes(loss_fn) else {}
         first = schedule[0]
         N, T = first.shape
-        self.by_layer: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
-        self.chunk: Dict[int, int] = {}
         device = next(model.parameters()).device
+        limit = max(1, budget - (block_bytes or 0))
+        self.chunks: Dict[int, List[Tuple[object, torch.Tensor]]] = {}  # layer -> [(rows, heads)]
         for layer in sorted({l for l, _ in layer_heads}):
             rows = [(r, h) for r, (l, h) in zip(indices, layer_heads) if l == layer]
-            self.by_layer[layer] = (
-                torch.tensor([r for r, _ in rows], device=device),
-                torch.tensor([h for _, h in rows], device=device),
-            )
-            limit = budget if device.type != "cpu" else min(budget, CPU_CHUNK_BYTES)
-            self.chunk[layer] = max(1, limit // self.hr.bytes_per_replica(N, T, layer))
+            size = max(1, limit // self.hr.bytes_per_replica(N, T, layer))
+            self.chunks[layer] = [_chunk(rows[i : i + size], device) for i in range(0, len(rows), size)]
 
     def __call__(self, batch, w, grad, live, values) -> None:
-        live_t = torch.as_tensor(live, device=w.device)
-        todo = {}
-        for layer, (rows, heads) in self.by_layer.items():
-            keep = live_t[rows]
-            if bool(keep.any()):
-                todo[layer] = (rows[keep], heads[keep])
-        if not todo:
-            return
-        shared = self.hr.shared(batch, list(todo))
+        shared = self.hr.shared(batch, list(self.chunks))
         prepared = self.loss_fn.prepare(batch)
+        for layer, chunks in self.chunks.items():
+            i = 0
+            while i < len(chunks):
+                if self._chunk_fits(shared, prepared, batch, layer, chunks[i], w, grad, values):
+                    i += 1
+                    continue
+                chunks[i : i + 1] = _halves(*chunks[i])  # kept for the later steps too
+                warnings.warn(f"out of device memory in a chunk of {len(chunks[i][1]) + len(chunks[i + 1][1])} "
+                              f"replicas of layer {layer}: retrying in halves (pass a smaller max_memory to "
+                              "start there)", RuntimeWarning, stacklevel=2)
+
+    def _chunk_fits(self, shared, prepared, batch, layer, chunk, w, grad, values) -> bool:
+        """Loss and gradient of one chunk into ``values``/``grad``; False (nothing written) when the device
+        ran out of memory and the chunk can be halved."""
+        rows, hs = chunk
+        try:
+            self._run_chunk(shared, prepared, batch, layer, rows, hs, w, grad, values)
+            return True
+        except torch.OutOfMemoryError:
+            if len(hs) == 1:
+                raise
+        if w.device.type == "cuda":  # the failed chunk's tensors are released now that the handler is left
+            torch.cuda.empty_cache()
+        return False
+
+    def _run_chunk(self, shared, prepared, batch, layer, rows, hs, w, grad, values) -> None:
         n = self.hr.numel
         unembed = self.hr.model.unembed
-        for layer, (rows, heads) in todo.items():
-            size = self.chunk[layer]
-            for start in range(0, len(rows), size):
-                idx, hs = rows[start : start + size], heads[start : start + size]
-                leaf = w[idx, :n].detach().clone().requires_grad_(True)
-                with torch.enable_grad():
-                    x = self.hr.replica_features(shared, layer, hs, leaf)
-                    losses = self.loss_fn.feature_losses(x, unembed.W_U, unembed.b_U, batch, prepared)
-                    del x
-                    losses.sum().backward()
-                grad[idx, :n] = leaf.grad
-                values[idx.cpu().numpy()] = losses.detach().double().cpu().numpy()
+        leaf = w[rows, :n].detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            x = self.hr.replica_features(shared, layer, hs, leaf)
+            losses = self.loss_fn.feature_losses(x, unembed.W_U, unembed.b_U, batch, prepared, **self.block_kw)
+            del x
+            losses.sum().backward()
+        grad[rows, :n] = leaf.grad
+        values[rows] = losses.detach()
+
+
+def _halves(rows, heads) -> List[Tuple[object, torch.Tensor]]:
+    k = len(heads) // 2
+    if isinstance(rows, slice):
+        return [(slice(rows.start, rows.start + k), heads[:k]), (slice(rows.start + k, rows.stop), heads[k:])]
+    return [(rows[:k], heads[:k]), (rows[k:], heads[k:])]
+
+
+def _chunk(rows: List[Tuple[int, int]], device) -> Tuple[object, torch.Tensor]:
+    """``(replica rows, heads [k] long)``: rows as a slice when consecutive (plain views, no gathers)."""
+    idx = [r for r, _ in rows]
+    heads = torch.tensor([h for _, h in rows], device=device)
+    if idx == list(range(idx[0], idx[0] + len(idx))):
+        return slice(idx[0], idx[0] + len(idx)), heads
+    return torch.tensor(idx, device=device), heads
+
+
+def _takes_block_bytes(loss_fn) -> bool:
+    try:
+        return "block_bytes" in inspect.signature(loss_fn.feature_losses).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 @torch.no_grad()

@@ -48,3 +48,32 @@ def pack_grad(comp, params) -> torch.Tensor:
     """The component's gradient flattened like ``pack``, float32 ``[numel]``."""
     return torch.cat([grad_view(s, params).reshape(-1).float() for s in comp.slices])
 
+
+
+MATMUL_PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str, device) -> Iterator[None]:
+    """Run the block's matrix products at ``precision``; every flag touched is restored on exit.
+
+    - ``"fp32"``: full float32 products (on CUDA TF32 is switched off inside, whatever the user's global
+      setting, so ``l(w*)`` and ``l(w_t)`` round alike);
+    - ``"tf32"``: TF32 tensor-core products on CUDA (``torch.set_float32_matmul_precision("high")``
+      inside); on other devices the same as ``"fp32"`` (CPUs have no TF32 products);
+    - ``"bf16"``: ``torch.autocast(dtype=torch.bfloat16)`` on CPU and CUDA (products in bfloat16; norms,
+      softmax and losses in float32); elsewhere (e.g. ``meta``) a no-op.
+    The engine wraps both ``l(w*)`` and the sampling in the same context, so the paired difference
+    ``l(w_t) - l(w*)`` is taken between losses of one precision.
+    """
+    if precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {precision!r}")
+    device = torch.device(device)
+    with contextlib.ExitStack() as stack:
+        if device.type == "cuda":
+            before = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+            stack.callback(torch.set_float32_matmul_precision, before)
+        if precision == "bf16" and device.type in ("cpu", "cuda"):
+            stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+        yield

@@ -19,13 +19,16 @@ with respect to them only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..components import HEAD_PARAMS, Component
 
+ATTENTION = ("sdpa", "materialized")
+DEFAULT_ATTENTION = "sdpa"  # the engine's choice; "materialized" is kept as the checked alternative
 _QK_NORM_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 
@@ -82,6 +85,11 @@ def head_of(model: nn.Module, component: Component) -> Optional[Tuple[int, int]]
     return int(layer), h
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether any submodule (HookPoints included) has forward/backward hooks attached."""
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in module.modules())
+
+
 @dataclass
 class SharedPass:
     """The ``w*`` computation of one token batch, shared by every replica (no autograd graph)."""
@@ -97,11 +105,19 @@ class SharedPass:
 class HeadReplicas:
     """Per-replica logits of head-perturbed copies of one ``HookedTransformer``."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, attention: Optional[str] = None):
+        """attention: ``DEFAULT_ATTENTION`` when None; ``"sdpa"`` (``scaled_dot_product_attention``, causal: for the replica's own head and
+        for every layer above it that has no hooks attached) or ``"materialized"`` (full ``[.., T, T]``
+        scores, and TransformerLens's own blocks above)."""
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(reason)
+        attention = DEFAULT_ATTENTION if attention is None else attention
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
         self.model = model
+        self.sdpa = attention == "sdpa"
+        self._fused: Dict[tuple, Tuple[torch.Tensor, ...]] = {}
         cfg = model.cfg
         self.cfg = cfg
         d, dh = cfg.d_model, cfg.d_head
@@ -114,6 +130,10 @@ class HeadReplicas:
     def shared(self, tokens: torch.Tensor, layers: Sequence[int]) -> SharedPass:
         """Run the model at ``w*`` on ``tokens [N, T]`` up to ``max(layers)`` and keep what replicas share."""
         layers = sorted(set(layers))
+        if self.sdpa and not _has_hooks(self.model):
+            fast = self._shared_sdpa(tokens, layers)
+            if fast is not None:
+                return fast
         names = set()
         for l in layers:
             names |= {f"blocks.{l}.hook_resid_pre", f"blocks.{l}.attn.hook_z", f"blocks.{l}.hook_attn_out"}
@@ -179,11 +199,14 @@ class HeadReplicas:
         if cfg.positional_embedding_type == "rotary":  # rotary acts per position: replicas as heads
             q = attn.apply_rotary(q.permute(1, 2, 0, 3)).permute(2, 0, 1, 3)
             k = attn.apply_rotary(k.permute(1, 2, 0, 3)).permute(2, 0, 1, 3)
-        scores = q @ k.transpose(-1, -2) / attn.attn_scale           # [R, N, T, T]
-        causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).triu(1)
-        scores = scores.masked_fill(causal, float("-inf"))
-        pattern = torch.softmax(scores, dim=-1)
-        z = pattern.to(v.dtype) @ v                                  # [R, N, T, d_head]
+        if self.sdpa:  # [R, N] as SDPA's batch dims; the scores never exist whole
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / attn.attn_scale)
+        else:
+            scores = q @ k.transpose(-1, -2) / attn.attn_scale       # [R, N, T, T]
+            causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).triu(1)
+            scores = scores.masked_fill(causal, float("-inf"))
+            pattern = torch.softmax(scores, dim=-1)
+            z = pattern.to(v.dtype) @ v                              # [R, N, T, d_head]
         own_out = torch.einsum("rnte,red->rntd", z, W_O)             # [R, N, T, d]
 
         with torch.no_grad():  # the layer's output with the w* head taken out, per replica's head
@@ -196,17 +219,88 @@ class HeadReplicas:
         if not cfg.attn_only and not cfg.parallel_attn_mlp:
             resid = resid + block.mlp(block.ln2(resid))
         for upper in model.blocks[layer + 1 :]:
-            resid = upper(resid, shortformer_pos_embed=pos) if pos is not None else upper(resid)
+            if self.sdpa and not _has_hooks(upper):
+                resid = self._block_sdpa(upper, resid, pos)
+            else:  # TransformerLens's own block (materialized attention; runs any hooks attached to it)
+                resid = upper(resid, shortformer_pos_embed=pos) if pos is not None else upper(resid)
         if cfg.normalization_type is not None:
             resid = model.ln_final(resid)
         return resid.view(R, N, T, d)
 
+    def _fused_weights(self, block) -> Tuple[torch.Tensor, ...]:
+        """Block ``block``'s ``w*`` projections as ``F.linear`` weights: Q and K stacked ``[2*H*dh, d]`` (with
+        biases), V ``[H*dh, d]``, O ``[d, H*dh]`` (cached: the layers above a head stay at ``w*``)."""
+        a = block.attn
+        params = (a.W_Q, a.W_K, a.W_V, a.b_Q, a.b_K, a.b_V, a.W_O, a.b_O)
+        key = (id(block),) + tuple(p._version for p in params)  # rebuilt if a weight was written to
+        if key not in self._fused:
+            self._fused = {k: v for k, v in self._fused.items() if k[0] != id(block)}
+            H, d, dh = a.W_Q.shape
+            w = lambda W: W.detach().permute(0, 2, 1).reshape(H * dh, d)  # noqa: E731
+            self._fused[key] = (torch.cat([w(a.W_Q), w(a.W_K)]), torch.cat([a.b_Q.detach(), a.b_K.detach()]).reshape(-1),
+                                w(a.W_V), a.b_V.detach().reshape(-1),
+                                a.W_O.detach().permute(2, 0, 1).reshape(d, H * dh), a.b_O.detach())
+        return self._fused[key]
+
+    def _block_sdpa(self, block, resid: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
+        """TransformerLens's pre-norm block at ``w*`` on ``resid [B, T, d]`` with causal SDPA attention
+        (the maths of ``TransformerBlock.forward`` for the configurations ``unsupported_reason`` admits)."""
+        return self._block_parts(block, resid, pos)[3]
+
+    def _block_parts(self, block, resid: torch.Tensor, pos: Optional[torch.Tensor]):
+        """``(z [B, T, H, dh], attn_out [B, T, d] (b_O included), mlp_out or None, resid_post)`` of
+        ``block`` at ``w*`` on ``resid [B, T, d]`` (SDPA attention)."""
+        cfg, attn = self.cfg, block.attn
+        W_qk, b_qk, W_v, b_v, W_o, b_o = self._fused_weights(block)
+        B, T, d = resid.shape
+        H, dh = cfg.n_heads, cfg.d_head
+        x = block.ln1(resid)
+        xqk = x + pos if pos is not None else x
+        q, k = F.linear(xqk, W_qk, b_qk).view(B, T, 2, H, dh).unbind(2)
+        v = F.linear(x, W_v, b_v).view(B, T, H, dh)
+        if cfg.positional_embedding_type == "rotary":
+            q, k = attn.apply_rotary(q), attn.apply_rotary(k)
+        z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, scale=1.0 / attn.attn_scale).transpose(1, 2)
+        attn_out = F.linear(z.reshape(B, T, H * dh), W_o, b_o)
+        out = resid + attn_out
+        mlp_out = None
+        if not cfg.attn_only:
+            mlp_out = block.mlp(block.ln2(resid if cfg.parallel_attn_mlp else out))
+            out = out + mlp_out
+        return z, attn_out, mlp_out, out
+
+    @torch.no_grad()
+    def _shared_sdpa(self, tokens: torch.Tensor, layers: List[int]) -> Optional[SharedPass]:
+        """``shared`` with SDPA blocks (None when the model's input needs an attention mask)."""
+        resid, _, pos, mask = self.model.input_to_embed(tokens)
+        if mask is not None:
+            return None
+        out = SharedPass(tokens=tokens, resid_pre={}, z={}, attn_out={}, mlp_out={},
+                         pos_embed=pos[:1] if pos is not None else None)
+        for l in range(layers[-1] + 1):
+            z, attn_out, mlp_out, post = self._block_parts(self.model.blocks[l], resid, pos)
+            if l in layers:
+                out.resid_pre[l], out.z[l], out.attn_out[l] = resid, z, attn_out
+                if mlp_out is not None and self.cfg.parallel_attn_mlp:
+                    out.mlp_out[l] = mlp_out
+            resid = post
+        return out
+
     def bytes_per_replica(self, N: int, T: int, layer: int) -> int:
-        """Estimated autograd memory (bytes) of one replica of ``layer`` on ``[N, T]`` tokens: its own head
-        and the saved activations of the layers above (the unembedding loss is blocked, see
-        ``rllc_fast.unembed_loss``, and holds only ``O(d_model)`` per token)."""
+        """Upper bound on the autograd memory (bytes, peak) of one replica of ``layer`` on ``[N, T]``
+        tokens: its own head, the saved activations of the layers above and the features and their
+        gradient (the unembedding's row blocks come on top, once per chunk: ``rllc_fast.unembed_loss``).
+
+        Per token, in float32 words: ``16 d_model + 8 d_head`` for the own head and the final features
+        (plus ``4 T`` with materialized scores), and per layer above ``4 d_model + 2 n_heads d_head +
+        2 d_mlp`` (plus ``5 n_heads T`` with materialized scores). Checked against the peak of live
+        tensors on the meta device (tests/test_step_cost.py) at the paper's and Pythia-70m's shapes,
+        with attention as CUDA's fused kernel."""
         cfg = self.cfg
         above = cfg.n_layers - layer - 1
-        per_layer = 14 * cfg.d_model + 4 * cfg.n_heads * T + (0 if cfg.attn_only else 8 * (cfg.d_mlp or 0))
-        per_token = 16 * cfg.d_model + 4 * T + 8 * cfg.d_head + above * per_layer
+        scores = 0 if self.sdpa else 1
+        per_layer = (4 * cfg.d_model + 2 * cfg.n_heads * cfg.d_head + 5 * scores * cfg.n_heads * T
+                     + (0 if cfg.attn_only else 2 * (cfg.d_mlp or 0)))
+        per_token = 16 * cfg.d_model + 8 * cfg.d_head + 4 * scores * T + above * per_layer
         return 4 * N * T * per_token
