@@ -41,7 +41,7 @@ class Mutant:
 
 MUTANTS: List[Mutant] = [
     Mutant("l(w*) taken on the previous step's minibatch", "rllc_fast/llc.py",
-           "        out[t] = cache[b]\n", "        out[t] = cache[batch_ids[t - 1]] if t else cache[b]\n",
+           "        value = cache[b]\n", "        value = cache[batch_ids[t - 1]] if t else cache[b]\n",
            ("tests/test_paper_formula.py",)),
     Mutant("reference engine records a draw after its update (first draw not at w*)", "rllc_fast/engine/reference.py",
            "                    d = config.draw_index(t)\n", "                    d = config.draw_index(t - 1)\n",
@@ -64,6 +64,9 @@ MUTANTS: List[Mutant] = [
     Mutant("backend() names the wrong state", "rllc_fast/ops.py",
            'return "compiled extension without CUDA: PyTorch fallback on every device"',
            'return "compiled extension: CUDA kernels on GPU, PyTorch fallback on CPU"', ("tests/test_ops.py",)),
+    Mutant("a diverged replica is not frozen (its lengths stay)", "rllc_fast/engine/batched.py",
+           "        lengths.masked_fill_(bad, 0)\n", "        pass\n",
+           ("tests/test_batched_engine.py", "tests/test_structured_path.py")),
     Mutant("rllc sweep exits 0 when a checkpoint fails", "rllc_fast/cli.py",
            "    return 0 if not report.failed else 3\n", "    return 0\n", ("tests/test_cli.py",)),
     Mutant("a unit's rows committed one at a time", "rllc_fast/store.py",
