@@ -17,6 +17,7 @@ import torch
 from . import cli_analyze, cli_calibrate, cli_demo, cli_export
 from .atomic import write_json_atomically
 from .data.tokens import RAW_DTYPES
+from .models.families import SUPPORTED_MODEL_TYPES
 from .cli_args import apply_formatter, join_negative_values, positive_int, steps
 from .cli_common import (NUM_CONTEXTS, add_model_arguments, add_sgld_arguments, component_sets, context_for, data_specs,
                          device_of, load_like, model_and_data, sgld_config, spec_tokens)
@@ -78,7 +79,8 @@ def _sweep_parser(sub) -> None:
     )
     p.add_argument("--checkpoints", required=True,
                    help="a directory of checkpoints: *.pt (rllc_fast or TransformerLens state dicts) or Hugging Face "
-                        "GPT-NeoX directories (step1000/ ...), ordered by training step; or one checkpoint file or "
+                        f"directories (step1000/ ...; model_type {', '.join(SUPPORTED_MODEL_TYPES)}), ordered by training "
+                        "step; or one checkpoint file or "
                         "Hugging Face directory; or a glob pattern in quotes ('run/step*.pt'); or a Hugging Face hub "
                         "name (EleutherAI/pythia-70m) or models--org--name folder of the local hub cache "
                         "(HF_HUB_CACHE/HF_HOME, offline): its stepN revisions")
