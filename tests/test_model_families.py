@@ -2,14 +2,17 @@
 offline from a ``transformers`` config and saved with ``save_pretrained``, loads through ``load_hf`` into a
 TransformerLens model whose logits equal ``transformers``' (fp32, CPU, 1e-4), with no network access; a
 checkpoint folder of a family is swept; other model types and config features a converter would ignore are
-refused by name."""
+refused by name; per-head and per-group estimates follow the reference engine on every family."""
 import sqlite3
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
 import rllc_fast as r
+from rllc_fast.engine.batched import plan
+from rllc_fast.losses import next_token_loss
 from rllc_fast.models import SUPPORTED_MODEL_TYPES, load_hf, select_checkpoints
 from rllc_fast.sweep import run_sweep
 
@@ -79,6 +82,57 @@ def test_logits_equal_transformers(saved, model_type, no_network):
     assert (got - want).abs().max().item() < 1e-4
     if model_type in ("llama", "mistral", "qwen2", "gemma"):
         assert tl.cfg.n_key_value_heads == hf.config.num_key_value_heads  # grouped-query attention kept
+
+
+def _same_chains(a, b):
+    assert a.components == b.components
+    np.testing.assert_allclose(a.loss_trace, b.loss_trace, rtol=1e-5, atol=1e-6)
+    for name in a.components:
+        np.testing.assert_allclose(a[name].distance_trace, b[name].distance_trace, rtol=1e-4, atol=1e-6)
+    assert np.ptp(b.loss_trace, axis=-1).min() > 0  # the chains moved
+
+
+def _picked(model):
+    """Two heads in different layers and, under grouped-query attention, a group."""
+    comps = {n: c for n, c in r.heads(model).items() if n in ("0:1", "1:2")}
+    return {**comps, "1:g0": r.group(model, 1, 0)} if r.components.kv_groups(model) else comps
+
+
+@pytest.mark.filterwarnings("ignore::rllc_fast.SamplerWarning")  # 6 draws: R-hat is not the point here
+@pytest.mark.parametrize("model_type", sorted(SUPPORTED_MODEL_TYPES))
+def test_per_head_estimates_follow_the_reference_engine(saved, model_type):
+    """The default (batched) engine on heads and groups of each family gives the reference engine's chains, on
+    whichever path ``plan`` routes them (the structured one for gpt_neox and gpt2 here; the others' models use
+    grouped-query attention, a sliding window or clip_qkv, which only the generic path implements)."""
+    model = load_hf(saved[model_type][1])
+    tokens = torch.randint(0, VOCAB, (16, 12), generator=torch.Generator().manual_seed(3))
+    cfg = r.SGLDConfig(num_chains=2, num_draws=6, batch_size=4, seed=5, step_size=1e-3)
+    comps = _picked(model)
+    structured = plan(model, comps, next_token_loss)[0]
+    assert (set(structured) == {"0:1", "1:2"}) == (model_type in ("gpt_neox", "gpt2"))
+    _same_chains(r.estimate_llc(model, tokens, cfg, components=comps),
+                 r.estimate_llc(model, tokens, cfg, components=comps, engine="reference"))
+
+
+@pytest.mark.filterwarnings("ignore::rllc_fast.SamplerWarning")
+@pytest.mark.parametrize("model_type", ["llama", "olmo"])
+def test_structured_path_on_llama_without_gqa_and_olmo_without_clip(tmp_path, model_type):
+    """RMSNorm, gated MLPs, whole-head rotary (Llama), parameter-free LayerNorm (OLMo) on the structured path."""
+    import transformers as T
+
+    config = _configs()[model_type]
+    config.num_key_value_heads, config.clip_qkv, config.head_dim = 4, None, 8
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(1)
+        T.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / model_type)
+    model = load_hf(tmp_path / model_type)
+    comps = _picked(model)
+    assert set(plan(model, comps, next_token_loss)[0]) == set(comps)
+    tokens = torch.randint(0, VOCAB, (16, 12), generator=torch.Generator().manual_seed(3))
+    cfg = r.SGLDConfig(num_chains=2, num_draws=6, batch_size=4, seed=5, step_size=1e-3)
+    _same_chains(r.estimate_llc(model, tokens, cfg, components=comps),
+                 r.estimate_llc(model, tokens, cfg, components=comps, engine="reference"))
 
 
 def test_a_binding_window_is_kept_and_one_that_cannot_bind_is_dropped(saved, no_network):

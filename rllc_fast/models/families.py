@@ -6,8 +6,8 @@
 without any weight processing (no norm folding or centring): the TransformerLens parameters are the
 checkpoint's own weights, and the logits equal ``transformers``' (tests/test_model_families.py, 1e-4 in fp32).
 
-Where TransformerLens has a config conversion keyed by architecture (Llama, Mistral, Qwen2) it is used, on a
-copy of ``config.json`` in a neutrally named folder (TransformerLens picks hard-coded configs by substrings
+Where TransformerLens has a config conversion keyed by architecture (Llama, Mistral, Qwen2) it is used, on the
+config written to a neutrally named folder (TransformerLens picks hard-coded configs by substrings
 such as "llama" or "gemma" in the path). Its GPT-2 conversion reads ``n_ctx``, which ``transformers`` 5 no
 longer has, and it converts OLMo and Gemma configs only by model name, so those three are built here.
 
@@ -22,6 +22,7 @@ leave them out.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -184,15 +185,17 @@ def _head_dim(hf_config) -> int:
 
 
 def _transformer_lens_fields(hf_config, path: Path) -> dict:
-    """TransformerLens's own ``convert_hf_model_config`` on a copy of ``path``'s ``config.json`` in a folder
-    whose name holds no model name (so that its architecture-keyed branch runs, offline)."""
+    """TransformerLens's own ``convert_hf_model_config`` on ``hf_config`` written to a folder whose name holds no
+    model name (so that its architecture-keyed branch runs, offline)."""
     from transformer_lens.loading_from_pretrained import convert_hf_model_config
 
     folder = Path(tempfile.mkdtemp(prefix="rllc-config-"))
     try:
         if any(word in str(folder).lower() for word in ("llama", "gemma", "olmo", "qwen", "mistral")):
             raise RuntimeError(f"the temporary folder {folder} names a model; set TMPDIR to a neutral folder")
-        shutil.copyfile(path / "config.json", folder / "config.json")
+        saved = hf_config.to_dict()
+        saved["architectures"] = [FAMILIES[hf_config.model_type].architecture]  # the class load_hf loads
+        (folder / "config.json").write_text(json.dumps(saved))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*")
             fields = convert_hf_model_config(str(folder), local_files_only=True)
