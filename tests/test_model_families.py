@@ -184,6 +184,10 @@ def test_other_model_types_are_refused_with_the_supported_list(tmp_path, no_netw
         load_hf(tmp_path / "opt")
     with pytest.raises(ValueError, match="model_type is 'opt', not 'gpt_neox'"):
         r.models.load_gpt_neox(tmp_path / "opt")
+    (tmp_path / "mine").mkdir()  # a model type transformers itself does not know: the same message
+    (tmp_path / "mine" / "config.json").write_text('{"model_type": "my_lm"}')
+    with pytest.raises(ValueError, match="model_type 'my_lm' is not supported; supported model types: gemma"):
+        load_hf(tmp_path / "mine")
 
 
 @pytest.mark.parametrize("model_type, fields, message", [

@@ -74,17 +74,22 @@ def resolve_local_dir(source: str | os.PathLike, revision: Optional[str] = None)
 
 
 def read_hf_config(path: Path):
-    """The ``transformers`` config of the checkpoint directory ``path`` (local files only)."""
+    """The ``transformers`` config of the checkpoint directory ``path`` (local files only); a ``ValueError``
+    listing the supported model types when ``config.json``'s ``model_type`` is not one of them."""
     from transformers import AutoConfig
 
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{path / 'config.json'}: not a readable Hugging Face config ({err})") from err
+    family_of(model_type, path)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*")
         return AutoConfig.from_pretrained(path, local_files_only=True)
 
 
-def family_of(hf_config, path: Path | str = "") -> Family:
-    """The ``Family`` of a ``transformers`` config; a ``ValueError`` listing the supported model types else."""
-    model_type = getattr(hf_config, "model_type", None)
+def family_of(model_type: Optional[str], path: Path | str = "") -> Family:
+    """The ``Family`` of a ``model_type``; a ``ValueError`` listing the supported model types for any other."""
     if model_type not in FAMILIES:
         raise ValueError(f"{path}: model_type {model_type!r} is not supported; supported model types: "
                          f"{', '.join(sorted(FAMILIES))}")
@@ -98,7 +103,7 @@ def tl_config(hf_config, path: Path | str = "", device: str | torch.device = "cp
            for rotary models (a model with learned positions keeps its own)."""
     from .build import hooked_config
 
-    family = family_of(hf_config, path)
+    family = family_of(hf_config.model_type, path)
     quant = getattr(hf_config, "quantization_config", None)
     if quant:
         raise ValueError(f"{path}: quantized checkpoints are not supported (quantization_config {quant})")
@@ -136,7 +141,7 @@ def load_hf(source: str | os.PathLike, revision: Optional[str] = None, device: s
 
     path = resolve_local_dir(source, revision)
     hf_config = read_hf_config(path)
-    family = family_of(hf_config, path)
+    family = family_of(hf_config.model_type, path)
     cfg = tl_config(hf_config, path, device, n_ctx)
     module, function = family.converter.rsplit(".", 1)
     convert = getattr(importlib.import_module(f"transformer_lens.pretrained.weight_conversions.{module}"), function)

@@ -5,13 +5,14 @@ The loading recipe (offline, TransformerLens's ``convert_neox_weights``, no weig
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
 import torch
 
 from .build import hooked_config
-from .families import load_hf, read_hf_config, resolve_local_dir
+from .families import load_hf, resolve_local_dir
 
 __all__ = ["load_gpt_neox", "pythia_70m_config", "resolve_local_dir", "tl_config_from_hf"]
 
@@ -66,7 +67,7 @@ def load_gpt_neox(local_dir: str | os.PathLike, device: str | torch.device = "cp
     ``load_hf`` restricted to ``model_type`` ``gpt_neox``: fully offline; the logits equal ``transformers``' own
     model's (tested to 1e-4); global random state is left as it was."""
     path = resolve_local_dir(local_dir, revision)
-    model_type = read_hf_config(path).model_type
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
     if model_type != "gpt_neox":
         raise ValueError(f"{path}: model_type is {model_type!r}, not 'gpt_neox' (load_hf loads every supported family)")
     return load_hf(path, device=device, dtype=dtype)
