@@ -34,7 +34,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from . import hub_cache
-from .build import hooked_transformer, isolated_random_state
+from .build import hooked_config, hooked_transformer, isolated_random_state
 
 #: The longest context a rotary model gets by default: TransformerLens keeps an ``n_ctx x n_ctx`` mask per
 #: layer, so a config's 131,072 positions would not fit (its own configs cap these models at 2048 too).
@@ -101,8 +101,6 @@ def tl_config(hf_config, path: Path | str = "", device: str | torch.device = "cp
 
     n_ctx: the longest sequence the model will take; default the config's context, at most ``ROTARY_N_CTX_CAP``
            for rotary models (a model with learned positions keeps its own)."""
-    from .build import hooked_config
-
     family = family_of(hf_config.model_type, path)
     quant = getattr(hf_config, "quantization_config", None)
     if quant:
