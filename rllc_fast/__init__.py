@@ -2,14 +2,15 @@
 
 Public API:
     estimate_llc, calibrate_step_size, SGLDConfig, LLCResult, ComponentLLC, ChainsDivergedError
-    components: Component, heads, head, layer, layers, whole, from_params
+    components: Component, heads, head, groups, group (grouped-query attention), layer, layers, mlp, mlps, whole,
+        from_params (whole parameters or row/column slices)
     data: ModelDistribution (more in rllc_fast.data: corpora, tokenizer, token files)
     sweeps: run_sweep, ResultStore, write_report (models and checkpoints in rllc_fast.models)
     Hessian metrics: rllc_fast.hessian (trace, fim_trace, approx_rank, hvp)
     cost_model: a FLOP-and-bytes model of one SGLD step and projected times on a device (step_cost, projections)
 """
-from .components import (Component, ParamSlice, from_params, group_name, head, head_name, heads, layer, layers,
-                         parse_group_name, parse_head_name, whole)
+from .components import (Component, ParamSlice, from_params, group, group_name, groups, head, head_name, heads, layer,
+                         layers, mlp, mlps, parse_group_name, parse_head_name, whole)
 from .config import SGLDConfig
 from .data import ModelDistribution
 from . import cost_model, hessian, models
@@ -36,6 +37,8 @@ __all__ = [
     "hessian",
     "estimate_llc",
     "from_params",
+    "group",
+    "groups",
     "head",
     "heads",
     "head_name",
@@ -44,6 +47,8 @@ __all__ = [
     "parse_group_name",
     "layer",
     "layers",
+    "mlp",
+    "mlps",
     "models",
     "run_sweep",
     "whole",

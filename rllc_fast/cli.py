@@ -17,6 +17,7 @@ import torch
 from . import cli_analyze, cli_calibrate, cli_demo, cli_export
 from .atomic import write_json_atomically
 from .data.tokens import RAW_DTYPES
+from .models.families import SUPPORTED_MODEL_TYPES
 from .cli_args import apply_formatter, join_negative_values, positive_int, steps
 from .cli_common import (NUM_CONTEXTS, add_model_arguments, add_sgld_arguments, component_sets, context_for, data_specs,
                          device_of, load_like, model_and_data, sgld_config, spec_tokens)
@@ -34,8 +35,9 @@ def _estimate_parser(sub) -> None:
         ),
     )
     add_model_arguments(p)
-    p.add_argument("--components", choices=["heads", "layers", "whole"], default="heads",
-                   help="one rLLC per head, per layer, or of the whole model")
+    p.add_argument("--components", choices=["heads", "groups", "layers", "mlps", "whole"], default="heads",
+                   help="one rLLC per head, per key/value group (grouped-query attention), per layer, per MLP, or of "
+                        "the whole model")
     add_sgld_arguments(p)
     p.add_argument("--output", help="write the full result (config, per-chain traces) as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bars or logs")
@@ -43,13 +45,14 @@ def _estimate_parser(sub) -> None:
 
 
 def _cmd_estimate(args) -> int:
-    from . import estimate_llc, heads, layers
+    from . import estimate_llc
+    from .sweep import COMPONENT_SETS
 
     log = logger(args.quiet)
     config = sgld_config(args, "estimate")
     device = device_of(args)
     model, _, data = model_and_data(args, "estimate", log)
-    comps = {"heads": heads, "layers": layers, "whole": lambda m: None}[args.components](model)
+    comps = None if args.components == "whole" else COMPONENT_SETS[args.components](model)
     t0 = time.time()
     try:
         result = estimate_llc(model, data.tokens, config, components=comps, engine=args.engine, device=device,
@@ -70,7 +73,8 @@ def _sweep_parser(sub) -> None:
         "sweep",
         help="rLLCs of every checkpoint x data x component set, into a resumable result store",
         description=(
-            "Estimate the rLLC of each component set (whole, heads, layers) of every checkpoint in --checkpoints "
+            "Estimate the rLLC of each component set (whole, heads, groups, layers, mlps) of every checkpoint in "
+            "--checkpoints "
             "on every --data distribution. Each finished (checkpoint, data, component set) is written to the "
             "SQLite --store in one transaction; rerunning skips what is stored with the same config and "
             "recomputes the rest. Unloadable checkpoints are recorded as failures and skipped."
@@ -78,7 +82,8 @@ def _sweep_parser(sub) -> None:
     )
     p.add_argument("--checkpoints", required=True,
                    help="a directory of checkpoints: *.pt (rllc_fast or TransformerLens state dicts) or Hugging Face "
-                        "GPT-NeoX directories (step1000/ ...), ordered by training step; or one checkpoint file or "
+                        f"directories (step1000/ ...; model_type {', '.join(SUPPORTED_MODEL_TYPES)}), ordered by training "
+                        "step; or one checkpoint file or "
                         "Hugging Face directory; or a glob pattern in quotes ('run/step*.pt'); or a Hugging Face hub "
                         "name (EleutherAI/pythia-70m) or models--org--name folder of the local hub cache "
                         "(HF_HUB_CACHE/HF_HOME, offline): its stepN revisions")
@@ -91,7 +96,7 @@ def _sweep_parser(sub) -> None:
                    help="a data distribution: built-in corpus (stdlib_code, stdlib_prose), synthetic:SOURCE (code, induction, dyck, ngram, mixture) or a token/text file "
                         "(.npy, .pt, raw .bin of --dtype, .txt with --tokenizer); repeat for several; NAME= names it")
     p.add_argument("--components", default="heads",
-                   help="comma-separated component sets: whole, heads, layers")
+                   help="comma-separated component sets: whole, heads, groups (grouped-query attention), layers, mlps")
     p.add_argument("--store", required=True, help="SQLite result store (created by the first result; its folder "
                                                   "must exist)")
     p.add_argument("--tokenizer", help="tokenizers JSON file for text data (default: UTF-8 bytes for built-in corpora)")

@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
     )
     add_model_arguments(p, folders=True)
     p.add_argument("--components", default="heads,whole",
-                   help="comma-separated component sets: whole, heads, layers (with the whole model, refined LLCs "
+                   help="comma-separated component sets: whole, heads, groups, layers, mlps (with the whole model, refined LLCs "
                         "above it are flagged)")
     p.add_argument("--step-sizes", default=DEFAULT_STEP_SIZES, help="comma-separated SGLD step sizes to try")
     p.add_argument("--out", default="rllc-calibrate", help="output folder for calibrate.csv and calibrate.png")

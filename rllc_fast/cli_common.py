@@ -14,6 +14,7 @@ from typing import NamedTuple
 from .cli_args import batch_size, nonnegative_int, positive_int
 from .config import SAMPLERS, SGLDConfig
 from .data.tokens import RAW_DTYPES
+from .models.families import SUPPORTED_MODEL_TYPES
 
 #: Contexts per data distribution when --num-contexts is not given.
 NUM_CONTEXTS = 256
@@ -99,7 +100,7 @@ def add_model_arguments(p, folders: bool = False) -> None:
     ``folders`` also a folder of checkpoints and ``--step`` (see ``load_checkpoint``), ``--like``, ``--data``,
     ``--tokenizer``, ``--num-contexts``, ``--dtype``, ``--context``, ``--device``, and the group of the built-in
     model used without ``--checkpoint``."""
-    what = "a checkpoint file (*.pt, *.pth) or Hugging Face GPT-NeoX directory"
+    what = f"a checkpoint file (*.pt, *.pth) or Hugging Face directory (model_type {', '.join(SUPPORTED_MODEL_TYPES)})"
     if folders:
         what += ", or a folder of checkpoints (its last one, or the one at --step)"
     p.add_argument("--checkpoint", metavar="PATH", help=f"{what} (default: train the built-in model)")

@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .components import as_component_dict, heads, layers, whole
+from .components import as_component_dict, groups, heads, layers, mlps, whole
 from .content_id import checkpoint_ids, signature
 from .config import SGLDConfig
 from .data import ModelDistribution
@@ -39,7 +39,8 @@ from .progress import Progress
 from .result import ChainsDivergedError
 from .store import ResultStore, UnitKey
 
-COMPONENT_SETS: Dict[str, Callable] = {"whole": lambda m: {"whole": whole(m)}, "heads": heads, "layers": layers}
+COMPONENT_SETS: Dict[str, Callable] = {"whole": lambda m: {"whole": whole(m)}, "heads": heads, "layers": layers,
+                                       "groups": groups, "mlps": mlps}
 #: What a sweep can measure: the rLLC (SGLD) or a Hessian-based metric of ``rllc_fast.hessian``.
 METRICS = ("llc", "hessian-trace", "fim-trace", "hessian-rank")
 
@@ -181,7 +182,8 @@ def run_sweep(
     checkpoints:    a checkpoint folder, file, Hugging Face directory or glob (``rllc_fast.models.select_checkpoints``)
                     or Checkpoints.
     data:           ``{name: tokens [N, T] or ModelDistribution}``; each name is a data distribution.
-    component_sets: names from ``COMPONENT_SETS`` ("whole", "heads", "layers") or ``{name: model -> components}``.
+    component_sets: names from ``COMPONENT_SETS`` ("whole", "heads", "groups", "layers", "mlps") or
+                    ``{name: model -> components}``.
     store:          a store path (its folder must exist; the file is created by the first written unit, and a
                     file that is not an rllc store is refused before any work) or a writable ``ResultStore``.
     like:           a model or config every checkpoint must match; default: the first checkpoint that loads.
@@ -359,7 +361,9 @@ def _unit_cost(set_name: str, cfg) -> float:
     """A unit's relative cost for sharding: its component count (one batched replica each) plus one for the
     shared forward pass, from the model config ``cfg`` (None: every set counts as one component)."""
     n_layers, n_heads = (getattr(cfg, "n_layers", 1), getattr(cfg, "n_heads", 1)) if cfg is not None else (1, 1)
-    return 1.0 + {"whole": 1, "layers": n_layers, "heads": n_layers * n_heads}.get(set_name, 1)
+    n_groups = (getattr(cfg, "n_key_value_heads", None) or n_heads) if cfg is not None else 1
+    return 1.0 + {"whole": 1, "layers": n_layers, "mlps": n_layers, "heads": n_layers * n_heads,
+                  "groups": n_layers * n_groups}.get(set_name, 1)
 
 
 def _first_config(checkpoints, opener):

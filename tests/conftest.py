@@ -21,3 +21,15 @@ def pytest_collection_modifyitems(config, items):
 def _deterministic_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture()
+def no_network(monkeypatch):
+    """Any network connection fails the test (the loaders must work offline)."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

@@ -12,7 +12,7 @@ import rllc_fast as r
 from devices import DEVICES
 from rllc_fast import hessian
 from rllc_fast.data import data_from_spec
-from rllc_fast.models import attn_only, checkpoint_series, load_gpt_neox, pythia_like, save_checkpoint
+from rllc_fast.models import attn_only, checkpoint_series, load_gpt_neox, load_hf, pythia_like, save_checkpoint
 from rllc_fast.models.train import train_next_token
 from rllc_fast.toy import ToyRecipe, toy_model, train_toy
 
@@ -49,6 +49,17 @@ def _hf_neox_dir(path):
     return path
 
 
+def _hf_llama_dir(path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=30, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
 def _checkpoint_dir(path):
     save_checkpoint(attn_only(seed=1, **TINY), path / "step000001.pt", 1)
     return path
@@ -63,6 +74,7 @@ BUILDERS = {
     "pythia_like": (lambda tmp: None, lambda _: pythia_like(seed=3, n_layers=1, d_model=16, n_heads=2, d_head=8,
                                                             d_mlp=32, n_ctx=8, d_vocab=30, rotary_dim=4)),
     "load_gpt_neox": (lambda tmp: _hf_neox_dir(tmp / "neox"), load_gpt_neox),
+    "load_hf": (lambda tmp: _hf_llama_dir(tmp / "llama"), load_hf),
     "checkpoint.load": (_checkpoint_dir, lambda d: checkpoint_series(d)[0].load()),
     "checkpoint.load(like=)": (_checkpoint_dir, lambda d: checkpoint_series(d)[0].load(like=attn_only(**TINY).cfg)),
     "toy_model": (lambda tmp: None, lambda _: toy_model(TINY_TOY)),

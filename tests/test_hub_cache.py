@@ -1,7 +1,6 @@
 """Checkpoints in a local Hugging Face hub cache (issue 21, item 1): a hub name, its models--org--name folder
 or its snapshots folder are swept offline, steps read from the revision names (never the commit hashes),
 revisions chosen by name, and errors that list the revisions in the cache."""
-import socket
 import sqlite3
 import warnings
 
@@ -43,15 +42,9 @@ def hub(tmp_path_factory):
 
 
 @pytest.fixture()
-def offline(hub, monkeypatch):
-    """HF_HUB_CACHE pointing at the test cache, and any network connection fails the test."""
+def offline(hub, monkeypatch, no_network):
+    """HF_HUB_CACHE pointing at the test cache, and any network connection fails the test (``no_network``)."""
     monkeypatch.setenv("HF_HUB_CACHE", str(hub[0]))
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
     return hub
 
 

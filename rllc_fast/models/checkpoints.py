@@ -3,7 +3,7 @@
 A checkpoint directory may hold, in any mix:
 - ``*.pt`` / ``*.pth`` files written by ``save_checkpoint`` (TransformerLens state dict + config + step);
 - plain TransformerLens state dicts (``*.pt``), loaded into a model shaped like ``like``;
-- Hugging Face GPT-NeoX directories (with ``config.json``), such as Pythia's ``step1000/``.
+- Hugging Face directories (with ``config.json``) of a family ``load_hf`` supports, such as Pythia's ``step1000/``.
 
 The training step comes from the file's stored metadata, else from the last number in its name.
 """
@@ -53,9 +53,9 @@ class Checkpoint:
         """
         try:
             if self.kind == "hf":
-                from .gpt_neox import load_gpt_neox
+                from .families import load_hf
 
-                model = load_gpt_neox(self.path, device=device)
+                model = load_hf(self.path, device=device)
                 _check_same_architecture(model.cfg, like, self.path)
                 return model.eval()
             payload = _torch_load(self.path)
