@@ -40,14 +40,20 @@ def _exact_hessian(model, params: list, loss):
     return torch.autograd.functional.hessian(f, tuple(p.detach() for p in originals))
 
 
-def test_mlp_block_traces_match_the_exact_hessian():
-    model, data = _mlp()
+def _mlp_layer_traces(model, data):
+    """The exact Hessian traces of the MLP's two layers ``{"L0", "L2"}`` (weights and biases) on ``data``, and
+    the two components."""
     names = ["0.weight", "0.bias", "2.weight", "2.bias"]
     H = _exact_hessian(model, names, lambda pd: _ce(lambda x: torch.func.functional_call(model, pd, (x,)), data))
     diag = [H[i][i].reshape(p.numel(), p.numel()).diagonal().sum().item()
             for i, p in enumerate(dict(model.named_parameters())[n] for n in names)]
-    exact = {"L0": diag[0] + diag[1], "L2": diag[2] + diag[3]}
     comps = [r.from_params(model, names[:2], name="L0"), r.from_params(model, names[2:], name="L2")]
+    return {"L0": diag[0] + diag[1], "L2": diag[2] + diag[3]}, comps
+
+
+def test_mlp_block_traces_match_the_exact_hessian():
+    model, data = _mlp()
+    exact, comps = _mlp_layer_traces(model, data)
     for probes in ("shared", "per-component"):
         res = hessian.trace(model, data, comps, num_probes=2000, num_batches=1, batch_size=48, loss_fn=_ce,
                             probes=probes, probe_chunk=16)
@@ -63,12 +69,7 @@ def test_traces_over_several_batches_are_the_hessian_of_the_mean_loss_over_all_o
     different scales). Catches an estimate that uses only one of the batches."""
     model, (x, y) = _mlp()
     data = (x * torch.linspace(0.2, 3.0, 48)[:, None], y)
-    names = ["0.weight", "0.bias", "2.weight", "2.bias"]
-    H = _exact_hessian(model, names, lambda pd: _ce(lambda x: torch.func.functional_call(model, pd, (x,)), data))
-    diag = [H[i][i].reshape(p.numel(), p.numel()).diagonal().sum().item()
-            for i, p in enumerate(dict(model.named_parameters())[n] for n in names)]
-    exact = {"L0": diag[0] + diag[1], "L2": diag[2] + diag[3]}
-    comps = [r.from_params(model, names[:2], name="L0"), r.from_params(model, names[2:], name="L2")]
+    exact, comps = _mlp_layer_traces(model, data)
     _within(hessian.trace(model, data, comps, num_probes=2000, num_batches=2, batch_size=24, loss_fn=_ce,
                           probe_chunk=16), exact)
     _within(hessian.trace(model, data, comps, num_probes=90, num_batches=2, batch_size=24, loss_fn=_ce,
