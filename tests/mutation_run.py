@@ -99,6 +99,9 @@ MUTANTS: List[Mutant] = [
     Mutant("the LLC estimate halved", "rllc_fast/result.py",
            "        per_chain[ok] = self.nbeta * (", "        per_chain[ok] = 0.5 * self.nbeta * (",
            ("tests/test_known_llc.py",)),
+    Mutant("the LLC estimate halved, seen by the power models' scale test alone", "rllc_fast/result.py",
+           "        per_chain[ok] = self.nbeta * (", "        per_chain[ok] = 0.5 * self.nbeta * (",
+           ("tests/test_known_llc.py", "-k", "scale")),
 ]
 
 
