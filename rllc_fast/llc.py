@@ -139,7 +139,7 @@ def estimate_llc(
                                         max_memory=max_memory)
     finally:
         bar.close()
-    result = LLCResult(estimates=estimates, config=config, engine=engine)
+    result = LLCResult(estimates=estimates, config=config, engine=engine, matmul_precision=matmul_precision)
     try:
         check_divergence(estimates, config.step_size)
     except ChainsDivergedError as err:

@@ -122,6 +122,7 @@ class LLCResult:
     estimates: Dict[str, ComponentLLC]
     config: SGLDConfig
     engine: str
+    matmul_precision: str = "fp32"  # the precision l(w*) and l(w_t) were computed in (estimate_llc's argument)
 
     def __getitem__(self, name: str) -> ComponentLLC:
         try:
@@ -181,6 +182,7 @@ class LLCResult:
     def to_dict(self) -> dict:
         return {
             "engine": self.engine,
+            "matmul_precision": self.matmul_precision,
             "config": self.config.to_dict(),
             "components": {k: e.to_dict() for k, e in self.estimates.items()},
         }
@@ -205,7 +207,8 @@ class LLCResult:
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return f"LLCResult(engine={self.engine!r}, components={len(self)})\n{self.summary()}"
+        return (f"LLCResult(engine={self.engine!r}, matmul_precision={self.matmul_precision!r}, "
+                f"components={len(self)})\n{self.summary()}")
 
 
 def check_divergence(estimates: Dict[str, ComponentLLC], step_size: float) -> None:

@@ -290,6 +290,8 @@ def test_bf16_and_tf32_agree_with_fp32_per_head_and_leave_global_flags_alone(sma
         tf32 = r.estimate_llc(model, tokens, cfg, components=r.heads(model), matmul_precision="tf32")
         bf16 = r.estimate_llc(model, tokens, cfg, components=r.heads(model), matmul_precision="bf16")
     assert _global_flags() == before
+    assert [x.matmul_precision for x in (fp32, tf32, bf16)] == ["fp32", "tf32", "bf16"]  # the result says which
+    assert bf16.to_dict()["matmul_precision"] == "bf16"
     np.testing.assert_array_equal(tf32.loss_trace, fp32.loss_trace)
     assert not np.array_equal(bf16.loss_trace, fp32.loss_trace)  # bf16 really ran
     for name in fp32.components:
