@@ -60,13 +60,17 @@ class _UnembedLoss(torch.autograd.Function):
             end = min(start + block, rows_total)
             xb = x[start:end].float()
             logits = (torch.addmm(b, xb, W) if b is not None else xb @ W).float()   # [rows, V]
-            lse = torch.logsumexp(logits, dim=1, keepdim=True)
-            if not kl:
+            if not kl:  # one exp pass over the block: loss = log(sum exp(l - max)) + max - l[target]
                 tgt = target_ids[start:end, None]
-                torch.sub(lse, logits.gather(1, tgt), out=row_loss[start:end, None])
-                dlogits = logits.sub_(lse).exp_()                                  # softmax
+                picked = logits.gather(1, tgt)
+                top = logits.amax(dim=1, keepdim=True)
+                dlogits = logits.sub_(top).exp_()                                  # exp(l - max)
+                total = dlogits.sum(dim=1, keepdim=True)
+                torch.sub(total.log().add_(top), picked, out=row_loss[start:end, None])
+                dlogits.div_(total)                                                # softmax
                 dlogits.scatter_add_(1, tgt, minus_one[: end - start])
-            else:  # KL(p_ref || softmax(logits)); reference rows repeat for every replica
+            else:
+                lse = torch.logsumexp(logits, dim=1, keepdim=True)  # KL(p_ref || softmax(logits)); reference rows repeat for every replica
                 if end - start == rows_total or (start % n_ref == 0 and end - start == n_ref):
                     ref_logp = target_logp.repeat(rows_total // n_ref, 1) if end - start > n_ref else target_logp
                 else:

@@ -90,6 +90,26 @@ def _has_hooks(module: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in module.modules())
 
 
+def norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for a TransformerLens ``LayerNorm``, ``LayerNormPre``, ``RMSNorm`` or ``RMSNormPre``
+    as one fused ``F.layer_norm`` / ``F.rms_norm`` (the same maths, float rounding apart: one kernel
+    instead of about eight elementwise passes and their autograd nodes). A module of another class, one
+    with hooks attached, or a model whose ``cfg.dtype`` is not float32/float64 (TransformerLens normalizes
+    those in float32 and casts back) is called as it is."""
+    from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
+
+    kind = type(module)
+    if (kind not in (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre) or x.dtype not in (torch.float32, torch.float64)
+            or module.cfg.dtype not in (torch.float32, torch.float64) or _has_hooks(module)):
+        return module(x)
+    shape = (x.shape[-1],)
+    if kind is LayerNorm:
+        return F.layer_norm(x, shape, module.w, module.b, module.eps)
+    if kind is LayerNormPre:
+        return F.layer_norm(x, shape, None, None, module.eps)
+    return F.rms_norm(x, shape, module.w if kind is RMSNorm else None, module.eps)
+
+
 @dataclass
 class SharedPass:
     """The ``w*`` computation of one token batch, shared by every replica (no autograd graph)."""
@@ -190,7 +210,7 @@ class HeadReplicas:
         W_Q, W_K, W_V, b_Q, b_K, b_V, W_O = (t.to(resid_pre.dtype) for t in self.unpack(rows))
 
         with torch.no_grad():
-            x = block.ln1(resid_pre)                                # value input [N, T, d]
+            x = norm(block.ln1, resid_pre)                          # value input [N, T, d]
             xqk = x + pos if pos is not None else x
         # own head: [R, N, T, d_head]
         q = torch.einsum("ntd,rde->rnte", xqk, W_Q) + b_Q[:, None, None]
@@ -217,14 +237,14 @@ class HeadReplicas:
                 base = base + shared.mlp_out[layer][:, :P]
         resid = (base + own_out).reshape(R * N, T, d)
         if not cfg.attn_only and not cfg.parallel_attn_mlp:
-            resid = resid + block.mlp(block.ln2(resid))
+            resid = resid + block.mlp(norm(block.ln2, resid))
         for upper in model.blocks[layer + 1 :]:
             if self.sdpa and not _has_hooks(upper):
                 resid = self._block_sdpa(upper, resid, pos)
             else:  # TransformerLens's own block (materialized attention; runs any hooks attached to it)
                 resid = upper(resid, shortformer_pos_embed=pos) if pos is not None else upper(resid)
         if cfg.normalization_type is not None:
-            resid = model.ln_final(resid)
+            resid = norm(model.ln_final, resid)
         return resid.view(R, N, T, d)
 
     def _fused_weights(self, block) -> Tuple[torch.Tensor, ...]:
@@ -254,7 +274,7 @@ class HeadReplicas:
         W_qk, b_qk, W_v, b_v, W_o, b_o = self._fused_weights(block)
         B, T, d = resid.shape
         H, dh = cfg.n_heads, cfg.d_head
-        x = block.ln1(resid)
+        x = norm(block.ln1, resid)
         xqk = x + pos if pos is not None else x
         q, k = F.linear(xqk, W_qk, b_qk).view(B, T, 2, H, dh).unbind(2)
         v = F.linear(x, W_v, b_v).view(B, T, H, dh)
@@ -266,7 +286,7 @@ class HeadReplicas:
         out = resid + attn_out
         mlp_out = None
         if not cfg.attn_only:
-            mlp_out = block.mlp(block.ln2(resid if cfg.parallel_attn_mlp else out))
+            mlp_out = block.mlp(norm(block.ln2, resid if cfg.parallel_attn_mlp else out))
             out = out + mlp_out
         return z, attn_out, mlp_out, out
 
