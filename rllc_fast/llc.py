@@ -24,7 +24,7 @@ from .components import as_component_dict, whole_model_component
 from .config import SGLDConfig
 from .data import BatchSchedule, ModelDistribution
 from .diagnostics import SamplerWarning, refined_exceeding_whole, step_size_problems, warn_unreliable
-from .engine.batched import run_batched
+from .engine.batched import optimum_loss_fn, run_batched
 from .engine.common import MATMUL_PRECISIONS
 from .engine.common import matmul_precision as matmul_precision_context
 from .engine.reference import run_reference
@@ -129,7 +129,8 @@ def estimate_llc(
         check_tokens(schedule[0], model, what="data (first batch)")
     batches = _OnDevice(schedule, device)
     with matmul_precision_context(matmul_precision, device):
-        init_losses = loss_at_optimum(model, batches, loss_fn, schedule.distinct_batch_ids())
+        star_loss = optimum_loss_fn(model, comps, loss_fn) if engine == "batched" else loss_fn
+        init_losses = loss_at_optimum(model, batches, star_loss, schedule.distinct_batch_ids())
 
     total = len(comps) * config.num_chains * config.num_steps
     bar = Progress(total, progress)

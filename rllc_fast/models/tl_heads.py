@@ -291,21 +291,42 @@ class HeadReplicas:
         return z, attn_out, mlp_out, out
 
     @torch.no_grad()
+    def final_features(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        """The final residual stream after the last norm at ``w*``, ``[N, T-1, d_model]`` (the last position,
+        which predicts nothing, left out), by the blocks and norms the replicas use (``l(w*)`` paired with
+        their ``l(w_t)``); None where ``shared`` would take TransformerLens's own forward (``"materialized"``
+        attention, hooks attached, or an input that needs an attention mask)."""
+        if not self.sdpa or _has_hooks(self.model):
+            return None
+        run = self._sdpa_blocks(tokens, [], self.cfg.n_layers - 1)
+        if run is None:
+            return None
+        resid = run[1][:, :-1]
+        return norm(self.model.ln_final, resid) if self.cfg.normalization_type is not None else resid
+
     def _shared_sdpa(self, tokens: torch.Tensor, layers: List[int]) -> Optional[SharedPass]:
         """``shared`` with SDPA blocks (None when the model's input needs an attention mask)."""
+        run = self._sdpa_blocks(tokens, layers, layers[-1])
+        return None if run is None else run[0]
+
+    @torch.no_grad()
+    def _sdpa_blocks(self, tokens: torch.Tensor, layers: List[int], last: int
+                     ) -> Optional[Tuple[SharedPass, torch.Tensor]]:
+        """Blocks ``0 .. last`` at ``w*`` with SDPA attention: ``(what replicas of `layers` share, the residual
+        stream after block `last` [N, T, d])``; None when the model's input needs an attention mask."""
         resid, _, pos, mask = self.model.input_to_embed(tokens)
         if mask is not None:
             return None
         out = SharedPass(tokens=tokens, resid_pre={}, z={}, attn_out={}, mlp_out={},
                          pos_embed=pos[:1] if pos is not None else None)
-        for l in range(layers[-1] + 1):
+        for l in range(last + 1):
             z, attn_out, mlp_out, post = self._block_parts(self.model.blocks[l], resid, pos)
             if l in layers:
                 out.resid_pre[l], out.z[l], out.attn_out[l] = resid, z, attn_out
                 if mlp_out is not None and self.cfg.parallel_attn_mlp:
                     out.mlp_out[l] = mlp_out
             resid = post
-        return out
+        return out, resid
 
     def bytes_per_replica(self, N: int, T: int, layer: int) -> int:
         """Upper bound on the autograd memory (bytes, peak) of one replica of ``layer`` on ``[N, T]``
