@@ -207,15 +207,20 @@ class HeadReplicas:
         resid_pre = shared.resid_pre[layer][:, :P]                  # [N, P, d]
         N, T, d = resid_pre.shape
         pos = shared.pos_embed[:, :P] if shared.pos_embed is not None else None
-        W_Q, W_K, W_V, b_Q, b_K, b_V, W_O = (t.to(resid_pre.dtype) for t in self.unpack(rows))
+        o = self.offsets
+        W_QKV = rows[:, : o[3]].reshape(R, 3, d, -1).to(resid_pre.dtype)   # W_Q, W_K, W_V [R, 3, d, d_head]
+        b_QKV = rows[:, o[3] : o[6]].reshape(R, 3, 1, 1, -1).to(resid_pre.dtype).transpose(0, 1)  # [3, R, 1, 1, d_head]
+        W_O = rows[:, o[6] :].reshape(R, -1, d).to(resid_pre.dtype)        # [R, d_head, d]
 
         with torch.no_grad():
             x = norm(block.ln1, resid_pre)                          # value input [N, T, d]
             xqk = x + pos if pos is not None else x
-        # own head: [R, N, T, d_head]
-        q = torch.einsum("ntd,rde->rnte", xqk, W_Q) + b_Q[:, None, None]
-        k = torch.einsum("ntd,rde->rnte", xqk, W_K) + b_K[:, None, None]
-        v = torch.einsum("ntd,rde->rnte", x, W_V) + b_V[:, None, None]
+        # own head: q, k, v [R, N, T, d_head], in one product where Q, K and V read the same input
+        if pos is None:
+            q, k, v = (torch.einsum("ntd,rcde->crnte", x, W_QKV) + b_QKV).unbind(0)
+        else:
+            q, k = (torch.einsum("ntd,rcde->crnte", xqk, W_QKV[:, :2]) + b_QKV[:2]).unbind(0)
+            v = torch.einsum("ntd,rde->rnte", x, W_QKV[:, 2]) + b_QKV[2]
         if cfg.positional_embedding_type == "rotary":  # rotary acts per position: replicas as heads
             q = attn.apply_rotary(q.permute(1, 2, 0, 3)).permute(2, 0, 1, 3)
             k = attn.apply_rotary(k.permute(1, 2, 0, 3)).permute(2, 0, 1, 3)
@@ -231,11 +236,11 @@ class HeadReplicas:
 
         with torch.no_grad():  # the layer's output with the w* head taken out, per replica's head
             z_star = shared.z[layer][:, :P, heads]                   # [N, T, R, d_head]
-            star_out = torch.einsum("ntre,red->rntd", z_star, attn.W_O[heads])
-            base = (shared.attn_out[layer][:, :P] + resid_pre)[None] - star_out   # [R, N, T, d]
+            base = torch.einsum("ntre,red->rntd", z_star, attn.W_O[heads]).neg_()     # - the w* head's output
+            base.add_(shared.attn_out[layer][:, :P] + resid_pre)                      # [R, N, T, d]
             if not cfg.attn_only and cfg.parallel_attn_mlp:
-                base = base + shared.mlp_out[layer][:, :P]
-        resid = (base + own_out).reshape(R * N, T, d)
+                base.add_(shared.mlp_out[layer][:, :P])
+        resid = own_out.add_(base).reshape(R * N, T, d)  # in place: the product's backward does not read its output
         if not cfg.attn_only and not cfg.parallel_attn_mlp:
             resid = resid + block.mlp(norm(block.ln2, resid))
         for upper in model.blocks[layer + 1 :]:
