@@ -7,8 +7,10 @@ is the loss on the chosen data ``q'``. **How l(w*) is measured**: the minibatch 
 SGLD steps is fixed once per call (seeded by ``config.seed``) and shared by every chain and
 component; ``l(w*)`` is evaluated on each kept step's minibatch, so each draw's ``l(w_t)`` is
 paired with ``l(w*)`` on the same data (a lower-variance difference), and ``mean_t l(w*)`` is the
-mean over the kept draws' minibatches. Step t's loss is taken *before* step t's update, so the
-first draw without burn-in is at ``w*`` itself (as in devinterp).
+mean over the kept draws' minibatches (with the batched engine, when every component takes the
+structured path, by that path's own blocks and unembedding: ``engine.batched.optimum_loss_fn``). Step
+t's loss is taken *before* step t's update, so the first draw without burn-in is at ``w*`` itself (as in
+devinterp).
 """
 from __future__ import annotations
 
