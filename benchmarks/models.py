@@ -10,6 +10,8 @@ from rllc_fast.models.train import train_next_token
 # The paper's architecture (2 layers, 8 heads, attention-only, LayerNorm, shortformer positions)
 # shrunk so that devinterp's head-by-head sweep finishes in minutes on 2 CPU cores.
 REDUCED = dict(d_model=64, n_heads=8, d_head=8, n_ctx=32, d_vocab=256)
+# Issue 19's small case: few replicas (2 layers x 4 heads), longer contexts; where per-step overhead shows.
+SMALL = dict(d_model=64, n_heads=4, d_head=16, n_ctx=64, d_vocab=256)
 FULL = dict(n_ctx=256)  # the paper's model (d_model 256, 5k vocabulary), contexts cut to 256 tokens
 
 
@@ -20,6 +22,15 @@ def trained_reduced(train_steps: int = 200):
     model = r.models.attn_only(seed=0, **REDUCED)
     train_next_token(model, stdlib_byte_tokens(2048, REDUCED["n_ctx"], seed=0), train_steps, seed=0)
     return model, stdlib_byte_tokens(512, REDUCED["n_ctx"], seed=1)
+
+
+@functools.lru_cache(maxsize=None)
+def trained_small(train_steps: int = 200):
+    """(model, held-out byte tokens [512, 64]) of the ``SMALL`` shape, trained like ``trained_reduced``."""
+    torch.manual_seed(0)
+    model = r.models.attn_only(seed=0, **SMALL)
+    train_next_token(model, stdlib_byte_tokens(2048, SMALL["n_ctx"], seed=0), train_steps, seed=0)
+    return model, stdlib_byte_tokens(512, SMALL["n_ctx"], seed=1)
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,8 +5,8 @@ What one step computes (``engine/batched.py``, ``models/tl_heads.py``, ``unembed
 ``N`` contexts of ``T`` tokens, ``P = T - 1`` predicted positions, and ``R`` head replicas, replica ``r`` of
 layer ``l_r``:
 
-- **shared** (once per step, at ``w*``, no gradient): ``l(w*)`` on the batch (the whole model with its
-  logits), and the shared pass ``HeadReplicas.shared``: blocks ``0 .. max(l_r)`` on ``[N, T]``;
+- **shared** (once per step, at ``w*``, no gradient): ``l(w*)`` on the batch (the whole model, by the
+  structured path's own blocks when every component takes it, with logits at the ``P`` predicted positions), and the shared pass ``HeadReplicas.shared``: blocks ``0 .. max(l_r)`` on ``[N, T]``;
 - **per replica**, forward and backward (gradients flow to the replica's own head weights only, so the
   backward of a frozen weight's matmul is the input gradient alone):
   - *own head*: its Q, K, V projections, scores, pattern x V, output projection, and the ``w*`` head's
@@ -237,9 +237,9 @@ def step_cost(cfg, layers: Sequence[int], batch: int, context: int, precision: s
     lstar = Part("shared: l(w*)", True)
     k = _Counter(lstar, elem)
     shared_blocks(k, c["n_layers"])
-    k.mm(N * T, d, V, b=False, out=not fused_unembed)
+    k.mm(N * P, d, V, b=False, out=not fused_unembed)
     if not fused_unembed:
-        k.passes(N * T * V, e["shared_logits"])
+        k.passes(N * P * V, e["shared_logits"])
     shared = Part("shared: w* pass", True)
     shared_blocks(_Counter(shared, elem), max(layers) + 1)
 

@@ -7,8 +7,10 @@ is the loss on the chosen data ``q'``. **How l(w*) is measured**: the minibatch 
 SGLD steps is fixed once per call (seeded by ``config.seed``) and shared by every chain and
 component; ``l(w*)`` is evaluated on each kept step's minibatch, so each draw's ``l(w_t)`` is
 paired with ``l(w*)`` on the same data (a lower-variance difference), and ``mean_t l(w*)`` is the
-mean over the kept draws' minibatches. Step t's loss is taken *before* step t's update, so the
-first draw without burn-in is at ``w*`` itself (as in devinterp).
+mean over the kept draws' minibatches (with the batched engine, when every component takes the
+structured path, by that path's own blocks and unembedding: ``engine.batched.optimum_loss_fn``). Step
+t's loss is taken *before* step t's update, so the first draw without burn-in is at ``w*`` itself (as in
+devinterp).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from .components import as_component_dict, whole_model_component
 from .config import SGLDConfig
 from .data import BatchSchedule, ModelDistribution
 from .diagnostics import SamplerWarning, refined_exceeding_whole, step_size_problems, warn_unreliable
-from .engine.batched import run_batched
+from .engine.batched import optimum_loss_fn, run_batched
 from .engine.common import MATMUL_PRECISIONS
 from .engine.common import matmul_precision as matmul_precision_context
 from .engine.reference import run_reference
@@ -129,7 +131,8 @@ def estimate_llc(
         check_tokens(schedule[0], model, what="data (first batch)")
     batches = _OnDevice(schedule, device)
     with matmul_precision_context(matmul_precision, device):
-        init_losses = loss_at_optimum(model, batches, loss_fn, schedule.distinct_batch_ids())
+        star_loss = optimum_loss_fn(model, comps, loss_fn) if engine == "batched" else loss_fn
+        init_losses = loss_at_optimum(model, batches, star_loss, schedule.distinct_batch_ids())
 
     total = len(comps) * config.num_chains * config.num_steps
     bar = Progress(total, progress)

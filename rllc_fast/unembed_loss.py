@@ -42,7 +42,8 @@ def block_rows(vocab: int, block_bytes: Optional[int] = None, kl: bool = False) 
 
 class _UnembedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_U, b_U, target_ids, target_logp, R: int, block_bytes):
+    def forward(ctx, x, W_U, b_U, target_ids, target_logp, R: int, block_bytes, need_grad: bool):
+        """``need_grad`` False (no gradient will be asked for): the losses only, no softmax or ``d loss / d x``."""
         rows_total = x.shape[0]
         M = rows_total // R
         V = W_U.shape[1]
@@ -52,7 +53,7 @@ class _UnembedLoss(torch.autograd.Function):
         Wt = W.t()
         b = b_U.float() if b_U is not None else None
         row_loss = torch.empty(rows_total, dtype=torch.float32, device=x.device)
-        grad_x = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        grad_x = torch.empty(x.shape, dtype=torch.float32, device=x.device) if need_grad else None
         n_ref = target_logp.shape[0] if kl else 0
         autocast = x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
         minus_one = None if kl else torch.full((block, 1), -1.0, dtype=torch.float32, device=x.device)
@@ -60,13 +61,18 @@ class _UnembedLoss(torch.autograd.Function):
             end = min(start + block, rows_total)
             xb = x[start:end].float()
             logits = (torch.addmm(b, xb, W) if b is not None else xb @ W).float()   # [rows, V]
-            lse = torch.logsumexp(logits, dim=1, keepdim=True)
-            if not kl:
+            if not kl:  # one exp pass over the block: loss = log(sum exp(l - max)) + max - l[target]
                 tgt = target_ids[start:end, None]
-                torch.sub(lse, logits.gather(1, tgt), out=row_loss[start:end, None])
-                dlogits = logits.sub_(lse).exp_()                                  # softmax
-                dlogits.scatter_add_(1, tgt, minus_one[: end - start])
+                picked = logits.gather(1, tgt)
+                top = logits.amax(dim=1, keepdim=True)
+                dlogits = logits.sub_(top).exp_()                                  # exp(l - max)
+                total = dlogits.sum(dim=1, keepdim=True)
+                torch.sub(total.log().add_(top), picked, out=row_loss[start:end, None])
+                if need_grad:
+                    dlogits.div_(total)                                            # softmax
+                    dlogits.scatter_add_(1, tgt, minus_one[: end - start])
             else:  # KL(p_ref || softmax(logits)); reference rows repeat for every replica
+                lse = torch.logsumexp(logits, dim=1, keepdim=True)
                 if end - start == rows_total or (start % n_ref == 0 and end - start == n_ref):
                     ref_logp = target_logp.repeat(rows_total // n_ref, 1) if end - start > n_ref else target_logp
                 else:
@@ -74,10 +80,10 @@ class _UnembedLoss(torch.autograd.Function):
                 ref_p = ref_logp.exp()
                 logq = logits.sub_(lse)
                 row_loss[start:end] = (ref_p * (ref_logp - logq)).sum(1)
-                dlogits = logq.exp_().sub_(ref_p)
-            if autocast:  # out= products are not autocast: let the product run in bfloat16, then copy
+                dlogits = logq.exp_().sub_(ref_p) if need_grad else None
+            if need_grad and autocast:  # out= products are not autocast: the product runs in bfloat16, then a copy
                 grad_x[start:end] = dlogits @ Wt
-            else:
+            elif need_grad:
                 torch.mm(dlogits, Wt, out=grad_x[start:end])
             del logits, dlogits  # one block's temporaries alive at a time (the budget counts one)
         ctx.save_for_backward(grad_x)
@@ -90,7 +96,7 @@ class _UnembedLoss(torch.autograd.Function):
         R, M = ctx.R, ctx.M
         scale = (grad_losses.float() / M).view(R, 1, 1)
         gx = (grad_x.view(R, M, -1) * scale).view(R * M, -1).to(ctx.dtype)
-        return gx, None, None, None, None, None, None
+        return gx, None, None, None, None, None, None, None
 
 
 def unembed_token_losses(x: torch.Tensor, W_U: torch.Tensor, b_U: Optional[torch.Tensor],
@@ -100,7 +106,7 @@ def unembed_token_losses(x: torch.Tensor, W_U: torch.Tensor, b_U: Optional[torch
     ``block_bytes``: memory for the row blocks' temporaries (None: ``BLOCK_ELEMENTS`` logits a block)."""
     R, N, P, d = x.shape
     targets = tokens[:, 1:].reshape(1, -1).expand(R, -1).reshape(-1)
-    return _UnembedLoss.apply(x.reshape(R * N * P, d), W_U, b_U, targets, None, R, block_bytes)
+    return _UnembedLoss.apply(x.reshape(R * N * P, d), W_U, b_U, targets, None, R, block_bytes, _needs_grad(x))
 
 
 def unembed_kl_losses(x: torch.Tensor, W_U: torch.Tensor, b_U: Optional[torch.Tensor],
@@ -110,4 +116,9 @@ def unembed_kl_losses(x: torch.Tensor, W_U: torch.Tensor, b_U: Optional[torch.Te
     ``block_bytes`` as in ``unembed_token_losses``."""
     R, N, P, d = x.shape
     return _UnembedLoss.apply(x.reshape(R * N * P, d), W_U, b_U, None, ref_logp.reshape(N * P, -1).float(), R,
-                              block_bytes)
+                              block_bytes, _needs_grad(x))
+
+
+def _needs_grad(x: torch.Tensor) -> bool:
+    """Whether autograd will ask for ``d loss / d x`` (when not, the blocks skip the softmax and its product)."""
+    return torch.is_grad_enabled() and x.requires_grad

@@ -59,7 +59,7 @@ MUTANTS: List[Mutant] = [
     Mutant("the last column tile is never updated", "rllc_fast/ops.py",
            "for c0 in range(0, n, cols):", "for c0 in range(0, max(n - cols, 1), cols):", ("tests/test_ops.py",)),
     Mutant("structured path skips the MLP of sequential blocks", "rllc_fast/models/tl_heads.py",
-           "            resid = resid + block.mlp(block.ln2(resid))\n", "            pass\n",
+           "            resid = resid + block.mlp(norm(block.ln2, resid))\n", "            pass\n",
            ("tests/test_structured_path.py",)),
     Mutant("backend() names the wrong state", "rllc_fast/ops.py",
            'return "compiled extension without CUDA: PyTorch fallback on every device"',
@@ -90,9 +90,9 @@ MUTANTS: List[Mutant] = [
     Mutant("negative token ids accepted by the check", "rllc_fast/losses.py",
            "        if lo < 0 or (", "        if lo < -1 or (", ("tests/test_bad_input.py",)),
     Mutant("init_loss_trace of one batch too late in both engines", "rllc_fast/llc.py",
-           "    init_losses = loss_at_optimum(model, batches, loss_fn, schedule.distinct_batch_ids())\n",
-           "    init_losses = loss_at_optimum(model, batches, loss_fn, schedule.distinct_batch_ids())\n"
-           "    init_losses = np.roll(init_losses, -1)\n", ("tests/test_batched_engine.py", "-k", "same_noise")),
+           "        init_losses = loss_at_optimum(model, batches, star_loss, schedule.distinct_batch_ids())\n",
+           "        init_losses = loss_at_optimum(model, batches, star_loss, schedule.distinct_batch_ids())\n"
+           "        init_losses = np.roll(init_losses, -1)\n", ("tests/test_batched_engine.py", "-k", "same_noise")),
     Mutant("cluster --apply-to returns the fitted run's labels", "rllc_fast/analysis/runs.py",
            "        labels = clustering.predict([head_curves(other, d, layer)[1] for d in data])\n",
            "        labels = dict(clustering.labels)\n", ("tests/test_analysis_cli.py", "-k", "every_subcommand")),

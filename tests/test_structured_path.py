@@ -180,6 +180,8 @@ def test_nan_replica_in_a_chunk_is_flagged_and_leaves_its_chunk_mates_alone(smal
 
         def feature_losses(self, x, W_U, b_U, tokens, prepared):
             losses = super().feature_losses(x, W_U, b_U, tokens, prepared)
+            if not torch.is_grad_enabled():  # l(w*) (no gradient) is not a sampling step
+                return losses
             Poisoned.step += 1
             if Poisoned.step == 4:  # step 3: replica 2 = head 1:1, chain 0
                 losses = losses.clone()
@@ -374,6 +376,8 @@ def test_diverged_replica_is_frozen_on_the_device_and_the_others_are_bit_identic
 
         def feature_losses(self, x, W_U, b_U, tokens, prepared, block_bytes=None):
             losses = super().feature_losses(x, W_U, b_U, tokens, prepared, block_bytes)
+            if not torch.is_grad_enabled():  # l(w*) (no gradient) is not a sampling step
+                return losses
             Poisoned.calls += 1
             if Poisoned.calls == 2 * 3 + 1:  # step 3, the layer-0 chunk: its replica 1 = head 0:0, chain 1
                 losses = losses.clone()

@@ -68,6 +68,32 @@ def plan(model: nn.Module, components: Dict[str, Component], loss_fn: Callable, 
     return heads, rest, None if heads else "no component is a single attention head"
 
 
+def optimum_loss_fn(model: nn.Module, components: Dict[str, Component], loss_fn: Callable, structured: bool = True
+                    ) -> Callable:
+    """The ``loss_fn(model, batch)`` that gives this engine's ``l(w*)``: when every component takes the
+    structured path, the structured path's own blocks, norms and unembedding (``l(w*)`` and the replicas'
+    ``l(w_t)`` from one code path, and without TransformerLens's hooks and materialized attention); else
+    ``loss_fn`` itself."""
+    heads, rest, _ = plan(model, components, loss_fn, structured)
+    return _StructuredLoss(model, loss_fn) if heads and not rest else loss_fn
+
+
+class _StructuredLoss:
+    """``loss_fn(model, batch)`` at ``w*`` from ``HeadReplicas.final_features`` and ``loss_fn.feature_losses``
+    (``loss_fn`` itself where the final features are not available)."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable):
+        self.hr, self.loss_fn = tl_heads.HeadReplicas(model), loss_fn
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, batch) -> torch.Tensor:
+        x = self.hr.final_features(batch)
+        if x is None:
+            return self.loss_fn(model, batch)
+        unembed = self.hr.model.unembed
+        return self.loss_fn.feature_losses(x[None], unembed.W_U, unembed.b_U, batch, self.loss_fn.prepare(batch))[0]
+
+
 SYNC_EVERY = 16
 """SGLD steps between the engine's host reads (progress and the divergence flags the generic path
 uses to skip replicas): losses, distances and divergence stay on the device in between."""

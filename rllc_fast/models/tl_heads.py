@@ -90,6 +90,26 @@ def _has_hooks(module: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in module.modules())
 
 
+def norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for a TransformerLens ``LayerNorm``, ``LayerNormPre``, ``RMSNorm`` or ``RMSNormPre``
+    as one fused ``F.layer_norm`` / ``F.rms_norm`` (the same maths, float rounding apart: one kernel
+    instead of about eight elementwise passes and their autograd nodes). A module of another class, one
+    with hooks attached, or a model whose ``cfg.dtype`` is not float32/float64 (TransformerLens normalizes
+    those in float32 and casts back) is called as it is."""
+    from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
+
+    kind = type(module)
+    if (kind not in (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre) or x.dtype not in (torch.float32, torch.float64)
+            or module.cfg.dtype not in (torch.float32, torch.float64) or _has_hooks(module)):
+        return module(x)
+    shape = (x.shape[-1],)
+    if kind is LayerNorm:
+        return F.layer_norm(x, shape, module.w, module.b, module.eps)
+    if kind is LayerNormPre:
+        return F.layer_norm(x, shape, None, None, module.eps)
+    return F.rms_norm(x, shape, module.w if kind is RMSNorm else None, module.eps)
+
+
 @dataclass
 class SharedPass:
     """The ``w*`` computation of one token batch, shared by every replica (no autograd graph)."""
@@ -187,15 +207,20 @@ class HeadReplicas:
         resid_pre = shared.resid_pre[layer][:, :P]                  # [N, P, d]
         N, T, d = resid_pre.shape
         pos = shared.pos_embed[:, :P] if shared.pos_embed is not None else None
-        W_Q, W_K, W_V, b_Q, b_K, b_V, W_O = (t.to(resid_pre.dtype) for t in self.unpack(rows))
+        o = self.offsets
+        W_QKV = rows[:, : o[3]].reshape(R, 3, d, -1).to(resid_pre.dtype)   # W_Q, W_K, W_V [R, 3, d, d_head]
+        b_QKV = rows[:, o[3] : o[6]].reshape(R, 3, 1, 1, -1).to(resid_pre.dtype).transpose(0, 1)  # [3, R, 1, 1, d_head]
+        W_O = rows[:, o[6] :].reshape(R, -1, d).to(resid_pre.dtype)        # [R, d_head, d]
 
         with torch.no_grad():
-            x = block.ln1(resid_pre)                                # value input [N, T, d]
+            x = norm(block.ln1, resid_pre)                          # value input [N, T, d]
             xqk = x + pos if pos is not None else x
-        # own head: [R, N, T, d_head]
-        q = torch.einsum("ntd,rde->rnte", xqk, W_Q) + b_Q[:, None, None]
-        k = torch.einsum("ntd,rde->rnte", xqk, W_K) + b_K[:, None, None]
-        v = torch.einsum("ntd,rde->rnte", x, W_V) + b_V[:, None, None]
+        # own head: q, k, v [R, N, T, d_head], in one product where Q, K and V read the same input
+        if pos is None:
+            q, k, v = (torch.einsum("ntd,rcde->crnte", x, W_QKV) + b_QKV).unbind(0)
+        else:
+            q, k = (torch.einsum("ntd,rcde->crnte", xqk, W_QKV[:, :2]) + b_QKV[:2]).unbind(0)
+            v = torch.einsum("ntd,rde->rnte", x, W_QKV[:, 2]) + b_QKV[2]
         if cfg.positional_embedding_type == "rotary":  # rotary acts per position: replicas as heads
             q = attn.apply_rotary(q.permute(1, 2, 0, 3)).permute(2, 0, 1, 3)
             k = attn.apply_rotary(k.permute(1, 2, 0, 3)).permute(2, 0, 1, 3)
@@ -211,20 +236,20 @@ class HeadReplicas:
 
         with torch.no_grad():  # the layer's output with the w* head taken out, per replica's head
             z_star = shared.z[layer][:, :P, heads]                   # [N, T, R, d_head]
-            star_out = torch.einsum("ntre,red->rntd", z_star, attn.W_O[heads])
-            base = (shared.attn_out[layer][:, :P] + resid_pre)[None] - star_out   # [R, N, T, d]
+            base = torch.einsum("ntre,red->rntd", z_star, attn.W_O[heads]).neg_()     # - the w* head's output
+            base.add_(shared.attn_out[layer][:, :P] + resid_pre)                      # [R, N, T, d]
             if not cfg.attn_only and cfg.parallel_attn_mlp:
-                base = base + shared.mlp_out[layer][:, :P]
-        resid = (base + own_out).reshape(R * N, T, d)
+                base.add_(shared.mlp_out[layer][:, :P])
+        resid = own_out.add_(base).reshape(R * N, T, d)  # in place: the product's backward does not read its output
         if not cfg.attn_only and not cfg.parallel_attn_mlp:
-            resid = resid + block.mlp(block.ln2(resid))
+            resid = resid + block.mlp(norm(block.ln2, resid))
         for upper in model.blocks[layer + 1 :]:
             if self.sdpa and not _has_hooks(upper):
                 resid = self._block_sdpa(upper, resid, pos)
             else:  # TransformerLens's own block (materialized attention; runs any hooks attached to it)
                 resid = upper(resid, shortformer_pos_embed=pos) if pos is not None else upper(resid)
         if cfg.normalization_type is not None:
-            resid = model.ln_final(resid)
+            resid = norm(model.ln_final, resid)
         return resid.view(R, N, T, d)
 
     def _fused_weights(self, block) -> Tuple[torch.Tensor, ...]:
@@ -254,7 +279,7 @@ class HeadReplicas:
         W_qk, b_qk, W_v, b_v, W_o, b_o = self._fused_weights(block)
         B, T, d = resid.shape
         H, dh = cfg.n_heads, cfg.d_head
-        x = block.ln1(resid)
+        x = norm(block.ln1, resid)
         xqk = x + pos if pos is not None else x
         q, k = F.linear(xqk, W_qk, b_qk).view(B, T, 2, H, dh).unbind(2)
         v = F.linear(x, W_v, b_v).view(B, T, H, dh)
@@ -266,26 +291,47 @@ class HeadReplicas:
         out = resid + attn_out
         mlp_out = None
         if not cfg.attn_only:
-            mlp_out = block.mlp(block.ln2(resid if cfg.parallel_attn_mlp else out))
+            mlp_out = block.mlp(norm(block.ln2, resid if cfg.parallel_attn_mlp else out))
             out = out + mlp_out
         return z, attn_out, mlp_out, out
 
     @torch.no_grad()
+    def final_features(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        """The final residual stream after the last norm at ``w*``, ``[N, T-1, d_model]`` (the last position,
+        which predicts nothing, left out), by the blocks and norms the replicas use (``l(w*)`` paired with
+        their ``l(w_t)``); None where ``shared`` would take TransformerLens's own forward (``"materialized"``
+        attention, hooks attached, or an input that needs an attention mask)."""
+        if not self.sdpa or _has_hooks(self.model):
+            return None
+        run = self._sdpa_blocks(tokens, [], self.cfg.n_layers - 1)
+        if run is None:
+            return None
+        resid = run[1][:, :-1]
+        return norm(self.model.ln_final, resid) if self.cfg.normalization_type is not None else resid
+
     def _shared_sdpa(self, tokens: torch.Tensor, layers: List[int]) -> Optional[SharedPass]:
         """``shared`` with SDPA blocks (None when the model's input needs an attention mask)."""
+        run = self._sdpa_blocks(tokens, layers, layers[-1])
+        return None if run is None else run[0]
+
+    @torch.no_grad()
+    def _sdpa_blocks(self, tokens: torch.Tensor, layers: List[int], last: int
+                     ) -> Optional[Tuple[SharedPass, torch.Tensor]]:
+        """Blocks ``0 .. last`` at ``w*`` with SDPA attention: ``(what replicas of `layers` share, the residual
+        stream after block `last` [N, T, d])``; None when the model's input needs an attention mask."""
         resid, _, pos, mask = self.model.input_to_embed(tokens)
         if mask is not None:
             return None
         out = SharedPass(tokens=tokens, resid_pre={}, z={}, attn_out={}, mlp_out={},
                          pos_embed=pos[:1] if pos is not None else None)
-        for l in range(layers[-1] + 1):
+        for l in range(last + 1):
             z, attn_out, mlp_out, post = self._block_parts(self.model.blocks[l], resid, pos)
             if l in layers:
                 out.resid_pre[l], out.z[l], out.attn_out[l] = resid, z, attn_out
                 if mlp_out is not None and self.cfg.parallel_attn_mlp:
                     out.mlp_out[l] = mlp_out
             resid = post
-        return out
+        return out, resid
 
     def bytes_per_replica(self, N: int, T: int, layer: int) -> int:
         """Upper bound on the autograd memory (bytes, peak) of one replica of ``layer`` on ``[N, T]``
