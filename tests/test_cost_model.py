@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import rllc_fast as r
 from rllc_fast import cost_model as cm
-from rllc_fast.models import PAPER_CONFIG, tl_heads
+from rllc_fast.models import PAPER_CONFIG
 
 N, T, CHAINS = 3, 20, 2
 TINY = {
@@ -40,9 +40,19 @@ class _Traffic(TorchDispatchMode):
         return out
 
 
+# torch's FLOP formulas for fused attention, applied to the CPU's fused attention kernels too (FlopCounterMode
+# has them for the CUDA kernels only): the same products, counted causal or not, as the model counts them
+_CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *args, **kwargs: sdpa_flop_count(q, k, v),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad_out, q, k, v, *args, **kwargs: sdpa_backward_flop_count(grad_out, q, k, v),
+}
+
+
 def _counted(model, tokens, draws):
     config = r.SGLDConfig(num_chains=CHAINS, num_draws=draws, batch_size=N, seed=0, step_size=1e-6)
-    flops, traffic = FlopCounterMode(display=False), _Traffic()
+    flops, traffic = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS), _Traffic()
     with flops, traffic, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         r.estimate_llc(model, tokens, config, components=r.heads(model), progress=False)
@@ -54,17 +64,15 @@ def one_step(request):
     """(model, counted FLOPs, counted bytes) of one SGLD step of all heads x 2 chains."""
     model = TINY[request.param]()
     tokens = torch.randint(0, model.cfg.d_vocab, (40, T), generator=torch.Generator().manual_seed(0))
-    # the materialized attention path: its products are aten matmuls that FlopCounterMode counts (the CPU's
-    # fused attention kernel has no FLOP formula there); the fused path does the same products
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tl_heads, "DEFAULT_ATTENTION", "materialized")
-        f1, b1 = _counted(model, tokens, 1)
-        f2, b2 = _counted(model, tokens, 2)
+    f1, b1 = _counted(model, tokens, 1)
+    f2, b2 = _counted(model, tokens, 2)
     return model, f2 - f1, b2 - b1
 
 
 def _modelled(model, **kwargs):
+    """The model of the engine's default step: fused attention (SDPA), materialized (blocked) unembedding."""
     cfg = model.cfg
+    kwargs = {"attention": "fused", **kwargs}
     return cm.step_cost(cfg, cm.replica_layers(cfg.n_layers, cfg.n_heads, CHAINS), N, T, **kwargs)
 
 
@@ -73,13 +81,17 @@ def test_modelled_flops_are_the_flops_a_step_computes(one_step):
     assert flops > 0 and _modelled(model).flops == flops  # exact: every matrix product is accounted for
 
 
-def test_modelled_bytes_are_near_the_counted_reads_and_writes(one_step):
-    """At these tiny shapes small tensors the model leaves out weigh most (at the paper's and Pythia-70m's shapes,
-    where its pass counts were taken, it matches the count to 0.1%), so the bound is loose."""
+def test_modelled_bytes_bound_the_counted_reads_and_writes(one_step):
+    """The elementwise pass counts (``cost_model.ELEMENTWISE_PASSES``) were taken from the TransformerLens-based
+    eager step; the engine's fused norms, fused attention and one-pass token loss (2026-11-30) move fewer bytes,
+    so the model now overestimates the traffic: 1.61-1.82x the count at these three tiny shapes (measured
+    2026-11-30; re-taking the pass counts at the paper's and Pythia-70m's shapes is open, issue 19). The test
+    keeps the model an upper bound within 2x, and the fused-attention model below the materialized one."""
     model, _, traffic = one_step
-    assert 0.8 <= _modelled(model).bytes / traffic <= 1.1
+    assert 1.0 <= _modelled(model).bytes / traffic <= 2.0, _modelled(model).bytes / traffic
+    materialized = _modelled(model, attention="materialized")
     fused = _modelled(model, attention="fused", unembedding="fused")
-    assert fused.flops == _modelled(model).flops and fused.bytes < _modelled(model).bytes
+    assert fused.bytes < _modelled(model).bytes < materialized.bytes
 
 
 def test_hand_count_of_the_per_replica_parts():
