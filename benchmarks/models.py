@@ -15,22 +15,24 @@ SMALL = dict(d_model=64, n_heads=4, d_head=16, n_ctx=64, d_vocab=256)
 FULL = dict(n_ctx=256)  # the paper's model (d_model 256, 5k vocabulary), contexts cut to 256 tokens
 
 
+def _trained(shape: dict, train_steps: int):
+    """(model, held-out byte tokens [512, n_ctx]) of an attention-only ``shape``, trained on stdlib source bytes."""
+    torch.manual_seed(0)
+    model = r.models.attn_only(seed=0, **shape)
+    train_next_token(model, stdlib_byte_tokens(2048, shape["n_ctx"], seed=0), train_steps, seed=0)
+    return model, stdlib_byte_tokens(512, shape["n_ctx"], seed=1)
+
+
 @functools.lru_cache(maxsize=None)
 def trained_reduced(train_steps: int = 200):
     """(model, held-out byte tokens [512, 32]) of the reduced shape, trained on stdlib source bytes."""
-    torch.manual_seed(0)
-    model = r.models.attn_only(seed=0, **REDUCED)
-    train_next_token(model, stdlib_byte_tokens(2048, REDUCED["n_ctx"], seed=0), train_steps, seed=0)
-    return model, stdlib_byte_tokens(512, REDUCED["n_ctx"], seed=1)
+    return _trained(REDUCED, train_steps)
 
 
 @functools.lru_cache(maxsize=None)
 def trained_small(train_steps: int = 200):
     """(model, held-out byte tokens [512, 64]) of the ``SMALL`` shape, trained like ``trained_reduced``."""
-    torch.manual_seed(0)
-    model = r.models.attn_only(seed=0, **SMALL)
-    train_next_token(model, stdlib_byte_tokens(2048, SMALL["n_ctx"], seed=0), train_steps, seed=0)
-    return model, stdlib_byte_tokens(512, SMALL["n_ctx"], seed=1)
+    return _trained(SMALL, train_steps)
 
 
 @functools.lru_cache(maxsize=None)

@@ -38,26 +38,28 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def _hf_neox_dir(path):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+def _hf_dir(path, family: str):
+    """A tiny random Hugging Face checkpoint of ``family`` ("neox" or "llama") saved in ``path``."""
+    import transformers
 
-    cfg = GPTNeoXConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=16)
+    config_cls, model_cls, extra = {
+        "neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
+        "llama": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 1}),
+    }[family]
+    cfg = getattr(transformers, config_cls)(vocab_size=30, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, max_position_embeddings=16, **extra)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        GPTNeoXForCausalLM(cfg).save_pretrained(path)
+        getattr(transformers, model_cls)(cfg).save_pretrained(path)
     return path
+
+
+def _hf_neox_dir(path):
+    return _hf_dir(path, "neox")
 
 
 def _hf_llama_dir(path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=30, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=16)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
+    return _hf_dir(path, "llama")
 
 
 def _checkpoint_dir(path):
