@@ -24,7 +24,7 @@ from torch import nn
 
 from .components import as_component_dict, whole_model_component
 from .config import SGLDConfig
-from .data import BatchSchedule, ModelDistribution
+from .data import BatchSchedule, ModelDistribution, batch_to
 from .diagnostics import SamplerWarning, refined_exceeding_whole, step_size_problems, warn_unreliable
 from .engine.batched import optimum_loss_fn, run_batched
 from .engine.common import MATMUL_PRECISIONS
@@ -32,16 +32,17 @@ from .engine.common import matmul_precision as matmul_precision_context
 from .engine.reference import run_reference
 from .losses import check_tokens, next_token_loss
 from .memory import parse_bytes
+from .observables import ProbeRecorder, check_probes, per_token_fn
 from .models.build import move_to
 from .progress import Progress
 from .result import ChainsDivergedError, LLCResult, check_divergence
 
-def _run_generic(*args, max_memory=None):
-    return run_batched(*args, max_memory=max_memory, structured=False)
+def _run_generic(*args, max_memory=None, observer=None):
+    return run_batched(*args, max_memory=max_memory, structured=False, observer=observer)
 
 
-def _run_reference(*args, max_memory=None):
-    return run_reference(*args)
+def _run_reference(*args, max_memory=None, observer=None):
+    return run_reference(*args, observer=observer)
 
 
 ENGINES = {"batched": run_batched, "generic": _run_generic, "reference": _run_reference}
@@ -58,6 +59,10 @@ def estimate_llc(
     progress: bool = False,
     max_memory=None,
     matmul_precision: str = "fp32",
+    observables=None,
+    observe_every: int = 1,
+    observables_dir=None,
+    observables_dtype: str = "float32",
 ) -> LLCResult:
     """Estimate the (weight- and/or data-refined) LLC of ``model`` at its current weights ``w*``.
 
@@ -83,6 +88,14 @@ def estimate_llc(
     matmul_precision: "fp32" (default), "tf32" (TF32 products on CUDA; the same as "fp32" elsewhere) or
                 "bf16" (bfloat16 autocast on CPU and CUDA), for l(w*) and l(w_t) alike
                 (``rllc_fast.engine.common.matmul_precision``); no global flag is left changed.
+    observables: probe sets ``{name: tokens [N, T]}`` (or ``(name, tokens)`` pairs; with a custom ``loss_fn``,
+                batches its ``per_token(model, batch) -> [N, P]`` method scores): at every ``observe_every``-th
+                kept draw, every replica's per-token loss on each set, forward only, at the draw's weights
+                (``rllc_fast.observables``). Returned as ``result.observations`` (``Observations``:
+                ``[component, chain, draw, context, position]`` per set), the input of
+                ``rllc_fast.susceptibilities`` and ``rllc_fast.bayesian_influence``.
+    observables_dir: folder for the observed losses as memory-mapped files (needed above 1 GiB of them);
+                ``Observations.load(folder)`` reopens it. observables_dtype: "float32" or "float16" on disk.
 
     Warnings (``SamplerWarning``, a ``RuntimeWarning``; see ``rllc_fast.diagnostics`` and
     docs/diagnostics.md), each with the fix: before sampling, a step size that is unstable or biases the
@@ -130,6 +143,12 @@ def estimate_llc(
     if token_loss:
         check_tokens(schedule[0], model, what="data (first batch)")
     batches = _OnDevice(schedule, device)
+    observer = None
+    if observables is not None:
+        probes = check_probes(observables, model, token_loss)
+        observer = ProbeRecorder(probes, per_token_fn(loss_fn, token_loss), model,
+                                 len(comps) * config.num_chains, config, observe_every, observables_dir,
+                                 observables_dtype)
     with matmul_precision_context(matmul_precision, device):
         star_loss = optimum_loss_fn(model, comps, loss_fn) if engine == "batched" else loss_fn
         init_losses = loss_at_optimum(model, batches, star_loss, schedule.distinct_batch_ids())
@@ -139,10 +158,15 @@ def estimate_llc(
     try:
         with matmul_precision_context(matmul_precision, device):
             estimates = ENGINES[engine](model, batches, loss_fn, comps, config, init_losses, bar,
-                                        max_memory=max_memory)
+                                        max_memory=max_memory, observer=observer)
     finally:
         bar.close()
-    result = LLCResult(estimates=estimates, config=config, engine=engine, matmul_precision=matmul_precision)
+    observations = None
+    if observer is not None:
+        diverged_at = np.concatenate([estimates[name].diverged_at for name in comps])
+        observations = observer.finish(list(comps), config.num_chains, diverged_at)
+    result = LLCResult(estimates=estimates, config=config, engine=engine, matmul_precision=matmul_precision,
+                       observations=observations)
     try:
         check_divergence(estimates, config.step_size)
     except ChainsDivergedError as err:
@@ -167,19 +191,7 @@ class _OnDevice:
         return len(self.schedule)
 
     def __getitem__(self, t: int):
-        return _to(self.schedule[t], self.device)
-
-
-def _to(batch, device):
-    if isinstance(batch, torch.Tensor):
-        if device.type == "cuda" and batch.device.type == "cpu":  # pinned: the copy does not block the host
-            return batch.pin_memory().to(device, non_blocking=True)
-        return batch.to(device)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch
+        return batch_to(self.schedule[t], self.device)
 
 
 @torch.no_grad()

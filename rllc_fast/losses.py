@@ -80,12 +80,25 @@ def kl_losses(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return kl.flatten(1).mean(1)
 
 
+def position_losses(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-position next-token cross-entropy (nats, float32) ``[N, T-1]`` of ``logits [N, T, vocab]`` on
+    ``tokens [N, T]``: the terms whose mean is eq. (1)."""
+    N, T, V = logits.shape
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), tokens[:, 1:].reshape(-1), reduction="none")
+    return ce.view(N, T - 1)
+
+
 class NextTokenLoss:
     """Eq. (1) as a ``loss_fn(model, tokens)``; the batched engine's structured path also calls
-    ``prepare``/``feature_losses`` to score many model copies from their final features."""
+    ``prepare``/``feature_losses`` to score many model copies from their final features, and observables
+    (``rllc_fast.observables``) call ``per_token``."""
 
     def __call__(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         return token_losses(model_logits(model, tokens)[None], tokens)[0]
+
+    def per_token(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """``[N, T-1]`` next-token cross-entropy at each predicted position (nats, float32)."""
+        return position_losses(model_logits(model, tokens), tokens)
 
     def prepare(self, tokens: torch.Tensor):
         return None

@@ -4,12 +4,13 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
 from .config import SGLDConfig
 from .diagnostics import SamplerDiagnostics, diagnose
+from .observations import Observations
 
 
 class ChainsDivergedError(RuntimeError):
@@ -123,6 +124,7 @@ class LLCResult:
     config: SGLDConfig
     engine: str
     matmul_precision: str = "fp32"  # the precision l(w*) and l(w_t) were computed in (estimate_llc's argument)
+    observations: Optional[Observations] = None  # probe-set losses when estimate_llc was given observables
 
     def __getitem__(self, name: str) -> ComponentLLC:
         try:

@@ -3,13 +3,14 @@ classification of data arguments (``normalise_data``), minibatch schedules and m
 from .corpora import CORPORA, stdlib_code, stdlib_prose
 from .model_distribution import ModelDistribution
 from .normalise import NormalisedData, normalise_data, row_data
-from .schedule import BatchSchedule
+from .schedule import BatchSchedule, batch_to
 from .tokenizer import encode_stream, load_tokenizer, train_tokenizer
 from .tokens import RAW_DTYPES, corpus_tokens, data_from_spec, load_tokens, read_raw_tokens, windows
 
 __all__ = [
     "CORPORA",
     "BatchSchedule",
+    "batch_to",
     "ModelDistribution",
     "NormalisedData",
     "RAW_DTYPES",

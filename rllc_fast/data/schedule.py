@@ -102,3 +102,17 @@ def _row_schedule(n: int, batch_size: Optional[int], num_steps: int, gen: torch.
             if len(out) == num_steps:
                 break
     return out
+
+
+def batch_to(batch, device: torch.device):
+    """``batch`` (a tensor, or tuples/lists/dicts of them) on ``device``; CPU tensors bound for CUDA go through
+    pinned memory, so the copy does not block the host."""
+    if isinstance(batch, torch.Tensor):
+        if device.type == "cuda" and batch.device.type == "cpu":  # pinned: the copy does not block the host
+            return batch.pin_memory().to(device, non_blocking=True)
+        return batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(batch_to(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: batch_to(v, device) for k, v in batch.items()}
+    return batch

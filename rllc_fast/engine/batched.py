@@ -36,11 +36,14 @@ from ..components import Component
 from ..config import SGLDConfig
 from ..memory import default_budget, parse_bytes
 from ..models import tl_heads
+from ..observables import ProbeRecorder
 from ..ops import sgld_step
 from ..result import ComponentLLC
 from ..sgld import replica_generator, replica_seed
 from ..progress import Progress
-from .common import frozen_parameters, pack, pack_grad
+from .chunks import halves, layer_chunks
+from .probes import GenericProbeLosses, HeadProbeLosses
+from .common import frozen_parameters, pack, pack_grad, restore_slices, unpack_row
 
 Replica = Tuple[str, Component, int]
 
@@ -109,7 +112,9 @@ def run_batched(
     progress: Progress,
     max_memory=None,
     structured: bool = True,
+    observer: Optional[ProbeRecorder] = None,
 ) -> Dict[str, ComponentLLC]:
+    """Sample every replica together; ``observer`` (optional) records probe-set losses at its observed draws."""
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device
     replicas: List[Replica] = [
@@ -140,6 +145,13 @@ def run_batched(
         generic = [r for r, (n, _, _) in enumerate(replicas) if n not in head_of]
         if generic:
             sources.append(_GenericGrads(model, params, originals, loss_fn, replicas, generic))
+        probes = []
+        if observer is not None:
+            if head_of:
+                probes.append(HeadProbeLosses(sources[0].hr, observer, idx, [head_of[replicas[r][0]] for r in idx],
+                                              max(1, budget - (block_bytes or 0)), block_bytes))
+            if generic:
+                probes.append(GenericProbeLosses(model, params, originals, observer, replicas, generic))
         updater = _Updater(replicas, w, w_star, grad, lengths, config, device)
         trace = _DeviceTrace(R, draws, steps, device, progress)
         batch = schedule[0]
@@ -150,9 +162,14 @@ def run_batched(
             for source in sources:
                 source(batch, w, grad, trace.host_live, trace.values)
             trace.record(t, config.draw_index(t), lengths)
+            slot = observer.index(config.draw_index(t)) if observer is not None else -1
+            for probe in probes if slot >= 0 else ():
+                probe(w, slot, trace.host_live)
             trace.sq_dist = updater.step(t)
             if (t + 1) % SYNC_EVERY == 0:
                 trace.sync(t + 1)
+                if observer is not None:
+                    observer.flush()
             batch = upcoming
         losses, dists, diverged_at = trace.finish()
 
@@ -273,7 +290,7 @@ class _GenericGrads:
             if not live[r]:
                 continue
             comp = self.replicas[r][1]
-            _unpack(comp, params, w[r, : comp.numel])
+            unpack_row(comp, params, w[r, : comp.numel])
             for n in comp.param_names:
                 params[n].requires_grad_(True)
                 params[n].grad = None
@@ -285,7 +302,7 @@ class _GenericGrads:
             for n in comp.param_names:
                 params[n].requires_grad_(False)
                 params[n].grad = None
-            _restore(comp, params, self.originals)
+            restore_slices(comp, params, self.originals)
 
 
 CPU_CHUNK_BYTES = 256 * 2**20
@@ -312,12 +329,7 @@ class _HeadReplicaGrads:
         first = schedule[0]
         N, T = first.shape
         device = next(model.parameters()).device
-        limit = max(1, budget - (block_bytes or 0))
-        self.chunks: Dict[int, List[Tuple[object, torch.Tensor]]] = {}  # layer -> [(rows, heads)]
-        for layer in sorted({l for l, _ in layer_heads}):
-            rows = [(r, h) for r, (l, h) in zip(indices, layer_heads) if l == layer]
-            size = max(1, limit // self.hr.bytes_per_replica(N, T, layer))
-            self.chunks[layer] = [_chunk(rows[i : i + size], device) for i in range(0, len(rows), size)]
+        self.chunks = layer_chunks(self.hr, indices, layer_heads, N, T, max(1, budget - (block_bytes or 0)), device)
 
     def __call__(self, batch, w, grad, live, values) -> None:
         shared = self.hr.shared(batch, list(self.chunks))
@@ -328,7 +340,7 @@ class _HeadReplicaGrads:
                 if self._chunk_fits(shared, prepared, batch, layer, chunks[i], w, grad, values):
                     i += 1
                     continue
-                chunks[i : i + 1] = _halves(*chunks[i])  # kept for the later steps too
+                chunks[i : i + 1] = halves(*chunks[i])  # kept for the later steps too
                 warnings.warn(f"out of device memory in a chunk of {len(chunks[i][1]) + len(chunks[i + 1][1])} "
                               f"replicas of layer {layer}: retrying in halves (pass a smaller max_memory to "
                               "start there)", RuntimeWarning, stacklevel=2)
@@ -360,40 +372,8 @@ class _HeadReplicaGrads:
         values[rows] = losses.detach()
 
 
-def _halves(rows, heads) -> List[Tuple[object, torch.Tensor]]:
-    k = len(heads) // 2
-    if isinstance(rows, slice):
-        return [(slice(rows.start, rows.start + k), heads[:k]), (slice(rows.start + k, rows.stop), heads[k:])]
-    return [(rows[:k], heads[:k]), (rows[k:], heads[k:])]
-
-
-def _chunk(rows: List[Tuple[int, int]], device) -> Tuple[object, torch.Tensor]:
-    """``(replica rows, heads [k] long)``: rows as a slice when consecutive (plain views, no gathers)."""
-    idx = [r for r, _ in rows]
-    heads = torch.tensor([h for _, h in rows], device=device)
-    if idx == list(range(idx[0], idx[0] + len(idx))):
-        return slice(idx[0], idx[0] + len(idx)), heads
-    return torch.tensor(idx, device=device), heads
-
-
 def _takes_block_bytes(loss_fn) -> bool:
     try:
         return "block_bytes" in inspect.signature(loss_fn.feature_losses).parameters
     except (TypeError, ValueError):
         return False
-
-
-@torch.no_grad()
-def _unpack(comp: Component, params, row: torch.Tensor) -> None:
-    offset = 0
-    for s in comp.slices:
-        v = s.view(params[s.param])
-        k = v.numel()
-        v.copy_(row[offset : offset + k].view_as(v))
-        offset += k
-
-
-@torch.no_grad()
-def _restore(comp: Component, params, originals) -> None:
-    for s in comp.slices:
-        s.view(params[s.param]).copy_(s.view(originals[s.param]))

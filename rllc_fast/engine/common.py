@@ -77,3 +77,21 @@ def matmul_precision(precision: str, device) -> Iterator[None]:
         if precision == "bf16" and device.type in ("cpu", "cuda"):
             stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
         yield
+
+
+@torch.no_grad()
+def unpack_row(comp, params, row: torch.Tensor) -> None:
+    """Write ``row`` (packed like ``pack``) into the component's slices of ``params`` (the inverse of ``pack``)."""
+    offset = 0
+    for s in comp.slices:
+        v = s.view(params[s.param])
+        k = v.numel()
+        v.copy_(row[offset : offset + k].view_as(v))
+        offset += k
+
+
+@torch.no_grad()
+def restore_slices(comp, params, originals) -> None:
+    """Put the component's slices of ``params`` back to their values in ``originals`` (``{name: tensor}``)."""
+    for s in comp.slices:
+        s.view(params[s.param]).copy_(s.view(originals[s.param]))

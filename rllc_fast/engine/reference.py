@@ -8,7 +8,7 @@ minibatch *before* that step's update, and puts the weights back to ``w*`` after
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 
 from ..components import Component
 from ..config import SGLDConfig
+from ..observables import ProbeRecorder, per_token_losses
 from ..result import ComponentLLC
 from ..sgld import replica_generator, rmsprop_sgld_delta, sgld_delta
 from ..progress import Progress
@@ -30,15 +31,18 @@ def run_reference(
     config: SGLDConfig,
     init_losses: np.ndarray,
     progress: Progress,
+    observer: Optional[ProbeRecorder] = None,
 ) -> Dict[str, ComponentLLC]:
-    """Sample every (component, chain) in turn; ``init_losses`` is l(w*) per step ``[num_steps]``."""
+    """Sample every (component, chain) in turn; ``init_losses`` is l(w*) per step ``[num_steps]``;
+    ``observer`` (optional) records probe-set losses at its observed draws (replica row
+    ``component index * chains + chain``)."""
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device
     draws, steps = config.num_draws, config.num_steps
     results: Dict[str, ComponentLLC] = {}
     touched = sorted({n for c in components.values() for n in c.param_names})
     with frozen_parameters(model, touched) as originals:
-        for name, comp in components.items():
+        for c, (name, comp) in enumerate(components.items()):
             for n in comp.param_names:
                 params[n].requires_grad_(True)
             losses = np.full((config.num_chains, draws), np.nan)
@@ -60,6 +64,10 @@ def run_reference(
                     if d >= 0:
                         losses[chain, d] = value
                         dists[chain, d] = _distance(comp, params, originals)
+                        slot = observer.index(d) if observer is not None else -1
+                        for probe, batch in observer.on_device.items() if slot >= 0 else ():
+                            row = c * config.num_chains + chain
+                            observer.put(probe, row, slot, per_token_losses(observer.per_token, model, batch, probe)[None])
                     if loss.requires_grad:
                         loss.backward()
                     _sgld_update(comp, params, originals, gen, config, square_avg)

@@ -1,0 +1,37 @@
+"""Head replicas grouped by layer in chunks that fit a memory budget (the structured path's unit of work)."""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+
+from ..models import tl_heads
+
+
+def layer_chunks(hr: tl_heads.HeadReplicas, indices: List[int], layer_heads: List[Tuple[int, int]], N: int, T: int,
+                 limit: int, device) -> Dict[int, List[Tuple[object, torch.Tensor]]]:
+    """``{layer: [(replica rows, heads [k]), ...]}``: the head replicas ``indices`` (head ``layer_heads[i]``
+    each) grouped by layer, in chunks whose ``hr.bytes_per_replica`` on ``[N, T]`` tokens fit in ``limit`` bytes."""
+    chunks: Dict[int, List[Tuple[object, torch.Tensor]]] = {}
+    for layer in sorted({l for l, _ in layer_heads}):
+        rows = [(r, h) for r, (l, h) in zip(indices, layer_heads) if l == layer]
+        size = max(1, limit // hr.bytes_per_replica(N, T, layer))
+        chunks[layer] = [replica_chunk(rows[i : i + size], device) for i in range(0, len(rows), size)]
+    return chunks
+
+
+def halves(rows, heads) -> List[Tuple[object, torch.Tensor]]:
+    """A chunk ``(rows, heads)`` split into two (the retry after running out of device memory)."""
+    k = len(heads) // 2
+    if isinstance(rows, slice):
+        return [(slice(rows.start, rows.start + k), heads[:k]), (slice(rows.start + k, rows.stop), heads[k:])]
+    return [(rows[:k], heads[:k]), (rows[k:], heads[k:])]
+
+
+def replica_chunk(rows: List[Tuple[int, int]], device) -> Tuple[object, torch.Tensor]:
+    """``(replica rows, heads [k] long)``: rows as a slice when consecutive (plain views, no gathers)."""
+    idx = [r for r, _ in rows]
+    heads = torch.tensor([h for _, h in rows], device=device)
+    if idx == list(range(idx[0], idx[0] + len(idx))):
+        return slice(idx[0], idx[0] + len(idx)), heads
+    return torch.tensor(idx, device=device), heads

@@ -1,0 +1,74 @@
+"""Probe-set losses of many replicas at one observed draw, for the batched engine (forward only).
+
+- ``HeadProbeLosses`` (structured path): each probe set's ``w*`` pass below every needed layer is run
+  once, when the run starts, and reused at every draw (the probe contexts never change and only the
+  replica's own head differs from ``w*``); per draw, each chunk of head replicas computes its own head,
+  the layers above and the per-position unembedding losses (``unembed_position_losses``), in chunks that
+  fit the same memory budget as the gradients.
+- ``GenericProbeLosses``: any model and component, a loop that writes each replica's row into the
+  model, scores every probe set and puts ``w*`` back.
+Both hand ``[r, N, P]`` losses to a ``rllc_fast.observables.ProbeRecorder``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..models import tl_heads
+from ..observables import ProbeRecorder, per_token_losses
+from ..unembed_loss import unembed_position_losses
+from .chunks import layer_chunks
+from .common import restore_slices, unpack_row
+
+
+class HeadProbeLosses:
+    """Per-token probe losses of head replicas from shared ``w*`` passes (structured path).
+
+    indices: the replica rows; layer_heads: their ``(layer, head)``; limit: bytes a chunk may hold."""
+
+    def __init__(self, hr: tl_heads.HeadReplicas, recorder: ProbeRecorder, indices: List[int],
+                 layer_heads: List[Tuple[int, int]], limit: int, block_bytes: Optional[int]):
+        self.hr, self.recorder, self.block_bytes = hr, recorder, block_bytes
+        layers = sorted({l for l, _ in layer_heads})
+        device = next(hr.model.parameters()).device
+        self.passes = {}
+        for name, tokens in recorder.on_device.items():
+            N, T = tokens.shape
+            self.passes[name] = (hr.shared(tokens, layers), layer_chunks(hr, indices, layer_heads, N, T, limit, device))
+
+    @torch.no_grad()
+    def __call__(self, w: torch.Tensor, slot: int, live: np.ndarray) -> None:
+        """Record every replica's losses at ``slot`` (diverged ones too: the recorder masks them)."""
+        unembed = self.hr.model.unembed
+        n = self.hr.numel
+        for name, (shared, chunks) in self.passes.items():
+            for layer, parts in chunks.items():
+                for rows, heads in parts:
+                    x = self.hr.replica_features(shared, layer, heads, w[rows, :n])
+                    losses = unembed_position_losses(x, unembed.W_U, unembed.b_U, shared.tokens, self.block_bytes)
+                    self.recorder.put(name, rows, slot, losses)
+
+
+class GenericProbeLosses:
+    """Per-token probe losses of any replicas, one at a time (the model holds each replica's row in turn).
+
+    Replicas the host knows to have diverged are skipped (their recorded losses are masked anyway)."""
+
+    def __init__(self, model, params, originals, recorder: ProbeRecorder, replicas, indices: List[int]):
+        self.model, self.params, self.originals = model, params, originals
+        self.recorder, self.replicas, self.indices = recorder, replicas, indices
+
+    @torch.no_grad()
+    def __call__(self, w: torch.Tensor, slot: int, live: np.ndarray) -> None:
+        """Record the losses of the replicas ``live`` (as last read by the host) says are live, at ``slot``."""
+        rec = self.recorder
+        for r in self.indices:
+            if not live[r]:
+                continue
+            comp = self.replicas[r][1]
+            unpack_row(comp, self.params, w[r, : comp.numel])
+            for name, batch in rec.on_device.items():
+                rec.put(name, r, slot, per_token_losses(rec.per_token, self.model, batch, name)[None])
+            restore_slices(comp, self.params, self.originals)
