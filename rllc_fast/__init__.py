@@ -7,6 +7,8 @@ Public API:
     data: ModelDistribution (more in rllc_fast.data: corpora, tokenizer, token files)
     sweeps: run_sweep, ResultStore, write_report (models and checkpoints in rllc_fast.models)
     Hessian metrics: rllc_fast.hessian (trace, fim_trace, approx_rank, hvp)
+    observables: estimate_llc(..., observables={name: tokens}) -> result.observations (Observations, per-token
+        probe losses per draw); susceptibilities (Susceptibilities, response_pca), bayesian_influence
     cost_model: a FLOP-and-bytes model of one SGLD step and projected times on a device (step_cost, projections)
 """
 from .components import (Component, ParamSlice, from_params, group, group_name, groups, head, head_name, heads, layer,
@@ -17,6 +19,9 @@ from . import cost_model, hessian, models
 from .llc import estimate_llc
 from .calibrate import calibrate_step_size
 from .result import ChainsDivergedError, ComponentLLC, LLCResult
+from .observations import LabelledArray, Observations
+from .susceptibility import Susceptibilities, response_pca, susceptibilities
+from .influence import bayesian_influence
 from .report import write_report
 from .store import ResultStore
 from .sweep import run_sweep
@@ -28,6 +33,12 @@ __all__ = [
     "Component",
     "ComponentLLC",
     "LLCResult",
+    "LabelledArray",
+    "Observations",
+    "Susceptibilities",
+    "bayesian_influence",
+    "response_pca",
+    "susceptibilities",
     "ModelDistribution",
     "ParamSlice",
     "ResultStore",
