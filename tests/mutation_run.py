@@ -67,8 +67,8 @@ MUTANTS: List[Mutant] = [
     Mutant("a diverged replica is not frozen (its lengths stay)", "rllc_fast/engine/batched.py",
            "        lengths.masked_fill_(bad, 0)\n", "        pass\n",
            ("tests/test_batched_engine.py", "tests/test_structured_path.py")),
-    Mutant("rllc sweep exits 0 when a checkpoint fails", "rllc_fast/cli.py",
-           "    return 0 if not report.failed else 3\n", "    return 0\n", ("tests/test_cli.py",)),
+    Mutant("rllc sweep exits 0 when a checkpoint fails", "rllc_fast/cli/sweep.py",
+           "    return 0 if not report.failed else EXIT_FAILURES\n", "    return 0\n", ("tests/test_cli.py",)),
     Mutant("a unit's rows committed one at a time", "rllc_fast/store.py",
            "        with self._write() as con:\n"
            "            con.executemany(f\"INSERT OR REPLACE INTO estimates ({', '.join(columns)}) VALUES \"\n"

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from rllc_fast.cli import build_parser, main
-from rllc_fast.cli_common import model_and_data
+from rllc_fast.cli.common import model_and_data
 from rllc_fast.models import attn_only, save_checkpoint
 
 FAST = ["--chains", "2", "--draws", "10", "--burnin", "0", "--batch-size", "4", "--num-contexts", "16", "--quiet"]

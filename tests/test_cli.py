@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from rllc_fast import SGLDConfig, cli, cli_calibrate
+import rllc_fast
+from rllc_fast import SGLDConfig, cli
 from rllc_fast.calibrate import STEP_SIZES
-from rllc_fast.cli_common import SGLD_FLAGS, sgld_config
+from rllc_fast.cli import calibrate as cli_calibrate
+from rllc_fast.cli.common import SGLD_FLAGS, sgld_config
 from rllc_fast.models import attn_only, checkpoint_at, save_checkpoint, select_checkpoints
 from rllc_fast.models.checkpoints import parse_steps
 from store_rows import estimate_count
@@ -37,7 +39,7 @@ def run(tmp_path):
 
 
 def _env():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(rllc_fast.__file__)))
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .calibrate import CALIBRATION_DRAWS, STEP_SIZES
-from .cli_common import (add_model_arguments, add_sgld_arguments, component_sets, device_of, model_and_data,
-                         sgld_config)
-from .progress import logger
+from ..calibrate import CALIBRATION_DRAWS, STEP_SIZES
+from ..progress import logger
+from .common import (add_model_arguments, add_sgld_arguments, component_sets, device_of, model_and_data,
+                     sgld_config)
 
 #: --step-sizes when not given: ``calibrate_step_size``'s.
 DEFAULT_STEP_SIZES = ",".join(f"{s:g}" for s in STEP_SIZES)
@@ -47,8 +47,8 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     """``rllc calibrate``: see the module doc."""
-    from .calibrate import calibrate_step_size, format_calibration, plot_calibration
-    from .sweep import COMPONENT_SETS
+    from ..calibrate import calibrate_step_size, format_calibration, plot_calibration
+    from ..sweep import COMPONENT_SETS
 
     step_sizes = _step_sizes(args.step_sizes)
     sets = component_sets(args, "calibrate")
@@ -71,7 +71,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     import pandas as pd
 
-    from .atomic import write_atomically
+    from ..atomic import write_atomically
 
     csv = write_atomically(out / "calibrate.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
     png = plot_calibration(rows, out / "calibrate.png", f"step-size calibration: {label} on {data.name}")

@@ -1,6 +1,7 @@
-"""What the model commands of ``rllc`` share (``estimate``, ``sweep``, ``calibrate``, ``analyze``): the SGLD flags
-and their ``SGLDConfig``, ``--data`` specs and their tokens, ``--context`` against the model's n_ctx, one
-checkpoint (``--checkpoint``, ``--like``) and the built-in model of ``rllc estimate``.
+"""What the ``rllc`` commands share: the SGLD flags and their ``SGLDConfig``, ``--data`` specs and their tokens,
+``--context`` against the model's n_ctx, one checkpoint (``--checkpoint``, ``--like``), the built-in model of
+``rllc estimate``, the toy-run flags of ``demo`` and ``train-toy``, how a command opens a result store
+(``open_store``, ``store_notes``) and the exit statuses.
 
 Every function takes the subcommand's name (``estimate``, ``analyze scores``) for its errors, which read
 ``rllc COMMAND: --FLAG VALUE: what is wrong``."""
@@ -8,14 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
-from .cli_args import batch_size, nonnegative_int, positive_int
-from .config import SAMPLERS, SGLDConfig
-from .data.tokens import RAW_DTYPES
-from .models.families import SUPPORTED_MODEL_TYPES
+from ..config import SAMPLERS, SGLDConfig
+from ..data.tokens import RAW_DTYPES
+from ..models.families import SUPPORTED_MODEL_TYPES
+from .args import batch_size, nonnegative_int, positive_int
 
+#: Exit status after Ctrl-C (128 + SIGINT), with one line saying so.
+EXIT_INTERRUPTED = 130
+#: Exit status of ``rllc sweep`` when some checkpoint could not be loaded or estimated (recorded as failures).
+EXIT_FAILURES = 3
 #: Contexts per data distribution when --num-contexts is not given.
 NUM_CONTEXTS = 256
 #: Tokens per context of the built-in model of ``rllc estimate`` (its n_ctx) when --context is not given.
@@ -80,7 +88,7 @@ def sgld_config(args, command: str, **fixed) -> SGLDConfig:
 
 def component_sets(args, command: str) -> list:
     """The names of ``--components``: comma-separated component sets of ``rllc_fast.sweep.COMPONENT_SETS``."""
-    from .sweep import COMPONENT_SETS
+    from ..sweep import COMPONENT_SETS
 
     sets = [s.strip() for s in args.components.split(",") if s.strip()]
     if not sets or any(s not in COMPONENT_SETS for s in sets):
@@ -146,7 +154,7 @@ def data_specs(items, command: str) -> dict:
 def spec_tokens(spec: str, args, context: int, command: str):
     """The tokens ``[N, context]`` of one data spec, with ``--num-contexts``, ``--tokenizer``, ``--dtype`` and
     ``--seed`` of ``args``."""
-    from .data import data_from_spec, load_tokenizer
+    from ..data import data_from_spec, load_tokenizer
 
     try:
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
@@ -180,7 +188,7 @@ def context_for(args, cfg, source: str, command: str) -> int:
 
 def load_like(args, command: str):
     """The model of ``--like`` (None when not given)."""
-    from .models.checkpoints import CheckpointError, checkpoint_at
+    from ..models.checkpoints import CheckpointError, checkpoint_at
 
     if not args.like:
         return None
@@ -194,7 +202,7 @@ def load_checkpoint(args, command: str):
     """``(model, Checkpoint)`` of ``--checkpoint`` (a checkpoint file or Hugging Face directory) with the
     architecture of ``--like``. Where the command has ``--step`` (``add_model_arguments(folders=True)``),
     ``--checkpoint`` may be a folder of checkpoints: its last one, or the one at ``--step``."""
-    from .models.checkpoints import CheckpointError, checkpoint_at, select_checkpoints
+    from ..models.checkpoints import CheckpointError, checkpoint_at, select_checkpoints
 
     step = getattr(args, "step", None)
     path = Path(args.checkpoint).expanduser()
@@ -222,9 +230,9 @@ def builtin_model(args, context: int, command: str, log):
     standard-library source bytes, seeded by ``--seed``."""
     import time
 
-    from .data.stdlib_bytes import stdlib_byte_tokens
-    from .models import attn_only
-    from .models.train import train_next_token
+    from ..data.stdlib_bytes import stdlib_byte_tokens
+    from ..models import attn_only
+    from ..models.train import train_next_token
 
     if args.d_model % args.n_heads:
         raise SystemExit(f"rllc {command}: --d-model {args.d_model} is not a multiple of --n-heads {args.n_heads}")
@@ -257,7 +265,46 @@ def model_and_data(args, command: str, log):
     data = load_data(args, context, command) if args.data else None  # a bad --data fails before the training
     model = builtin_model(args, context, command, log)
     if data is None:
-        from .data.stdlib_bytes import stdlib_byte_tokens
+        from ..data.stdlib_bytes import stdlib_byte_tokens
 
         data = Data("held-out stdlib bytes", "", stdlib_byte_tokens(BUILTIN_HELD_OUT, context, seed=args.seed + 1))
     return model, "the built-in model", data
+
+
+def add_toy_arguments(p) -> None:
+    """The flags of a cached toy run (``demo``, ``train-toy``): ``--cache``, ``--quick``, ``--seed``, ``--quiet``."""
+    p.add_argument("--cache", help="folder for trained toy runs (default $RLLC_CACHE, else ~/.cache/rllc_fast)")
+    p.add_argument("--quick", action="store_true", help="the small version (about 2 minutes on 2 cores)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the toy run (weights, data, SGLD)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or logs")
+
+
+def open_store(path: str, command: str, readonly: bool, flag: str = "--store"):
+    """``ResultStore(path, readonly)``, or ``SystemExit`` naming ``command``, ``flag`` and the problem (a
+    missing file or folder, a file that is not an rllc store, a schema-1 store)."""
+    from ..store import ResultStore, StoreError
+
+    try:
+        return ResultStore(path, readonly=readonly)
+    except (FileNotFoundError, StoreError) as err:
+        raise SystemExit(f"{command}: {flag} {path}: {err}") from None
+
+
+@contextmanager
+def store_notes(command: str):
+    """Print the store's ``SeveralConfigsWarning`` notes raised inside as ``COMMAND: note: ...`` on stderr
+    (shown even with --quiet: they say which rows a result is made of)."""
+    from ..store import SeveralConfigsWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SeveralConfigsWarning)
+        try:
+            yield
+        finally:
+            seen = set()
+            for w in caught:
+                if issubclass(w.category, SeveralConfigsWarning) and str(w.message) not in seen:
+                    seen.add(str(w.message))
+                    print(f"{command}: note: {w.message}", file=sys.stderr)
+                elif not issubclass(w.category, SeveralConfigsWarning):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

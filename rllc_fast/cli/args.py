@@ -67,7 +67,7 @@ def batch_size(text: str):
 
 def steps(text: str):
     """Checkpoint steps ``0,1000,5000`` or an inclusive range ``1000:5000`` (see ``parse_steps``)."""
-    from .models.checkpoints import parse_steps
+    from ..models.checkpoints import parse_steps
 
     try:
         parse_steps(text)

@@ -1,49 +1,16 @@
-"""``rllc export`` (a store's rows as CSV or Parquet) and ``rllc upgrade-store`` (schema 1 -> 2), plus how
-every ``rllc`` command opens a store: ``open_store`` (errors naming the flag and the fix) and ``store_notes``
-(the store's notes, e.g. several configurations, printed as lines of the command)."""
+"""``rllc export``: a result store's rows as CSV or Parquet (read-only)."""
 from __future__ import annotations
 
 import json
 import sys
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
+
+from .common import open_store, store_notes
 
 TABLES = ("estimates", "metrics", "analyses", "failures", "configs")
 
 
-def open_store(path: str, command: str, readonly: bool, flag: str = "--store"):
-    """``ResultStore(path, readonly)``, or ``SystemExit`` naming ``command``, ``flag`` and the problem (a
-    missing file or folder, a file that is not an rllc store, a schema-1 store)."""
-    from .store import ResultStore, StoreError
-
-    try:
-        return ResultStore(path, readonly=readonly)
-    except (FileNotFoundError, StoreError) as err:
-        raise SystemExit(f"{command}: {flag} {path}: {err}") from None
-
-
-@contextmanager
-def store_notes(command: str):
-    """Print the store's ``SeveralConfigsWarning`` notes raised inside as ``COMMAND: note: ...`` on stderr
-    (shown even with --quiet: they say which rows a result is made of)."""
-    from .store import SeveralConfigsWarning
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", SeveralConfigsWarning)
-        try:
-            yield
-        finally:
-            seen = set()
-            for w in caught:
-                if issubclass(w.category, SeveralConfigsWarning) and str(w.message) not in seen:
-                    seen.add(str(w.message))
-                    print(f"{command}: note: {w.message}", file=sys.stderr)
-                elif not issubclass(w.category, SeveralConfigsWarning):
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-
-
-def add_parsers(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser(
         "export", help="a result store's rows as CSV or Parquet (read-only)",
         description="Write the rows of a result store's table (default: the rLLC estimates, every configuration, "
@@ -60,14 +27,7 @@ def add_parsers(sub) -> None:
                         "distance_trace, diverged_at; JSON text in CSV, nested lists in Parquet")
     p.add_argument("--out", help="output file (default: STORE's name with .TABLE.csv/.parquet, beside it)")
     p.add_argument("--quiet", action="store_true", help="no logs")
-    p.set_defaults(func=_cmd_export)
-    u = sub.add_parser(
-        "upgrade-store", help="convert a schema-1 result store (an earlier rllc_fast) to this one, in place",
-        description="Convert a schema-1 store in one transaction. Its rows were keyed by checkpoint file name; "
-                    "they get checkpoint ids legacy:NAME, which no checkpoint's content hash equals, so they are "
-                    "kept and shown but never reused by a sweep.")
-    u.add_argument("--store", required=True, help="the schema-1 SQLite result store")
-    u.set_defaults(func=_cmd_upgrade)
+    p.set_defaults(func=run)
 
 
 def _frame(store, table: str, config: str, traces: bool):
@@ -82,7 +42,8 @@ def _frame(store, table: str, config: str, traces: bool):
     return {"analyses": store.analysis_rows, "failures": store.failures, "configs": store.configs}[table]()
 
 
-def _cmd_export(args) -> int:
+def run(args) -> int:
+    """``rllc export``: see the module doc."""
     store = open_store(args.store, "rllc export", readonly=True)
     if args.format == "parquet":
         try:
@@ -99,7 +60,7 @@ def _cmd_export(args) -> int:
             df = _frame(store, args.table, args.config_key, args.traces)
     except ValueError as err:
         raise SystemExit(f"rllc export: {err}") from None
-    from .atomic import write_atomically
+    from ..atomic import write_atomically
 
     list_columns = [c for c in ("llc_per_chain", "loss_trace", "init_loss_trace", "distance_trace", "diverged_at")
                     if c in df]
@@ -125,15 +86,3 @@ def _plain(value):
     if arr.dtype.kind == "f":
         return [_plain(v) for v in arr] if arr.ndim > 1 else [None if not np.isfinite(v) else float(v) for v in arr]
     return arr.tolist()
-
-
-def _cmd_upgrade(args) -> int:
-    from .store import StoreError, upgrade_store
-
-    try:
-        n = upgrade_store(args.store)
-    except (FileNotFoundError, StoreError) as err:
-        raise SystemExit(f"rllc upgrade-store: --store {args.store}: {err}") from None
-    print(f"{args.store}: " + ("already schema 2; nothing to do" if n is None else
-                               f"upgraded to schema 2 ({n} rows kept, with legacy checkpoint ids)"))
-    return 0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cli_args import positive_int
-from .cli_common import NUM_CONTEXTS, load_data, load_like
-from .data.tokens import RAW_DTYPES
+from ..data.tokens import RAW_DTYPES
+from .args import positive_int
+from .common import NUM_CONTEXTS, load_data, load_like, open_store, store_notes
 
 SUBCOMMANDS = {
     "scores": "previous-token, current-token, induction and prefix-matching scores over training, and head "
@@ -49,7 +49,7 @@ def add_parser(sub) -> None:
                                                       "first rows when missing)")
         p.add_argument("--out", default="rllc-analysis", help="folder for the figure (default ./rllc-analysis)")
         p.add_argument("--quiet", action="store_true", help="no progress bars or logs")
-        p.set_defaults(func=_cmd_analyze)
+        p.set_defaults(func=run)
         if name == "scores":
             p.add_argument("--prev-threshold", type=float, default=0.5, help="previous-token score threshold (0.5)")
             p.add_argument("--induction-threshold", type=float, default=0.3, help="induction score threshold (0.3)")
@@ -96,7 +96,7 @@ def _brackets(args, spec: str, vocab: int):
         except ValueError:
             raise SystemExit(f"rllc analyze tokens: --brackets {args.brackets!r}: expected open:close pairs, e.g. 0:1,2:3") from None
     if spec.startswith("synthetic:"):
-        from .data.synthetic import BRACKETS
+        from ..data.synthetic import BRACKETS
 
         return {2 * k: 2 * k + 1 for k in range(BRACKETS)}
     if vocab <= 260 and not args.tokenizer:
@@ -104,10 +104,10 @@ def _brackets(args, spec: str, vocab: int):
     return {}
 
 
-def _cmd_analyze(args) -> int:
-    from .analysis import runs
-    from .cli_export import open_store, store_notes
-    from .progress import logger
+def run(args) -> int:
+    """``rllc analyze ANALYSIS``: see the module doc."""
+    from ..analysis import runs
+    from ..progress import logger
 
     log = logger(args.quiet)
     out = Path(args.out)
@@ -130,7 +130,7 @@ def _cmd_analyze(args) -> int:
                 print(f"applied to {path}: " + ", ".join(f"{h}={c}" for h, c in labels.items()))
             log(f"wrote {out / 'clusters.png'} and {out / 'clusters.json'}")
             return 0
-        from .models.checkpoints import select_checkpoints
+        from ..models.checkpoints import select_checkpoints
 
         series = select_checkpoints(args.checkpoints)
         like = load_like(args, command)
@@ -146,7 +146,7 @@ def _cmd_analyze(args) -> int:
         first = series[-1].load(like=like)
         name, spec, tokens = load_data(args, args.context or min(64, first.cfg.n_ctx), command)
         if args.analysis == "scores":
-            from .data.synthetic import WORDS
+            from ..data.synthetic import WORDS
 
             low = args.low if args.low is not None else (int(WORDS[0]) if spec.startswith("synthetic:") else 0)
             thresholds = {"previous_token": args.prev_threshold, "induction": args.induction_threshold,
