@@ -180,3 +180,33 @@ def test_bad_probe_sets_are_refused_with_the_argument_named(small_tl):
     with pytest.raises(ValueError, match="loss_fn has no per_token"):
         r.estimate_llc(model, tokens, cfg, components=comp, loss_fn=lambda m, b: next_token_loss(m, b),
                        observables=probes)
+
+
+def test_bayesian_influence_finds_exact_duplicates_and_needs_aligned_draws(small_tl):
+    """BIF sanity: a query's largest influence is its own copy among the training samples (correlation
+    within 0.01 of 1), for a head and for the whole model; shuffling one side's draws destroys it."""
+    model, tokens, _ = small_tl
+    g = torch.Generator().manual_seed(5)
+    queries = torch.randint(0, 64, (4, 24), generator=g)
+    others = torch.randint(0, 64, (8, 24), generator=g)
+    where = torch.randperm(12, generator=g)[:4]              # the queries' copies, at scattered rows
+    train = torch.empty(12, 24, dtype=torch.long)
+    rest = [i for i in range(12) if i not in where.tolist()]
+    train[where], train[rest] = queries, others
+    cfg = r.SGLDConfig(num_chains=3, num_draws=40, batch_size=8, seed=0)
+    comps = {"1:1": r.head(model, 1, 1), "whole": r.whole(model)}
+    obs = r.estimate_llc(model, tokens, cfg, components=comps, observables={"q": queries, "train": train}).observations
+    for comp in comps:
+        q, t = obs.component_losses("q", comp), obs.component_losses("train", comp)
+        seq = r.bayesian_influence(q, t)                                       # [4, 12]
+        assert seq.argmax(1).tolist() == where.tolist(), (comp, seq)
+        assert np.all(np.abs(seq[np.arange(4), where] - 1) < 0.01)
+        assert np.abs(np.delete(seq, where, axis=1)).max() < 0.99
+        tok = r.bayesian_influence(q, t, per="token", max_memory=20000)        # [4, 12, 23, 23], in blocks
+        assert tok.shape == (4, 12, 23, 23)
+        diag = tok[np.arange(4), where][:, np.arange(23), np.arange(23)]       # each token with its own copy
+        assert np.all(np.abs(diag - 1) < 0.01)
+        np.testing.assert_allclose(r.bayesian_influence(q, t, per="token"), tok, rtol=1e-5, atol=1e-6)
+        shuffled = np.asarray(t)[:, np.random.default_rng(0).permutation(t.shape[1])]
+        broken = r.bayesian_influence(q, shuffled)[np.arange(4), where]
+        assert np.abs(broken).mean() < 0.4, broken
