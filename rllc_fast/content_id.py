@@ -19,6 +19,8 @@ import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
+import torch
+
 _CHUNK = 1 << 20  # bytes read per hash update
 _HF_FILES = re.compile(r"^(config\.json|(model|pytorch_model)(-[^/]*)?\.(safetensors|bin)(\.index\.json)?)$")
 
@@ -102,3 +104,32 @@ def _unchanged(path: str, sig: str) -> bool:
         return signature(path) == sig
     except OSError:
         return False
+
+
+def data_fingerprint(data) -> str:
+    """A short hash of a data distribution's content (tokens; a ModelDistribution's contexts and reference
+    weights), so a store notices when data under the same name changed (also probe sets: a changed probe
+    set is other input)."""
+    h = hashlib.sha256()
+    h.update(type(data).__name__.encode())  # a tuple is columns (x, y), a list is batches: other data
+
+    def add_tensor(t: torch.Tensor) -> None:
+        t = t.detach().cpu().contiguous()
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+    from .data import ModelDistribution
+
+    if isinstance(data, ModelDistribution):
+        h.update(b"model-distribution")
+        for _, p in sorted(data.reference_model.state_dict().items()):
+            add_tensor(p)
+        data = data.contexts
+    if isinstance(data, torch.Tensor):
+        add_tensor(data)
+    elif isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data):
+        for t in data:
+            add_tensor(t)
+    else:
+        raise TypeError(f"sweep data must be token tensors or ModelDistribution, got {type(data).__name__}")
+    return h.hexdigest()[:16]

@@ -448,11 +448,29 @@ class ResultStore:
 
     def metric_rows(self, metric: str | None = None, config: str = "latest"):
         """The Hessian-metric rows (``METRIC_COLUMNS``) as a DataFrame, optionally of one ``metric``;
-        ``config`` selects configurations as in ``rows()`` (per checkpoint, data, set and metric)."""
+        ``config`` selects configurations as in ``rows()`` (per checkpoint, data, set and metric). The rows of
+        observables metrics (``KIND:PROBE``) are left out unless named: see ``observable_rows``."""
         df = self._table("metrics", METRIC_COLUMNS, "metric", metric, ("value", "sem"),
                          "metric, step, checkpoint, checkpoint_id, data, component_set, component, config_key")
+        if metric is None:
+            df = df[~df["metric"].astype(str).str.contains(":", regex=False)].reset_index(drop=True)
         return _select_config(df, config, ["checkpoint_id", "data", "component_set", "metric"],
                               "Hessian metrics", self.path)
+
+    def observable_rows(self, kind: str, config: str = "latest"):
+        """Rows of an observables metric of ``rllc sweep`` (``kind``: "susceptibility" or "bif", stored in the
+        ``metrics`` table as ``KIND:PROBE`` or ``bif:QUERY~TRAIN``): ``METRIC_COLUMNS`` plus ``probe`` (the part
+        after the colon) and ``info`` (a dict per row: where the arrays behind it lie, the sampling probe...).
+        ``config`` as in ``metric_rows``."""
+        df = self._frame(f"SELECT {', '.join(METRIC_COLUMNS)}, info_json FROM metrics WHERE metric LIKE ? ORDER BY "
+                         "metric, step, checkpoint, checkpoint_id, data, component_set, component, config_key",
+                         METRIC_COLUMNS + ["info_json"], (f"{kind}:%",))
+        for col in ("value", "sem"):
+            df[col] = df[col].astype(float)
+        df["probe"] = [m.split(":", 1)[1] for m in df["metric"]]
+        df["info"] = [json.loads(s) for s in df.pop("info_json")]
+        return _select_config(df, config, ["checkpoint_id", "data", "component_set", "metric"], f"{kind} rows",
+                              self.path)
 
     def analysis_rows(self, analysis: str | None = None):
         """Rows of ``rllc analyze`` (``ANALYSIS_COLUMNS``) as a DataFrame, optionally of one ``analysis``."""
@@ -604,15 +622,23 @@ class ResultStore:
 
     def write_metrics(self, unit: UnitKey, config_key: str, result, seconds: float) -> int:
         """Write a ``HessianResult``'s per-component estimates in one transaction; returns the row count."""
-        config_json = json.dumps(result.config, sort_keys=True, default=str)
-        rows = [(unit.checkpoint_id, unit.checkpoint, unit.path, unit.step, unit.data, unit.data_hash,
-                 unit.component_set, e.name, result.metric, config_key, config_json, int(e.numel),
-                 _nan_to_none(e.value), _nan_to_none(e.sem), int(len(e.samples)),
-                 json.dumps(result.info.get(e.name, {}), sort_keys=True), float(seconds), _now()) for e in result]
+        rows = [{"component": e.name, "metric": result.metric, "numel": e.numel, "value": e.value, "sem": e.sem,
+                 "num_samples": len(e.samples), "info": result.info.get(e.name, {})} for e in result]
+        return self.write_metric_rows(unit, config_key, result.config, rows, seconds)
+
+    def write_metric_rows(self, unit: UnitKey, config_key: str, config, rows: Iterable[dict], seconds: float) -> int:
+        """Write rows of the ``metrics`` table for ``unit`` in one transaction (replacing rows with the same key);
+        each row a dict with ``component``, ``metric``, ``numel``, ``value``, ``sem``, ``num_samples`` and ``info``
+        (JSON-ready); ``config`` is stored as JSON. Returns the row count."""
+        config_json = json.dumps(config, sort_keys=True, default=str)
+        packed = [(unit.checkpoint_id, unit.checkpoint, unit.path, unit.step, unit.data, unit.data_hash,
+                   unit.component_set, r["component"], r["metric"], config_key, config_json, int(r["numel"]),
+                   _nan_to_none(r["value"]), _nan_to_none(r["sem"]), int(r["num_samples"]),
+                   json.dumps(r.get("info", {}), sort_keys=True, default=str), float(seconds), _now()) for r in rows]
         with self._write() as con:
-            con.executemany(f"INSERT OR REPLACE INTO metrics VALUES ({', '.join('?' * 18)})", rows)
+            con.executemany(f"INSERT OR REPLACE INTO metrics VALUES ({', '.join('?' * 18)})", packed)
             self._clear_failure(con, unit)
-        return len(rows)
+        return len(packed)
 
     def write_analysis(self, analysis: str, rows: Iterable[dict]) -> int:
         """Write rows of one ``analysis`` in one transaction (replacing rows with the same key). Each row is a

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .components import as_component_dict, groups, heads, layers, mlps, whole
-from .content_id import checkpoint_ids, signature
+from .content_id import checkpoint_ids, data_fingerprint, signature
 from .config import SGLDConfig
 from .data import ModelDistribution
 from .distributed import (Rank, barrier, device_for, init as dist_init, merge_rank_stores, rank_from_env,
@@ -36,13 +36,14 @@ from .losses import check_tokens
 from .models.build import move_to
 from .models.checkpoints import Checkpoint, CheckpointError, select_checkpoints
 from .progress import Progress
+from .observable_jobs import OBSERVABLE_METRICS, ObservablesJob
 from .result import ChainsDivergedError
 from .store import ResultStore, UnitKey
 
 COMPONENT_SETS: Dict[str, Callable] = {"whole": lambda m: {"whole": whole(m)}, "heads": heads, "layers": layers,
                                        "groups": groups, "mlps": mlps}
 #: What a sweep can measure: the rLLC (SGLD) or a Hessian-based metric of ``rllc_fast.hessian``.
-METRICS = ("llc", "hessian-trace", "fim-trace", "hessian-rank")
+METRICS = ("llc", "hessian-trace", "fim-trace", "hessian-rank") + OBSERVABLE_METRICS
 
 
 @dataclass
@@ -63,32 +64,6 @@ class SweepReport:
         lines += [f"failed: {u.checkpoint} / {u.data} / {u.component_set}: {err}" for u, err in self.failed.items()]
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
-
-
-def data_fingerprint(data) -> str:
-    """A short hash of a data distribution's content (tokens; a ModelDistribution's contexts and reference
-    weights), so a store notices when data under the same name changed."""
-    h = hashlib.sha256()
-    h.update(type(data).__name__.encode())  # a tuple is columns (x, y), a list is batches: other data
-
-    def add_tensor(t: torch.Tensor) -> None:
-        t = t.detach().cpu().contiguous()
-        h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-    if isinstance(data, ModelDistribution):
-        h.update(b"model-distribution")
-        for _, p in sorted(data.reference_model.state_dict().items()):
-            add_tensor(p)
-        data = data.contexts
-    if isinstance(data, torch.Tensor):
-        add_tensor(data)
-    elif isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data):
-        for t in data:
-            add_tensor(t)
-    else:
-        raise TypeError(f"sweep data must be token tensors or ModelDistribution, got {type(data).__name__}")
-    return h.hexdigest()[:16]
 
 
 def config_key(config: SGLDConfig, engine: str) -> str:
@@ -176,6 +151,10 @@ def run_sweep(
     hessian_options: Optional[Mapping] = None,
     distributed: Optional[bool] = None,
     load: Optional[Callable[[Checkpoint], nn.Module]] = None,
+    observables: Optional[Mapping[str, object]] = None,
+    observe_every: int = 1,
+    sampling_probe: Optional[str] = None,
+    bif_per: str = "sequence",
 ) -> SweepReport:
     """Estimate every (checkpoint, data, component set) into ``store`` and return a ``SweepReport``.
 
@@ -197,6 +176,13 @@ def run_sweep(
     metric:         "llc" (default: SGLD with ``config``, ``engine``) or a Hessian metric from ``METRICS``
                     ("hessian-trace", "fim-trace", "hessian-rank"), computed by ``rllc_fast.hessian`` with the
                     keyword arguments ``hessian_options`` (e.g. ``{"num_probes": 20}``); ``config`` is then unused.
+    observables:    probe sets ``{name: tokens [N, T]}`` for ``metric`` "susceptibility" or "bif"
+                    (``rllc_fast.observable_jobs``): each unit is one SGLD run (``config``, ``engine``) over its
+                    components plus the whole model with these probe sets observed every ``observe_every``-th
+                    draw; its rLLC rows are stored as for "llc", and beside them per (component, probe set) the
+                    susceptibility to that probe set (``sampling_probe`` names the probe set drawn from the
+                    sampling data) or per (component, probe pair) the Bayesian influence (``bif_per``:
+                    "sequence" or "token"), with the arrays in ``STORE.observations/`` (``observable_rows``).
     distributed:    None (default): run as one rank of a ``torchrun`` job when its environment says
                     ``WORLD_SIZE > 1``, else in one process; False: always one process; True: like None,
                     and say so when there is only one rank. See ``rllc_fast.distributed``: each rank computes
@@ -220,11 +206,18 @@ def run_sweep(
     rank = rank_from_env() if distributed is not False else Rank()
     device = device_for(rank, device)  # resolved once: every unit of either metric runs there
     inner = progress and rank.is_main  # progress inside each unit
-    job = _LLCJob(config, engine, device, max_memory, log, inner) if metric == "llc" else \
-        _HessianJob(metric, hessian_options, device, inner)
+    store_path = store.path if isinstance(store, ResultStore) else os.fspath(store)
+    if metric in OBSERVABLE_METRICS:
+        job = ObservablesJob(metric, config, engine, observables or {}, store_path, device, max_memory, observe_every,
+                             sampling_probe, bif_per, log, inner)
+    elif observables:
+        raise ValueError(f"observables are recorded for metric 'susceptibility' or 'bif', not {metric!r}")
+    elif metric == "llc":
+        job = _LLCJob(config, engine, device, max_memory, log, inner)
+    else:
+        job = _HessianJob(metric, hessian_options, device, inner)
     if distributed and not rank.active:
         log("distributed sweep: no torchrun environment (WORLD_SIZE > 1); running in one process")
-    store_path = store.path if isinstance(store, ResultStore) else os.fspath(store)
     # Of the ranks, only rank 0 opens the shared store (SQLite is not safe between machines). Opening checks
     # the folder and refuses a file that is not an rllc store; the file is created by the first write.
     if not isinstance(store, ResultStore) and rank.is_main:
@@ -289,6 +282,7 @@ def run_sweep(
                     if reference is None:
                         reference = getattr(model, "cfg", None)
                         _check_data(data, model)
+                        _check_data({f"observables[{n!r}]": t for n, t in (observables or {}).items()}, model)
                 except CheckpointError as err:
                     load_error = str(err)
                     log(f"skipping checkpoint: {load_error}")
@@ -310,7 +304,7 @@ def run_sweep(
                 result = job.run(model, data[data_name], todo, unit)
             report.rows_written += job.write(target, unit, keys[data_name], result, time.time() - t0)
             report.computed.append(unit)
-            if metric == "llc":
+            if metric == "llc" or metric in OBSERVABLE_METRICS:
                 for message in check_against_whole(target, unit, keys[data_name]):
                     warn(message)
             advance()
@@ -462,4 +456,4 @@ def _check_data(data: Mapping[str, object], model) -> None:
     for name, d in data.items():
         tokens = d.contexts if isinstance(d, ModelDistribution) else d
         if isinstance(tokens, torch.Tensor):
-            check_tokens(tokens, model, what=f"data {name!r}")
+            check_tokens(tokens, model, what=name if name.startswith("observables[") else f"data {name!r}")

@@ -13,7 +13,7 @@ import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 from ..config import SAMPLERS, SGLDConfig
 from ..data.tokens import RAW_DTYPES
@@ -135,7 +135,7 @@ def add_model_arguments(p, folders: bool = False) -> None:
     g.add_argument("--d-model", type=positive_int, default=64, help="its residual width (a multiple of --n-heads)")
 
 
-def data_specs(items, command: str) -> dict:
+def data_specs(items, command: str, flag: str = "--data") -> dict:
     """``[NAME=]SPEC`` strings as ``{name: spec}`` (a file's name: its stem); names must be unique."""
     out = {}
     for item in items:
@@ -144,21 +144,24 @@ def data_specs(items, command: str) -> dict:
             spec = item
             name = item if not os.path.exists(item) else os.path.splitext(os.path.basename(item))[0]
         if not name or not spec:
-            raise SystemExit(f"rllc {command}: --data {item!r}: expected [NAME=]SPEC")
+            raise SystemExit(f"rllc {command}: {flag} {item!r}: expected [NAME=]SPEC")
         if name in out:
+            if flag != "--data":
+                raise SystemExit(f"rllc {command}: {flag}: the name {name!r} is given twice; give each its own NAME=")
             raise SystemExit(f"rllc {command}: two --data distributions are named {name!r}; name them NAME=SPEC")
         out[name] = spec
     return out
 
 
-def spec_tokens(spec: str, args, context: int, command: str):
-    """The tokens ``[N, context]`` of one data spec, with ``--num-contexts``, ``--tokenizer``, ``--dtype`` and
-    ``--seed`` of ``args``."""
+def spec_tokens(spec: str, args, context: int, command: str, num_contexts: Optional[int] = None):
+    """The tokens ``[N, context]`` of one data spec, with ``--num-contexts`` (or ``num_contexts``),
+    ``--tokenizer``, ``--dtype`` and ``--seed`` of ``args``."""
     from ..data import data_from_spec, load_tokenizer
 
     try:
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-        return data_from_spec(spec, context, args.num_contexts, tokenizer, seed=args.seed, dtype=args.dtype)
+        n = args.num_contexts if num_contexts is None else num_contexts
+        return data_from_spec(spec, context, n, tokenizer, seed=args.seed, dtype=args.dtype)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"rllc {command}: {err}") from None
 

@@ -7,6 +7,7 @@ import sys
 
 from ..data.tokens import RAW_DTYPES
 from ..models.families import SUPPORTED_MODEL_TYPES
+from ..observable_jobs import OBSERVABLE_METRICS
 from ..progress import close_bars, logger
 from .args import positive_int, steps
 from .common import (EXIT_FAILURES, EXIT_INTERRUPTED, NUM_CONTEXTS, add_sgld_arguments, component_sets, context_for,
@@ -59,6 +60,7 @@ def add_parser(sub) -> None:
                         "each rank computes a cost-balanced shard into STORE.rank<R>.sqlite, rank 0 merges")
     add_sgld_arguments(p)
     _hessian_arguments(p)
+    _observable_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or logs")
     p.set_defaults(func=run)
 
@@ -68,9 +70,10 @@ HESSIAN_DEFAULTS = {"hessian-trace": (50, 100), "fim-trace": (5, 30), "hessian-r
 
 
 def _hessian_arguments(p) -> None:
-    g = p.add_argument_group("Hessian metrics (--metric other than llc)")
-    g.add_argument("--metric", choices=["llc", *HESSIAN_DEFAULTS], default="llc",
-                   help="llc (default: SGLD rLLC) or a Hessian metric written beside it in the store")
+    g = p.add_argument_group("Hessian metrics (--metric hessian-trace, fim-trace, hessian-rank)")
+    g.add_argument("--metric", choices=["llc", *HESSIAN_DEFAULTS, *OBSERVABLE_METRICS], default="llc",
+                   help="llc (default: SGLD rLLC), a Hessian metric, or an observables metric (susceptibility, bif: "
+                        "the rLLC run with probe sets observed, see below), written beside the rLLCs in the store")
     g.add_argument("--probes", type=int, help="Rademacher probes (default: trace 50, fim-trace 5, rank 10)")
     g.add_argument("--hessian-batches", type=int,
                    help="data batches of --hessian-batch-size contexts (default: trace 100, fim-trace 30, rank 3); "
@@ -83,6 +86,19 @@ def _hessian_arguments(p) -> None:
     g.add_argument("--tau", type=float, help="eigenvalue threshold (hessian-rank; default 0.07 x largest |eigenvalue|)")
     g.add_argument("--interval", default="adaptive",
                    help="spectral interval for hessian-rank: adaptive (default) or A,B (fixed; needs --tau)")
+
+
+def _observable_arguments(p) -> None:
+    g = p.add_argument_group("observables (--metric susceptibility or bif)")
+    g.add_argument("--observable", action="append", default=[], metavar="NAME=SPEC",
+                   help="a probe set: fixed contexts of a corpus, synthetic:SOURCE or token file (as --data), whose "
+                        "per-token losses every replica records at each draw; repeat for several")
+    g.add_argument("--sampling-probe", metavar="NAME",
+                   help="susceptibility: the --observable drawn from the sampling data (the baseline loss L)")
+    g.add_argument("--probe-contexts", type=positive_int, default=16, help="contexts per probe set (default 16)")
+    g.add_argument("--observe-every", type=positive_int, default=1, help="record every Nth draw (default 1)")
+    g.add_argument("--bif-per", choices=["sequence", "token"], default="sequence",
+                   help="bif: correlate per-sequence mean losses (default) or every token pair")
 
 
 def _hessian_options(args) -> dict:
@@ -113,7 +129,10 @@ def run(args) -> int:
     from ..sweep import run_sweep
 
     sets = component_sets(args, "sweep")
-    config = sgld_config(args, "sweep") if args.metric == "llc" else None
+    config = sgld_config(args, "sweep") if args.metric == "llc" or args.metric in OBSERVABLE_METRICS else None
+    if args.observable and args.metric not in OBSERVABLE_METRICS:
+        raise SystemExit(f"rllc sweep: --observable is recorded for --metric susceptibility or bif, not {args.metric}")
+    probe_specs = data_specs(args.observable, "sweep", flag="--observable")
     try:
         series = select_checkpoints(args.checkpoints, args.steps, args.revisions)
     except RevisionNotCached as err:
@@ -127,6 +146,8 @@ def run(args) -> int:
     cfg, source = _model_config(series, like, args)
     context = context_for(args, cfg, source, "sweep")
     data = {name: spec_tokens(spec, args, context, "sweep") for name, spec in data_specs(args.data, "sweep").items()}
+    observables = {name: spec_tokens(spec, args, context, "sweep", args.probe_contexts)
+                   for name, spec in probe_specs.items()}
     from ..distributed import rank_from_env
 
     rank = rank_from_env()
@@ -140,6 +161,8 @@ def run(args) -> int:
                            engine=args.engine, device=device, max_memory=args.max_memory, progress=not args.quiet,
                            log=log, metric=args.metric,
                            hessian_options=None if config else _hessian_options(args),
+                           observables=observables or None, observe_every=args.observe_every,
+                           sampling_probe=args.sampling_probe, bif_per=args.bif_per,
                            distributed=True if args.distributed else None)
     except ValueError as err:
         raise SystemExit(f"rllc sweep: {err}") from None
