@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from .atomic import write_atomically
+from .observables_report import observables_section
 from .plotting import (LLC_LABEL, RLLC_DIFFERENCE_LABEL, RLLC_LABEL, TYPE_COLORS, colour_key, describe_steps,
                        head_key, line_styles, log_step_axis, save_figure, sort_key, subplots)
 from .store import DIAGNOSTIC_COLUMNS, SETTINGS_COLUMNS, ResultStore, check_one_checkpoint_per_step
@@ -236,11 +237,14 @@ def _slug(name: str) -> str:
 
 def write_report(store: ResultStore | str, out_dir, differences: Sequence[tuple] = (),
                  title: str = "rLLC sweep report", extra_html: str = "", colours: Optional[dict] = None,
-                 config: str = "latest", key_colours: Optional[dict] = None, key_title: str = "colour") -> Path:
+                 config: str = "latest", key_colours: Optional[dict] = None, key_title: str = "colour",
+                 decode=None) -> Path:
     """PNG figures plus ``index.html`` (figures captioned with their settings, the configurations, the table
     of estimates, failures) in ``out_dir``; ``colours``: ``{"l:h": colour}`` for the per-head curves (e.g.
     ``Clustering.colours()``), ``key_colours``: ``{meaning: colour}`` saying what those colours mean (e.g.
-    ``Clustering.colour_key()``), a legend titled ``key_title`` on those figures.
+    ``Clustering.colour_key()``), a legend titled ``key_title`` on those figures. Observables rows (``rllc sweep
+    --metric susceptibility|bif``) add a section (``rllc_fast.observables_report``; ``decode(token_id) -> text``
+    shows the attributions page's tokens as text).
 
     ``store``: a ``ResultStore`` or a path (opened read-only: the report never changes the store).
     ``config``: which configuration's rows (``ResultStore.rows``): "latest" (default; warns with
@@ -277,12 +281,14 @@ def write_report(store: ResultStore | str, out_dir, differences: Sequence[tuple]
              f"{len(mdf)} Hessian-metric estimates over "
              f"{pd_nunique(df, mdf, 'checkpoint_id')} checkpoints, data {', '.join(map(html.escape, pd_unique(df, mdf, 'data')))}.</p>",
              extra_html]
+    observed = observables_section(store, out_dir, decode)
     for path, caption in figures:
         what, _, settings = caption.partition(" Settings: ")
         parts.append(f"<figure><img src='{html.escape(path.relative_to(out_dir).as_posix())}' "
                      f"alt='{html.escape(what)}'><figcaption>{html.escape(what)}"
                      + (f"<br><small>Settings: {html.escape(settings)}</small>" if settings else "")
                      + "</figcaption></figure>")
+    parts.append(observed)
     shown = store.configs()
     shown = shown[shown["config_key"].isin(set(df["config_key"]) | set(mdf["config_key"]))]
     parts.append("<h2>Configurations</h2><p>The settings of the rows shown (config_key: a hash of the settings; "

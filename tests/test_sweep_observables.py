@@ -120,3 +120,23 @@ def test_cli_sweep_with_observables(setup):
     assert twice.returncode != 0 and "--observable: the name 'low' is given twice" in twice.stderr
     info = json.loads(json.dumps(rows.iloc[0]["info"]))
     assert info["sampling"] == "samp"
+
+
+def test_plot_draws_the_response_matrix_and_the_attributions_page(setup):
+    tmp, data, probes = setup
+    store = tmp / "p.sqlite"
+    run_sweep(str(tmp), {"mix": data}, CFG, str(store), ["heads"], metric="susceptibility", observables=probes,
+              sampling_probe="samp", progress=False, log=lambda s: None)
+    out = subprocess.run([sys.executable, "-m", "rllc_fast.cli", "plot", "--store", str(store), "--out",
+                          str(tmp / "report"), "--quiet"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    index = (tmp / "report" / "index.html").read_text()
+    assert "Susceptibilities" in index and "susceptibility-pca-mix-heads-step50.png" in index
+    assert (tmp / "report" / "susceptibility-pca-mix-heads-step50.png").stat().st_size > 1000
+    page = (tmp / "report" / "attributions-mix-heads-step50.html").read_text()
+    # every head and probe set, with the first of each context's tokens shown as its id
+    for head in ("0:0", "0:1", "1:0", "1:1"):
+        assert f"<h2>{head}</h2>" in page
+    assert page.count("<h3>low</h3>") == 4 and page.count("<h3>high</h3>") == 4
+    first = int(probes["low"][0, 0])
+    assert f">{first}</span>" in page
