@@ -86,6 +86,7 @@ def response_figure(scores: np.ndarray, names: Sequence[str], explained: np.ndar
     ax.axvline(0, color="#ccc", lw=0.5)
     ax.set_title(title)
     ax.legend(title="type", fontsize=8)
+    fig.tight_layout()
     return save_figure(fig, path)
 
 

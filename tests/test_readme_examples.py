@@ -50,3 +50,10 @@ def test_sweep_example_runs_as_written(tmp_path):
     python = run_python(example("sweep-python"), tmp_path)
     assert python.returncode == 0, python.stderr[-3000:]
     assert "3 unit(s) computed" in python.stdout  # the prose data is new to the store: 3 checkpoints x heads
+
+
+@pytest.mark.slow
+def test_observables_example_runs_as_written(tmp_path):
+    done = run_python(example("observables"), tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(9, 4, 20, 16, 15)" in done.stdout and "susceptibility_sem" in done.stdout
