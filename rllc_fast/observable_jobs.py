@@ -51,7 +51,8 @@ class ObservablesJob:
 
     def __init__(self, metric: str, config: SGLDConfig, engine: str, observables: Mapping[str, object],
                  store_path: str, device=None, max_memory=None, observe_every: int = 1,
-                 sampling_probe: Optional[str] = None, bif_per: str = "sequence", log=print, progress: bool = False):
+                 sampling_probe: Optional[str] = None, bif_per: str = "sequence", log=print, progress: bool = False,
+                 matmul_precision: str = "fp32"):
         if metric not in OBSERVABLE_METRICS:
             raise ValueError(f"metric must be one of {OBSERVABLE_METRICS}, got {metric!r}")
         if not observables:
@@ -69,6 +70,7 @@ class ObservablesJob:
         self.metric, self.config, self.engine, self.observables = metric, config, engine, dict(observables)
         self.store_path, self.device, self.max_memory, self.every = store_path, device, max_memory, observe_every
         self.sampling, self.bif_per, self.log, self.progress = sampling_probe, bif_per, log, progress
+        self.precision = matmul_precision
         names = list(self.observables)
         self.row_metrics = ([f"susceptibility:{p}" for p in names if p != sampling_probe] if metric == "susceptibility"
                             else [f"bif:{a}~{b}" for i, a in enumerate(names) for b in names[i:]])
@@ -77,7 +79,8 @@ class ObservablesJob:
         text = json.dumps({"metric": self.metric, "config": self.config.to_dict(), "engine": self.engine,
                            "probes": {n: data_fingerprint(t) for n, t in self.observables.items()},
                            "observe_every": self.every, "sampling": self.sampling,
-                           "bif_per": self.bif_per if self.metric == "bif" else None}, sort_keys=True)
+                           "bif_per": self.bif_per if self.metric == "bif" else None,
+                           "matmul_precision": self.precision}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def done(self, store, unit, key: str) -> set:
@@ -101,7 +104,8 @@ class ObservablesJob:
         try:
             result = estimate_llc(model, data, self.config, components=comps, engine=self.engine, device=self.device,
                                   max_memory=self.max_memory, progress=self.progress, observables=self.observables,
-                                  observe_every=self.every, observables_dir=folder / "observations")
+                                  observe_every=self.every, observables_dir=folder / "observations",
+                                  matmul_precision=self.precision)
         except ChainsDivergedError as err:
             self.log(f"{unit.checkpoint} / {unit.data} / {unit.component_set}: {err}")
             result = err.result
@@ -115,8 +119,10 @@ class ObservablesJob:
         from .sweep import config_key
 
         estimates, rows = out
-        written = store.write(unit, config_key(self.config, self.engine), self.config, self.engine, estimates, seconds)
+        written = store.write(unit, config_key(self.config, self.engine, self.precision), self.config, self.engine,
+                              estimates, seconds, self.precision)
         settings = {"config": self.config.to_dict(), "engine": self.engine, "metric": self.metric,
+                    "matmul_precision": self.precision,
                     "observe_every": self.every, "sampling": self.sampling, "bif_per": self.bif_per}
         return written + store.write_metric_rows(unit, key, settings, rows, seconds)
 

@@ -583,16 +583,20 @@ class ResultStore:
         con.executemany("INSERT OR REPLACE INTO checkpoint_ids VALUES (?, ?, ?, ?)",
                         [(p, s, c, now) for p, (s, c) in entries.items()])
 
-    def write(self, unit: UnitKey, config_key: str, config, engine: str, estimates: Iterable, seconds: float) -> int:
+    def write(self, unit: UnitKey, config_key: str, config, engine: str, estimates: Iterable, seconds: float,
+              matmul_precision: str = "fp32") -> int:
         """Write a unit's ``ComponentLLC`` estimates in one transaction (replacing older rows of the same
         components, checkpoint id and ``config_key``) and clear the unit's failure record. ``config``: the
-        ``SGLDConfig`` (its fields become the settings columns), ``engine`` its engine name. Returns the
-        number of rows written."""
+        ``SGLDConfig`` (its fields become the settings columns), ``engine`` its engine name,
+        ``matmul_precision`` recorded in ``config_json`` when not "fp32". Returns the number of rows written."""
         settings = config.to_dict()
         missing = [f for f in _CONFIG_FIELDS if f not in settings]
         if missing:
             raise ValueError(f"config: an SGLDConfig is needed (its to_dict() lacks {missing})")
-        config_json = json.dumps({"config": settings, "engine": engine}, sort_keys=True)
+        described = {"config": settings, "engine": engine}
+        if matmul_precision != "fp32":
+            described["matmul_precision"] = matmul_precision
+        config_json = json.dumps(described, sort_keys=True)
         columns = ["checkpoint_id", "checkpoint", "checkpoint_path", "step", "data", "data_hash", "component_set",
                    "component", "config_key", "config_json", *_CONFIG_FIELDS, "engine", "numel", "llc_mean",
                    "llc_std", "llc_sem", "init_loss", "num_chains", "num_diverged", *DIAGNOSTIC_COLUMNS,

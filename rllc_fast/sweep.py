@@ -31,6 +31,7 @@ from .config import SGLDConfig
 from .data import ModelDistribution
 from .distributed import (Rank, barrier, device_for, init as dist_init, merge_rank_stores, rank_from_env,
                           rank_store_path, rank_store_paths, shard)
+from .engine.common import MATMUL_PRECISIONS
 from .llc import estimate_llc
 from .losses import check_tokens
 from .models.build import move_to
@@ -66,10 +67,14 @@ class SweepReport:
         return "\n".join(lines)
 
 
-def config_key(config: SGLDConfig, engine: str) -> str:
+def config_key(config: SGLDConfig, engine: str, matmul_precision: str = "fp32") -> str:
     """The hash of the settings stored with each row: with equal checkpoint id, data (name and fingerprint)
-    and key, the same estimate would be recomputed."""
-    text = json.dumps({"config": config.to_dict(), "engine": engine}, sort_keys=True)
+    and key, the same estimate would be recomputed. ``matmul_precision`` enters only when it is not "fp32"
+    (the keys of rows written before it existed stay valid)."""
+    settings = {"config": config.to_dict(), "engine": engine}
+    if matmul_precision != "fp32":
+        settings["matmul_precision"] = matmul_precision
+    text = json.dumps(settings, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -78,12 +83,14 @@ class _LLCJob:
 
     metric = "llc"
 
-    def __init__(self, config: SGLDConfig, engine: str, device, max_memory, log, progress: bool = False):
+    def __init__(self, config: SGLDConfig, engine: str, device, max_memory, log, progress: bool = False,
+                 matmul_precision: str = "fp32"):
         self.config, self.engine, self.device, self.max_memory, self.log = config, engine, device, max_memory, log
         self.progress = progress  # the estimate's own SGLD progress inside a unit
+        self.precision = matmul_precision
 
     def key(self) -> str:
-        return config_key(self.config, self.engine)
+        return config_key(self.config, self.engine, self.precision)
 
     def done(self, store: ResultStore, unit: UnitKey, key: str) -> set:
         return store.done(unit, key)
@@ -91,13 +98,13 @@ class _LLCJob:
     def run(self, model, data, comps, unit: UnitKey):
         try:
             return estimate_llc(model, data, self.config, components=comps, engine=self.engine, device=self.device,
-                                max_memory=self.max_memory, progress=self.progress)
+                                max_memory=self.max_memory, progress=self.progress, matmul_precision=self.precision)
         except ChainsDivergedError as err:  # keep the other components; the lost ones are stored as diverged
             self.log(f"{unit.checkpoint} / {unit.data} / {unit.component_set}: {err}")
             return err.result
 
     def write(self, store: ResultStore, unit: UnitKey, key: str, result, seconds: float) -> int:
-        return store.write(unit, key, self.config, self.engine, list(result), seconds)
+        return store.write(unit, key, self.config, self.engine, list(result), seconds, self.precision)
 
 
 class _HessianJob:
@@ -155,6 +162,7 @@ def run_sweep(
     observe_every: int = 1,
     sampling_probe: Optional[str] = None,
     bif_per: str = "sequence",
+    matmul_precision: str = "fp32",
 ) -> SweepReport:
     """Estimate every (checkpoint, data, component set) into ``store`` and return a ``SweepReport``.
 
@@ -176,6 +184,8 @@ def run_sweep(
     metric:         "llc" (default: SGLD with ``config``, ``engine``) or a Hessian metric from ``METRICS``
                     ("hessian-trace", "fim-trace", "hessian-rank"), computed by ``rllc_fast.hessian`` with the
                     keyword arguments ``hessian_options`` (e.g. ``{"num_probes": 20}``); ``config`` is then unused.
+    matmul_precision: "fp32" (default), "tf32" or "bf16" for the SGLD runs (``estimate_llc``'s); part of the
+                    rows' config key and stored settings when not "fp32".
     observables:    probe sets ``{name: tokens [N, T]}`` for ``metric`` "susceptibility" or "bif"
                     (``rllc_fast.observable_jobs``): each unit is one SGLD run (``config``, ``engine``) over its
                     components plus the whole model with these probe sets observed every ``observe_every``-th
@@ -203,17 +213,19 @@ def run_sweep(
         raise ValueError("component_sets: give at least one (e.g. ['heads'])")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if matmul_precision not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {matmul_precision!r}")
     rank = rank_from_env() if distributed is not False else Rank()
     device = device_for(rank, device)  # resolved once: every unit of either metric runs there
     inner = progress and rank.is_main  # progress inside each unit
     store_path = store.path if isinstance(store, ResultStore) else os.fspath(store)
     if metric in OBSERVABLE_METRICS:
         job = ObservablesJob(metric, config, engine, observables or {}, store_path, device, max_memory, observe_every,
-                             sampling_probe, bif_per, log, inner)
+                             sampling_probe, bif_per, log, inner, matmul_precision)
     elif observables:
         raise ValueError(f"observables are recorded for metric 'susceptibility' or 'bif', not {metric!r}")
     elif metric == "llc":
-        job = _LLCJob(config, engine, device, max_memory, log, inner)
+        job = _LLCJob(config, engine, device, max_memory, log, inner, matmul_precision)
     else:
         job = _HessianJob(metric, hessian_options, device, inner)
     if distributed and not rank.active:

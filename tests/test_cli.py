@@ -283,3 +283,28 @@ def test_abbreviated_flags_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["calibrate", "--step-size", "1e-3"])  # once silently read as --step-sizes 1e-3
     assert "unrecognized arguments: --step-size" in capsys.readouterr().err
+
+
+def test_matmul_precision_reaches_the_estimate_and_the_sweeps_rows(run, capsys):
+    """--matmul-precision is used (the bf16 estimate differs from fp32's and says so) and a sweep's rows
+    carry it in their key and settings, beside the fp32 rows."""
+    from rllc_fast.store import ResultStore
+
+    ckpt, out = run / "ckpts" / "step10.pt", {p: run / f"{p}.json" for p in ("fp32", "bf16")}
+    for p in out:
+        assert cli.main(["estimate", "--checkpoint", str(ckpt), "--data", f"mix={run / 'mix.npy'}", "--components",
+                         "whole", "--chains", "1", "--draws", "3", "--matmul-precision", p, "--output", str(out[p]),
+                         "--quiet"]) == 0
+    saved = {p: json.loads(out[p].read_text()) for p in out}
+    assert saved["bf16"]["matmul_precision"] == "bf16" and saved["fp32"]["matmul_precision"] == "fp32"
+    assert saved["bf16"]["components"]["whole"]["llc_mean"] != saved["fp32"]["components"]["whole"]["llc_mean"]
+    store = run / "p.sqlite"
+    for p in ("fp32", "bf16"):
+        assert cli.main(["sweep", "--checkpoints", str(ckpt), "--data", f"mix={run / 'mix.npy'}", "--components",
+                         "whole", "--chains", "1", "--draws", "3", "--store", str(store), "--matmul-precision", p,
+                         "--quiet"]) == 0
+    rows = ResultStore(store, readonly=True).rows(config="all")
+    assert rows["config_key"].nunique() == 2
+    precisions = sorted(json.loads(c).get("matmul_precision", "fp32")
+                        for c in ResultStore(store, readonly=True).configs()["config_json"])
+    assert precisions == ["bf16", "fp32"]

@@ -64,6 +64,7 @@ def run(args) -> int:
     t0 = time.time()
     rows = calibrate_step_size(model, data.tokens, step_sizes, config, components=components,
                                num_draws=config.num_draws, engine=args.engine, device=device,
+                               matmul_precision=args.matmul_precision,
                                progress=not args.quiet, max_memory=args.max_memory)
     log(f"sampled in {time.time() - t0:.0f} s")
     print(format_calibration(rows))

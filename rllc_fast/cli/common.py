@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 from ..config import SAMPLERS, SGLDConfig
+from ..engine.common import MATMUL_PRECISIONS
 from ..data.tokens import RAW_DTYPES
 from ..models.families import SUPPORTED_MODEL_TYPES
 from .args import batch_size, nonnegative_int, positive_int
@@ -69,6 +70,9 @@ def add_sgld_arguments(p, defaults=None, exclude=()) -> None:
         g.add_argument(f"--{flag}", type=kind, default=default, help=text,
                        choices=SAMPLERS if field == "sampler" else None)
     g.add_argument("--max-memory", help="activation memory for replica chunks, e.g. 8GB (default: automatic)")
+    g.add_argument("--matmul-precision", choices=list(MATMUL_PRECISIONS), default="fp32",
+                   help="matrix products for l(w*) and l(w_t) alike: fp32 (default), tf32 (CUDA; fp32 elsewhere) or "
+                        "bf16 (autocast)")
     g.add_argument("--engine", choices=list(ENGINES), default="batched",
                    help="; ".join(f"{name}: {text}" for name, text in ENGINES.items()))
 

@@ -41,6 +41,7 @@ def run(args) -> int:
     t0 = time.time()
     try:
         result = estimate_llc(model, data.tokens, config, components=comps, engine=args.engine, device=device,
+                              matmul_precision=args.matmul_precision,
                               progress=not args.quiet, max_memory=args.max_memory)
     except ValueError as err:
         raise SystemExit(f"rllc estimate: {err}") from None

@@ -159,6 +159,7 @@ def run(args) -> int:
     try:
         report = run_sweep(series, data, config, store, sets, like=like,
                            engine=args.engine, device=device, max_memory=args.max_memory, progress=not args.quiet,
+                           matmul_precision=args.matmul_precision,
                            log=log, metric=args.metric,
                            hessian_options=None if config else _hessian_options(args),
                            observables=observables or None, observe_every=args.observe_every,
