@@ -6,6 +6,7 @@ import torch
 import rllc_fast as r
 from rllc_fast.losses import next_token_loss
 from rllc_fast.observables import ProbeRecorder
+from devices import DEVICES
 from toy_models import Linear, gaussian_nll
 
 
@@ -210,3 +211,22 @@ def test_bayesian_influence_finds_exact_duplicates_and_needs_aligned_draws(small
         shuffled = np.asarray(t)[:, np.random.default_rng(0).permutation(t.shape[1])]
         broken = r.bayesian_influence(q, shuffled)[np.arange(4), where]
         assert np.abs(broken).mean() < 0.4, broken
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_structured_and_generic_paths_record_the_same_probe_losses(small_tl, device):
+    """On each device (CUDA: the Philox noise, probe losses kept on the device until the engine's host reads)."""
+    import copy
+
+    model, tokens, probes = small_tl
+    model = copy.deepcopy(model).to(device)
+    cfg = r.SGLDConfig(num_chains=2, num_draws=20, batch_size=8, seed=3)
+    comps = {**r.heads(model), "whole": r.whole(model)}
+    runs = {e: r.estimate_llc(model, tokens, cfg, components=comps, engine=e, observables=probes).observations
+            for e in ("batched", "generic")}
+    for name in probes:
+        np.testing.assert_allclose(runs["batched"][name], runs["generic"][name], rtol=1e-4, atol=2e-5)
+        first = runs["batched"][name][:, :, 0]
+        np.testing.assert_allclose(first, np.broadcast_to(runs["batched"].at_optimum[name], first.shape),
+                                   rtol=2e-5, atol=2e-5)
+        assert np.isfinite(runs["batched"][name]).all()
