@@ -104,7 +104,7 @@ def test_plan_routes_heads_to_the_structured_path(small_tl):
     model, _ = small_tl
     comps = {**r.heads(model), "L1": r.layer(model, 1)}
     heads, rest, _ = plan(model, comps, next_token_loss)
-    assert heads == {f"{l}:{h}": (l, h) for l in range(2) for h in range(4)} and rest == ["L1"]
+    assert heads == {f"{l}:{h}": (l, h, "head") for l in range(2) for h in range(4)} and rest == ["L1"]
     _, rest, why = plan(model, comps, lambda m, b: next_token_loss(m, b))
     assert len(rest) == 9 and "custom loss_fn" in why
     assert head_of(model, r.from_params(model, ["blocks.0.attn.W_Q"])) is None
@@ -340,11 +340,11 @@ def test_out_of_memory_in_a_chunk_halves_it_and_retries(small_tl, monkeypatch):
     real = tl_heads.HeadReplicas.replica_features
     sizes = []
 
-    def tight(self, shared, layer, heads, rows, drop_last=True):
+    def tight(self, shared, layer, heads, rows, drop_last=True, kind=None):
         sizes.append(rows.shape[0])
         if rows.shape[0] > 2:
             raise torch.OutOfMemoryError("injected")
-        return real(self, shared, layer, heads, rows, drop_last)
+        return real(self, shared, layer, heads, rows, drop_last, kind)
 
     monkeypatch.setattr(tl_heads.HeadReplicas, "replica_features", tight)
     with pytest.warns(RuntimeWarning, match="out of device memory in a chunk of 8 replicas of layer 0"):
