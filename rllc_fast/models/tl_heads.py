@@ -423,8 +423,12 @@ class HeadReplicas:
         G = H if self.n_groups is None else self.n_groups
         x = norm(block.ln1, resid)
         xqk = x + pos if pos is not None else x
-        q, k = F.linear(xqk, W_qk, b_qk).split([H * dh, G * dh], dim=-1)
-        q, k = q.view(B, T, H, dh), k.view(B, T, G, dh)
+        qk = F.linear(xqk, W_qk, b_qk)
+        if G == H:
+            q, k = qk.view(B, T, 2, H, dh).unbind(2)
+        else:
+            q, k = qk.split([H * dh, G * dh], dim=-1)
+            q, k = q.view(B, T, H, dh), k.view(B, T, G, dh)
         v = F.linear(x, W_v, b_v).view(B, T, G, dh)
         if cfg.positional_embedding_type == "rotary":
             q, k = attn.apply_rotary(q), attn.apply_rotary(k)
