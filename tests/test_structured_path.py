@@ -158,6 +158,8 @@ def test_grouped_query_replicas_match_the_model_with_the_row_written(attention, 
 
 
 def test_plan_routes_query_heads_and_groups_to_the_structured_path():
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
     model = _llama_like(2)
     comps = {**r.heads(model), **r.groups(model), "L1": r.layer(model, 1),
              "0:q01": r.from_params(model, [("blocks.0.attn.W_Q", slice(0, 2)), ("blocks.0.attn.W_O", slice(0, 2))]),
@@ -166,6 +168,11 @@ def test_plan_routes_query_heads_and_groups_to_the_structured_path():
     assert units == {**{f"{l}:{h}": (l, h, "query") for l in range(3) for h in range(4)},
                      **{f"{l}:g{g}": (l, g, "group") for l in range(3) for g in range(2)}}
     assert rest == ["L1", "0:q01", "0:kv0"] and why is None
+    with warnings.catch_warnings():  # q/k norms (Qwen3, Gemma 3): named, and everything on the generic path
+        warnings.simplefilter("ignore")
+        normed = HookedTransformer(HookedTransformerConfig(**{**model.cfg.to_dict(), "use_qk_norm": True}))
+    units, rest, why = plan(normed, r.heads(normed), next_token_loss)
+    assert units == {} and len(rest) == 12 and "q/k normalisation" in why
     assert r.head(model, 1, 3).numel == 2 * 32 * 8 + 8 and r.group(model, 1, 1).numel == 2 * 32 * 8 + 2 * 8 + 2 * (2 * 32 * 8 + 8)
 
 
