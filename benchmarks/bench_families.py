@@ -1,5 +1,6 @@
 """CPU seconds per SGLD step, per model family loaded with ``load_hf``: the batched engine's structured path
-(where ``plan`` routes the heads to it) against its generic path, on every query head x 2 chains.
+(where ``plan`` routes the components to it) against its generic path, on every head x 2 chains and, for the
+grouped-query families, also on every key/value group x 2 chains (a second row, component set ``groups``).
 
 A tiny random model of each family (``transformers`` config, ``save_pretrained`` into a temporary folder,
 ``load_hf``): 2 layers x 4 heads of 16, d_model 64, MLP 128, vocabulary 256, context 32, batch 8;
@@ -76,17 +77,22 @@ def main():
                 torch.manual_seed(0)
                 T.AutoModelForCausalLM.from_config(config).save_pretrained(Path(tmp) / "m")
             model = load_hf(Path(tmp) / "m")
-            comps = r.heads(model)
-            structured, _, why = plan(model, comps, next_token_loss)
-            row = {"family": family, "model_type": config.model_type, "replicas": 2 * len(comps),
-                   "generic_s_per_step": per_step(model, tokens, comps, "generic", args.repeats),
-                   "structured_s_per_step": None, "structured_heads": len(structured), "why_not_structured": why}
-            if len(structured) == len(comps):
-                row["structured_s_per_step"] = per_step(model, tokens, comps, "batched", args.repeats)
-            rows.append(row)
-            s = row["structured_s_per_step"]
-            print(f"{family:12s} generic {row['generic_s_per_step'] * 1e3:7.1f} ms/step   structured "
-                  + (f"{s * 1e3:7.1f} ms/step" if s is not None else f"   -    ({why})"), flush=True)
+            sets = {"heads": r.heads(model)}
+            if r.components.kv_groups(model) is not None:
+                sets["groups"] = r.groups(model)
+            for name, comps in sets.items():
+                structured, _, why = plan(model, comps, next_token_loss)
+                row = {"family": family, "model_type": config.model_type, "components": name,
+                       "replicas": 2 * len(comps),
+                       "generic_s_per_step": per_step(model, tokens, comps, "generic", args.repeats),
+                       "structured_s_per_step": None, "structured_components": len(structured),
+                       "structured_kinds": sorted({u.kind for u in structured.values()}), "why_not_structured": why}
+                if len(structured) == len(comps):
+                    row["structured_s_per_step"] = per_step(model, tokens, comps, "batched", args.repeats)
+                rows.append(row)
+                s = row["structured_s_per_step"]
+                print(f"{family:12s} {name:6s} generic {row['generic_s_per_step'] * 1e3:7.1f} ms/step   structured "
+                      + (f"{s * 1e3:7.1f} ms/step" if s is not None else f"   -    ({why})"), flush=True)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or
             platform.machine(), "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                                          text=True).stdout.strip(), "repeats": args.repeats}

@@ -192,9 +192,9 @@ def test_from_params_takes_row_and_column_slices():
 
 
 @pytest.mark.filterwarnings("ignore::rllc_fast.SamplerWarning")  # 6 draws: R-hat is not the point here
-def test_gqa_heads_and_groups_follow_the_reference_chains_on_the_generic_path():
-    """Query heads and groups are estimated by the batched engine's generic path (the structured path has no
-    grouped-query attention) with the reference engine's chains."""
+def test_gqa_heads_and_groups_follow_the_reference_chains_on_both_paths():
+    """Query heads and groups are estimated by the batched engine's structured path (its default) and its generic
+    path with the reference engine's chains."""
     import numpy as np
 
     from rllc_fast.engine.batched import plan
@@ -204,7 +204,7 @@ def test_gqa_heads_and_groups_follow_the_reference_chains_on_the_generic_path():
     tokens = torch.randint(0, 23, (16, 12), generator=torch.Generator().manual_seed(3))
     comps = {"0:1": r.head(model, 0, 1), "0:g1": r.group(model, 0, 1)}
     structured, generic, why = plan(model, comps, next_token_loss)
-    assert structured == {} and generic == list(comps) and "grouped-query attention" in why
+    assert structured == {"0:1": (0, 1, "query"), "0:g1": (0, 1, "group")} and generic == [] and why is None
     cfg = r.SGLDConfig(num_chains=2, num_draws=6, batch_size=4, seed=5, step_size=3e-3)
     ref = r.estimate_llc(model, tokens, cfg, components=comps, engine="reference")
     for engine in ("generic", "batched"):

@@ -102,14 +102,17 @@ def _picked(model):
 @pytest.mark.parametrize("model_type", sorted(SUPPORTED_MODEL_TYPES))
 def test_per_head_estimates_follow_the_reference_engine(saved, model_type):
     """The default (batched) engine on heads and groups of each family gives the reference engine's chains, on
-    whichever path ``plan`` routes them (the structured one for gpt_neox and gpt2 here; the others' models use
-    grouped-query attention, a sliding window or clip_qkv, which only the generic path implements)."""
+    whichever path ``plan`` routes them: the structured one for every family but mistral and olmo here (their
+    models use a binding sliding window and clip_qkv, which only the generic path implements), under grouped-query
+    attention (llama, qwen2, gemma) for query heads and key/value groups alike."""
     model = load_hf(saved[model_type][1])
     tokens = torch.randint(0, VOCAB, (16, 12), generator=torch.Generator().manual_seed(3))
     cfg = r.SGLDConfig(num_chains=2, num_draws=6, batch_size=4, seed=5, step_size=1e-3)
     comps = _picked(model)
     structured = plan(model, comps, next_token_loss)[0]
-    assert (set(structured) == {"0:1", "1:2"}) == (model_type in ("gpt_neox", "gpt2"))
+    assert set(structured) == (set() if model_type in ("mistral", "olmo") else set(comps))
+    if model_type in ("llama", "qwen2", "gemma"):
+        assert {u.kind for u in structured.values()} == {"query", "group"}
     _same_chains(r.estimate_llc(model, tokens, cfg, components=comps),
                  r.estimate_llc(model, tokens, cfg, components=comps, engine="reference"))
 
@@ -129,6 +132,28 @@ def test_structured_path_on_llama_without_gqa_and_olmo_without_clip(tmp_path, mo
     model = load_hf(tmp_path / model_type)
     comps = _picked(model)
     assert set(plan(model, comps, next_token_loss)[0]) == set(comps)
+    tokens = torch.randint(0, VOCAB, (16, 12), generator=torch.Generator().manual_seed(3))
+    cfg = r.SGLDConfig(num_chains=2, num_draws=6, batch_size=4, seed=5, step_size=1e-3)
+    _same_chains(r.estimate_llc(model, tokens, cfg, components=comps),
+                 r.estimate_llc(model, tokens, cfg, components=comps, engine="reference"))
+
+
+@pytest.mark.filterwarnings("ignore::rllc_fast.SamplerWarning")
+def test_structured_path_on_mistral_without_a_sliding_window(tmp_path):
+    """Mistral with grouped-query attention and no sliding window (as Mistral 7B v0.2 on): query heads and a
+    key/value group on the structured path, the reference engine's chains."""
+    import transformers as T
+
+    config = _configs()["mistral"]
+    config.sliding_window = None
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(2)
+        T.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mistral")
+    model = load_hf(tmp_path / "mistral")
+    comps = _picked(model)
+    assert {n: u.kind for n, u in plan(model, comps, next_token_loss)[0].items()} == {
+        "0:1": "query", "1:2": "query", "1:g0": "group"}
     tokens = torch.randint(0, VOCAB, (16, 12), generator=torch.Generator().manual_seed(3))
     cfg = r.SGLDConfig(num_chains=2, num_draws=6, batch_size=4, seed=5, step_size=1e-3)
     _same_chains(r.estimate_llc(model, tokens, cfg, components=comps),

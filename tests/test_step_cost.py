@@ -33,9 +33,22 @@ def test_paper_shape_step_needs_at_most_one_sync_and_1500_dispatches():
 def _meta_model(kind):
     if kind == "attn_only":  # the paper's architecture, small
         model = r.models.attn_only(n_layers=3, d_model=64, n_heads=4, d_head=16, n_ctx=128, d_vocab=512, seed=0)
-    else:  # GPT-NeoX / Pythia: rotary, parallel attention and MLP
+    elif kind == "neox":  # GPT-NeoX / Pythia: rotary, parallel attention and MLP
         model = r.models.pythia_like(n_layers=3, d_model=64, n_heads=4, d_head=16, d_mlp=256, n_ctx=128,
                                      d_vocab=512, rotary_dim=4, seed=0)
+    else:  # Llama: RMSNorm, rotary, sequential blocks with a gated MLP; "llama_gqa": 8 query heads in 2 groups
+        import warnings
+
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        gqa = kind == "llama_gqa"
+        cfg = HookedTransformerConfig(n_layers=3, d_model=64, n_heads=8 if gqa else 4, d_head=32 if gqa else 16,
+                                      d_mlp=256, n_ctx=128, d_vocab=512, act_fn="silu", normalization_type="RMS",
+                                      final_rms=True, positional_embedding_type="rotary", rotary_dim=32 if gqa else 16,
+                                      gated_mlp=True, n_key_value_heads=2 if gqa else None, seed=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = HookedTransformer(cfg)
     model.to("meta", print_details=False)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -43,26 +56,29 @@ def _meta_model(kind):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "materialized"])
-@pytest.mark.parametrize("kind", ["attn_only", "neox"])
+@pytest.mark.parametrize("kind", ["attn_only", "neox", "llama", "llama_gqa"])
 def test_memory_model_bounds_the_meta_peak_of_a_chunk(kind, attention):
     """``bytes_per_replica`` x replicas + the unembedding's block budget is at least the peak of live
-    tensors of one chunk's forward and backward, for every layer (3 row blocks: one alive at a time)."""
+    tensors of one chunk's forward and backward, for every layer and replica kind (heads; query heads and
+    key/value groups under grouped-query attention), 3 row blocks: one alive at a time."""
     model = _meta_model(kind)
     N, T, R = 4, 128, 3
     BLOCK = 2 * 10**6  # 643 rows of 512 logits: 3 blocks for the 3 x 4 x 127 rows
     tokens = torch.zeros(N, T, dtype=torch.long, device="meta")
     hr = HeadReplicas(model, attention=attention)
+    assert hr.kinds == (("query", "group") if kind == "llama_gqa" else ("head",))
     with cuda_like_sdpa():
         shared = hr.shared(tokens, list(range(model.cfg.n_layers)))
-        for layer in range(model.cfg.n_layers):
-            w = torch.zeros(R, hr.numel, device="meta")
-            with peak_bytes() as pk:
-                leaf = w.clone().requires_grad_(True)
-                x = hr.replica_features(shared, layer, torch.arange(R, device="meta"), leaf)
-                losses = next_token_loss.feature_losses(x, model.unembed.W_U, model.unembed.b_U, tokens, None,
-                                                        block_bytes=BLOCK)
-                del x
-                losses.sum().backward()
-            modelled = R * hr.bytes_per_replica(N, T, layer) + BLOCK
-            assert pk.peak > 0.3 * modelled, (layer, pk.peak, modelled)  # the bound is not vacuous
-            assert pk.peak <= modelled, (layer, pk.peak, modelled)
+        for unit in hr.kinds:
+            for layer in range(model.cfg.n_layers):
+                w = torch.zeros(R, hr.numel_of(unit), device="meta")
+                with peak_bytes() as pk:
+                    leaf = w.clone().requires_grad_(True)
+                    x = hr.replica_features(shared, layer, torch.arange(R, device="meta") % 2, leaf, kind=unit)
+                    losses = next_token_loss.feature_losses(x, model.unembed.W_U, model.unembed.b_U, tokens, None,
+                                                            block_bytes=BLOCK)
+                    del x
+                    losses.sum().backward()
+                modelled = R * hr.bytes_per_replica(N, T, layer, unit) + BLOCK
+                assert pk.peak > 0.3 * modelled, (unit, layer, pk.peak, modelled)  # the bound is not vacuous
+                assert pk.peak <= modelled, (unit, layer, pk.peak, modelled)

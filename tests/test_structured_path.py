@@ -46,6 +46,24 @@ def _gpt2_like(seed=2, vocab=80):
     return model
 
 
+def _llama_like(n_kv=2, seed=4, vocab=72):
+    """A tiny Llama-style TransformerLens model with grouped-query attention: 4 query heads in ``n_kv`` key/value
+    groups, RMSNorm, rotary on the whole head, sequential blocks with a gated (SwiGLU) MLP."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=48, n_ctx=16, d_vocab=vocab,
+                                  act_fn="silu", normalization_type="RMS", final_rms=True, gated_mlp=True,
+                                  positional_embedding_type="rotary", rotary_dim=8, n_key_value_heads=n_kv, seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = HookedTransformer(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
 @pytest.fixture(scope="module")
 def small_tl():
     model = r.models.attn_only(n_layers=2, d_model=64, n_heads=4, d_head=16, n_ctx=32, d_vocab=128, seed=3)
@@ -104,10 +122,75 @@ def test_plan_routes_heads_to_the_structured_path(small_tl):
     model, _ = small_tl
     comps = {**r.heads(model), "L1": r.layer(model, 1)}
     heads, rest, _ = plan(model, comps, next_token_loss)
-    assert heads == {f"{l}:{h}": (l, h) for l in range(2) for h in range(4)} and rest == ["L1"]
+    assert heads == {f"{l}:{h}": (l, h, "head") for l in range(2) for h in range(4)} and rest == ["L1"]
     _, rest, why = plan(model, comps, lambda m, b: next_token_loss(m, b))
     assert len(rest) == 9 and "custom loss_fn" in why
     assert head_of(model, r.from_params(model, ["blocks.0.attn.W_Q"])) is None
+
+
+def _rows(model, comps):
+    params = dict(model.named_parameters())
+    return torch.stack([torch.cat([s.view(params[s.param]).reshape(-1) for s in c.slices]) for c in comps]).detach()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "materialized"])
+@pytest.mark.parametrize("n_kv", [1, 2])
+def test_grouped_query_replicas_match_the_model_with_the_row_written(attention, n_kv):
+    """Under grouped-query attention, query-head rows (``W_Q, b_Q, W_O``; the group's keys and values at w*) and
+    group rows (``_W_K, _W_V, _b_K, _b_V`` then the group's ``W_Q, b_Q, W_O``), perturbed, give the logits of
+    the whole model with that row written in: the row layouts are the components' slice orders."""
+    model = _llama_like(n_kv)
+    hr = HeadReplicas(model, attention=attention)
+    assert hr.kinds == ("query", "group") and hr.numel == r.head(model, 0, 0).numel
+    batch = torch.randint(0, 72, (3, 16), generator=torch.Generator().manual_seed(5))
+    for layer in range(3):
+        shared = hr.shared(batch, [layer])
+        for kind, comps in (("query", [r.head(model, layer, h) for h in range(4)]),
+                            ("group", [r.group(model, layer, g) for g in range(n_kv)])):
+            units = [head_of(model, c) for c in comps]
+            assert [u.kind for u in units] == [kind] * len(comps) and {u.layer for u in units} == {layer}
+            assert hr.numel_of(kind) == comps[0].numel
+            rows = _rows(model, comps)
+            rows = rows + 0.1 * torch.randn(rows.shape, generator=torch.Generator().manual_seed(layer))
+            got = hr.replica_logits(shared, layer, torch.tensor([u.index for u in units]), rows, kind=kind)
+            for i, comp in enumerate(comps):
+                torch.testing.assert_close(got[i], _logits_with_row(model, comp, rows[i], batch), rtol=1e-4, atol=1e-5)
+
+
+def test_plan_routes_query_heads_and_groups_to_the_structured_path():
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    model = _llama_like(2)
+    comps = {**r.heads(model), **r.groups(model), "L1": r.layer(model, 1),
+             "0:q01": r.from_params(model, [("blocks.0.attn.W_Q", slice(0, 2)), ("blocks.0.attn.W_O", slice(0, 2))]),
+             "0:kv0": r.from_params(model, [("blocks.0.attn._W_K", 0), ("blocks.0.attn._W_V", 0)])}
+    units, rest, why = plan(model, comps, next_token_loss)
+    assert units == {**{f"{l}:{h}": (l, h, "query") for l in range(3) for h in range(4)},
+                     **{f"{l}:g{g}": (l, g, "group") for l in range(3) for g in range(2)}}
+    assert rest == ["L1", "0:q01", "0:kv0"] and why is None
+    with warnings.catch_warnings():  # q/k norms (Qwen3, Gemma 3): named, and everything on the generic path
+        warnings.simplefilter("ignore")
+        normed = HookedTransformer(HookedTransformerConfig(**{**model.cfg.to_dict(), "use_qk_norm": True}))
+    units, rest, why = plan(normed, r.heads(normed), next_token_loss)
+    assert units == {} and len(rest) == 12 and "q/k normalisation" in why
+    assert r.head(model, 1, 3).numel == 2 * 32 * 8 + 8 and r.group(model, 1, 1).numel == 2 * 32 * 8 + 2 * 8 + 2 * (2 * 32 * 8 + 8)
+
+
+def test_structured_path_follows_the_reference_chains_grouped_query():
+    """Query heads and key/value groups of a Llama-style GQA model (with a layer on the generic path alongside):
+    the batched engine's chains are the reference engine's, and the structured path took the heads and groups."""
+    model = _llama_like(2)
+    tokens = torch.randint(0, 72, (24, 16), generator=torch.Generator().manual_seed(6))
+    comps = {n: c for n, c in {**r.heads(model), **r.groups(model)}.items() if n in ("0:1", "1:2", "2:3", "0:g1", "2:g0")}
+    comps["L1"] = r.layer(model, 1)
+    assert set(plan(model, comps, next_token_loss)[0]) == set(comps) - {"L1"}
+    cfg = r.SGLDConfig(num_chains=2, num_draws=8, batch_size=6, seed=3, step_size=3e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = r.estimate_llc(model, tokens, cfg, components=comps, engine="reference")
+        bat = r.estimate_llc(model, tokens, cfg, components=comps, engine="batched")
+    _assert_same_chains(bat, ref)
+    assert np.ptp(bat.loss_trace, axis=-1).min() > 0  # the chains moved
 
 
 @pytest.mark.parametrize("sampler", ["sgld", "rmsprop"])
@@ -340,11 +423,11 @@ def test_out_of_memory_in_a_chunk_halves_it_and_retries(small_tl, monkeypatch):
     real = tl_heads.HeadReplicas.replica_features
     sizes = []
 
-    def tight(self, shared, layer, heads, rows, drop_last=True):
+    def tight(self, shared, layer, heads, rows, drop_last=True, kind=None):
         sizes.append(rows.shape[0])
         if rows.shape[0] > 2:
             raise torch.OutOfMemoryError("injected")
-        return real(self, shared, layer, heads, rows, drop_last)
+        return real(self, shared, layer, heads, rows, drop_last, kind)
 
     monkeypatch.setattr(tl_heads.HeadReplicas, "replica_features", tight)
     with pytest.warns(RuntimeWarning, match="out of device memory in a chunk of 8 replicas of layer 0"):

@@ -4,11 +4,11 @@ Replicas are packed as rows of one ``[R, n_max]`` float32 buffer (row ``r`` hold
 component's slices flattened in order; ``lengths[r]`` marks the used part). Each SGLD step:
   1. one minibatch for all replicas (the shared schedule; ``l(w*)`` on it is computed once, before);
   2. every live replica's loss and gradient, from one of two paths:
-     - **structured** (TransformerLens models, head components, token or KL loss): the model at ``w*``
-       runs once on the batch; replicas of layer ``l`` reuse everything below ``l`` and the other
-       heads of ``l``, and compute their own head and the layers above in batched products over
-       replicas, in chunks that fit ``max_memory``; gradients only for each replica's own row
-       (``rllc_fast.models.tl_heads``);
+     - **structured** (TransformerLens models, head components, and query heads and key/value groups
+       under grouped-query attention; token or KL loss): the model at ``w*`` runs once on the batch;
+       replicas of layer ``l`` reuse everything below ``l`` and the other heads of ``l``, and compute
+       their own heads and the layers above in batched products over replicas, in chunks that fit
+       ``max_memory``; gradients only for each replica's own row (``rllc_fast.models.tl_heads``);
      - **generic** (any ``nn.Module``, any component): a loop that writes the replica's row into the
        model, runs forward/backward with gradients for that component only, and puts ``w*`` back;
   3. one ``sgld_step`` op updates every replica at once (fused CUDA kernel on GPU, tiled PyTorch on
@@ -49,8 +49,9 @@ Replica = Tuple[str, Component, int]
 
 
 def plan(model: nn.Module, components: Dict[str, Component], loss_fn: Callable, structured: bool = True
-         ) -> Tuple[Dict[str, Tuple[int, int]], List[str], Optional[str]]:
-    """Which components take the structured path: ``({name: (layer, head)}, [generic names], reason)``.
+         ) -> Tuple[Dict[str, tl_heads.Unit], List[str], Optional[str]]:
+    """Which components take the structured path: ``({name: Unit(layer, index, kind)}, [generic names], reason)``
+    (``tl_heads.head_of``: heads, and query heads and key/value groups under grouped-query attention).
 
     ``reason`` says why nothing is structured (None when some component is, or none could be).
     """
@@ -68,7 +69,7 @@ def plan(model: nn.Module, components: Dict[str, Component], loss_fn: Callable, 
             rest.append(name)
         else:
             heads[name] = lh
-    return heads, rest, None if heads else "no component is a single attention head"
+    return heads, rest, None if heads else "no component is a single attention head or key/value group"
 
 
 def optimum_loss_fn(model: nn.Module, components: Dict[str, Component], loss_fn: Callable, structured: bool = True
@@ -314,14 +315,14 @@ upper layers' attention), and no slower than single replicas."""
 class _HeadReplicaGrads:
     """Loss and gradient of head replicas from one shared ``w*`` pass per batch (structured path).
 
-    Replicas are grouped by layer and processed in chunks of at most ``budget`` bytes (the engine caps
-    it at ``CPU_CHUNK_BYTES`` on a CPU) less the unembedding's ``block_bytes``, as
+    Replicas are grouped by layer and kind (``tl_heads.Unit``) and processed in chunks of at most ``budget``
+    bytes (the engine caps it at ``CPU_CHUNK_BYTES`` on a CPU) less the unembedding's ``block_bytes``, as
     ``HeadReplicas.bytes_per_replica`` models them; a chunk that runs out of device memory is halved and
     retried, with a warning. Every replica is computed every step, diverged ones too (their rows are
     frozen by the update), so no step needs to know on the host which are live.
     """
 
-    def __init__(self, model, loss_fn, indices: List[int], layer_heads: List[Tuple[int, int]], schedule,
+    def __init__(self, model, loss_fn, indices: List[int], units: List[tl_heads.Unit], schedule,
                  budget: int, block_bytes: Optional[int] = None):
         self.hr = tl_heads.HeadReplicas(model)
         self.loss_fn = loss_fn
@@ -329,28 +330,29 @@ class _HeadReplicaGrads:
         first = schedule[0]
         N, T = first.shape
         device = next(model.parameters()).device
-        self.chunks = layer_chunks(self.hr, indices, layer_heads, N, T, max(1, budget - (block_bytes or 0)), device)
+        self.chunks = layer_chunks(self.hr, indices, units, N, T, max(1, budget - (block_bytes or 0)), device)
 
     def __call__(self, batch, w, grad, live, values) -> None:
-        shared = self.hr.shared(batch, list(self.chunks))
+        shared = self.hr.shared(batch, sorted({layer for layer, _ in self.chunks}))
         prepared = self.loss_fn.prepare(batch)
-        for layer, chunks in self.chunks.items():
+        for (layer, kind), chunks in self.chunks.items():
             i = 0
             while i < len(chunks):
-                if self._chunk_fits(shared, prepared, batch, layer, chunks[i], w, grad, values):
+                if self._chunk_fits(shared, prepared, batch, layer, kind, chunks[i], w, grad, values):
                     i += 1
                     continue
                 chunks[i : i + 1] = halves(*chunks[i])  # kept for the later steps too
+                what = "" if kind == self.hr.kind else f" ({kind}s)"
                 warnings.warn(f"out of device memory in a chunk of {len(chunks[i][1]) + len(chunks[i + 1][1])} "
-                              f"replicas of layer {layer}: retrying in halves (pass a smaller max_memory to "
+                              f"replicas of layer {layer}{what}: retrying in halves (pass a smaller max_memory to "
                               "start there)", RuntimeWarning, stacklevel=2)
 
-    def _chunk_fits(self, shared, prepared, batch, layer, chunk, w, grad, values) -> bool:
+    def _chunk_fits(self, shared, prepared, batch, layer, kind, chunk, w, grad, values) -> bool:
         """Loss and gradient of one chunk into ``values``/``grad``; False (nothing written) when the device
         ran out of memory and the chunk can be halved."""
         rows, hs = chunk
         try:
-            self._run_chunk(shared, prepared, batch, layer, rows, hs, w, grad, values)
+            self._run_chunk(shared, prepared, batch, layer, kind, rows, hs, w, grad, values)
             return True
         except torch.OutOfMemoryError:
             if len(hs) == 1:
@@ -359,12 +361,12 @@ class _HeadReplicaGrads:
             torch.cuda.empty_cache()
         return False
 
-    def _run_chunk(self, shared, prepared, batch, layer, rows, hs, w, grad, values) -> None:
-        n = self.hr.numel
+    def _run_chunk(self, shared, prepared, batch, layer, kind, rows, hs, w, grad, values) -> None:
+        n = self.hr.numel_of(kind)
         unembed = self.hr.model.unembed
         leaf = w[rows, :n].detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            x = self.hr.replica_features(shared, layer, hs, leaf)
+            x = self.hr.replica_features(shared, layer, hs, leaf, kind=kind)
             losses = self.loss_fn.feature_losses(x, unembed.W_U, unembed.b_U, batch, prepared, **self.block_kw)
             del x
             losses.sum().backward()

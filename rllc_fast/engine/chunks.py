@@ -8,15 +8,16 @@ import torch
 from ..models import tl_heads
 
 
-def layer_chunks(hr: tl_heads.HeadReplicas, indices: List[int], layer_heads: List[Tuple[int, int]], N: int, T: int,
-                 limit: int, device) -> Dict[int, List[Tuple[object, torch.Tensor]]]:
-    """``{layer: [(replica rows, heads [k]), ...]}``: the head replicas ``indices`` (head ``layer_heads[i]``
-    each) grouped by layer, in chunks whose ``hr.bytes_per_replica`` on ``[N, T]`` tokens fit in ``limit`` bytes."""
-    chunks: Dict[int, List[Tuple[object, torch.Tensor]]] = {}
-    for layer in sorted({l for l, _ in layer_heads}):
-        rows = [(r, h) for r, (l, h) in zip(indices, layer_heads) if l == layer]
-        size = max(1, limit // hr.bytes_per_replica(N, T, layer))
-        chunks[layer] = [replica_chunk(rows[i : i + size], device) for i in range(0, len(rows), size)]
+def layer_chunks(hr: tl_heads.HeadReplicas, indices: List[int], units: List[tl_heads.Unit], N: int, T: int,
+                 limit: int, device) -> Dict[Tuple[int, str], List[Tuple[object, torch.Tensor]]]:
+    """``{(layer, kind): [(replica rows, head or group indices [k]), ...]}``: the replicas ``indices`` (unit
+    ``units[i]`` each: layer, index, kind) grouped by layer and kind, in chunks whose ``hr.bytes_per_replica`` on
+    ``[N, T]`` tokens fit in ``limit`` bytes."""
+    chunks: Dict[Tuple[int, str], List[Tuple[object, torch.Tensor]]] = {}
+    for layer, kind in sorted({(u.layer, u.kind) for u in units}):
+        rows = [(r, u.index) for r, u in zip(indices, units) if (u.layer, u.kind) == (layer, kind)]
+        size = max(1, limit // hr.bytes_per_replica(N, T, layer, kind))
+        chunks[layer, kind] = [replica_chunk(rows[i : i + size], device) for i in range(0, len(rows), size)]
     return chunks
 
 
@@ -29,7 +30,8 @@ def halves(rows, heads) -> List[Tuple[object, torch.Tensor]]:
 
 
 def replica_chunk(rows: List[Tuple[int, int]], device) -> Tuple[object, torch.Tensor]:
-    """``(replica rows, heads [k] long)``: rows as a slice when consecutive (plain views, no gathers)."""
+    """``(replica rows, head or group indices [k] long)``: rows as a slice when consecutive (plain views, no
+    gathers)."""
     idx = [r for r, _ in rows]
     heads = torch.tensor([h for _, h in rows], device=device)
     if idx == list(range(idx[0], idx[0] + len(idx))):

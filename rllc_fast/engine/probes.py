@@ -11,7 +11,7 @@ Both hand ``[r, N, P]`` losses to a ``rllc_fast.observables.ProbeRecorder``.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -26,27 +26,27 @@ from .common import restore_slices, unpack_row
 class HeadProbeLosses:
     """Per-token probe losses of head replicas from shared ``w*`` passes (structured path).
 
-    indices: the replica rows; layer_heads: their ``(layer, head)``; limit: bytes a chunk may hold."""
+    indices: the replica rows; units: their ``tl_heads.Unit`` (layer, index, kind); limit: bytes a chunk may hold."""
 
     def __init__(self, hr: tl_heads.HeadReplicas, recorder: ProbeRecorder, indices: List[int],
-                 layer_heads: List[Tuple[int, int]], limit: int, block_bytes: Optional[int]):
+                 units: List[tl_heads.Unit], limit: int, block_bytes: Optional[int]):
         self.hr, self.recorder, self.block_bytes = hr, recorder, block_bytes
-        layers = sorted({l for l, _ in layer_heads})
+        layers = sorted({u.layer for u in units})
         device = next(hr.model.parameters()).device
         self.passes = {}
         for name, tokens in recorder.on_device.items():
             N, T = tokens.shape
-            self.passes[name] = (hr.shared(tokens, layers), layer_chunks(hr, indices, layer_heads, N, T, limit, device))
+            self.passes[name] = (hr.shared(tokens, layers), layer_chunks(hr, indices, units, N, T, limit, device))
 
     @torch.no_grad()
     def __call__(self, w: torch.Tensor, slot: int, live: np.ndarray) -> None:
         """Record every replica's losses at ``slot`` (diverged ones too: the recorder masks them)."""
         unembed = self.hr.model.unembed
-        n = self.hr.numel
         for name, (shared, chunks) in self.passes.items():
-            for layer, parts in chunks.items():
+            for (layer, kind), parts in chunks.items():
+                n = self.hr.numel_of(kind)
                 for rows, heads in parts:
-                    x = self.hr.replica_features(shared, layer, heads, w[rows, :n])
+                    x = self.hr.replica_features(shared, layer, heads, w[rows, :n], kind=kind)
                     losses = unembed_position_losses(x, unembed.W_U, unembed.b_U, shared.tokens, self.block_bytes)
                     self.recorder.put(name, rows, slot, losses)
 

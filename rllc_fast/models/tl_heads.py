@@ -1,16 +1,25 @@
 """Many head-perturbed copies of a TransformerLens model, sharing everything below the head.
 
-A *head replica* is the model at ``w*`` except that head ``h`` of layer ``l`` has its own weights
-``W_Q, W_K, W_V [d_model, d_head]``, ``b_Q, b_K, b_V [d_head]``, ``W_O [d_head, d_model]``, packed
-in that order in one row of ``n = 4*d_model*d_head + 3*d_head`` floats (the order of
-``components.head``). For one token batch ``[N, T]``:
+A *head replica* is the model at ``w*`` except that one unit of attention block ``l`` (a ``Unit``: ``head_of``
+tells which component is which) has its own weights, packed in one row in the order of the component's slices
+(``row_layout``; ``d = d_model``, ``dh = d_head``):
+
+- ``"head"``, ``components.head`` without grouped-query attention: ``W_Q, W_K, W_V [d, dh]``, ``b_Q, b_K, b_V
+  [dh]``, ``W_O [dh, d]`` (``4 d dh + 3 dh`` floats);
+- ``"query"``, ``components.head`` under grouped-query attention (``cfg.n_key_value_heads``): query head ``h``'s
+  ``W_Q [d, dh], b_Q [dh], W_O [dh, d]`` (``2 d dh + dh``); it reads its group's keys and values at ``w*``;
+- ``"group"``, ``components.group``: key/value group ``G``'s ``W_K, W_V [d, dh]``, ``b_K, b_V [dh]`` (TransformerLens's
+  ``_W_K[G]`` ...), then its ``k = n_heads / n_key_value_heads`` query heads' ``W_Q [k, d, dh], b_Q [k, dh],
+  W_O [k, dh, d]`` (``2 d dh + 2 dh + k (2 d dh + dh)``).
+
+For one token batch ``[N, T]``:
 
 - ``shared(tokens)`` runs the model at ``w*`` once, up to the highest layer needed, and keeps for
   each needed layer the residual stream entering it, its heads' ``z`` and its attention output
   (and, for parallel attention/MLP blocks, its MLP output): this work is common to all replicas;
 - ``replica_logits(shared, layer, heads, rows)`` computes, for ``R`` replicas of one layer, only
-  their own heads (batched matrix products over replicas), swaps each into the layer's shared
-  attention output in place of the ``w*`` head, and runs the layers above and the unembedding on
+  their own query heads (batched matrix products over replicas), swaps them into the layer's shared
+  attention output in place of the ``w*`` heads, and runs the layers above and the unembedding on
   ``[R*N, T, d_model]`` with the model's own modules (weights at ``w*``).
 
 The model code knows nothing of SGLD; the batched engine supplies the rows and takes gradients
@@ -18,14 +27,15 @@ with respect to them only.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..components import HEAD_PARAMS, Component
+from ..components import GROUP_KV_PARAMS, HEAD_PARAMS, QUERY_HEAD_PARAMS, Component, group, head, kv_groups
 
 ATTENTION = ("sdpa", "materialized")
 DEFAULT_ATTENTION = "sdpa"  # the engine's choice; "materialized" is kept as the checked alternative
@@ -45,14 +55,16 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
     checks = [
         (cfg.positional_embedding_type in ("standard", "shortformer", "rotary"),
          f"positional_embedding_type={cfg.positional_embedding_type!r}"),
-        (getattr(cfg, "n_key_value_heads", None) is None, "grouped-query attention"),
+        (getattr(cfg, "n_key_value_heads", None) is None or hasattr(model.blocks[0].attn, "_W_K"),
+         "grouped-query attention without TransformerLens's shared _W_K/_W_V parameters"),
         (cfg.attention_dir == "causal", "bidirectional attention"),
         (getattr(cfg, "attn_types", None) is None, "local attention (attn_types)"),
         (not getattr(cfg, "use_attn_in", False) and not getattr(cfg, "use_split_qkv_input", False),
          "use_attn_in / use_split_qkv_input"),
         (not getattr(cfg, "use_normalization_before_and_after", False), "use_normalization_before_and_after"),
         (cfg.original_architecture not in POST_NORM_ARCHITECTURES, "post-norm blocks"),
-        (cfg.original_architecture not in _QK_NORM_ARCHITECTURES, "q/k normalisation"),
+        (cfg.original_architecture not in _QK_NORM_ARCHITECTURES and not getattr(cfg, "use_qk_norm", False),
+         "q/k normalisation"),
         ((getattr(cfg, "attn_scores_soft_cap", -1.0) or -1.0) <= 0, "attention score soft cap"),
         (getattr(cfg, "clip_qkv", None) is None, "clip_qkv"),
         (not getattr(cfg, "use_logn_attn", False), "use_logn_attn"),
@@ -66,23 +78,70 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
     return None
 
 
-def head_of(model: nn.Module, component: Component) -> Optional[Tuple[int, int]]:
-    """``(layer, head)`` when ``component`` is exactly ``components.head(model, layer, head)``
-    with all seven slices (biases included); otherwise None."""
+KINDS = ("head", "query", "group")
+
+
+class Unit(NamedTuple):
+    """What a structured replica perturbs in attention block ``layer``: ``kind`` ``"head"`` (head ``index`` with
+    its own keys and values), ``"query"`` (query head ``index`` under grouped-query attention) or ``"group"``
+    (key/value group ``index`` and its query heads); the row layouts are ``row_layout``'s."""
+
+    layer: int
+    index: int
+    kind: str = "head"
+
+
+def heads_per_group(model: nn.Module) -> int:
+    """Query heads per key/value group: ``n_heads / n_key_value_heads`` (1 without grouped-query attention)."""
+    n_groups = kv_groups(model)
+    return 1 if n_groups is None else model.cfg.n_heads // n_groups
+
+
+def row_layout(model: nn.Module, kind: str) -> List[Tuple[str, Tuple[int, ...]]]:
+    """``[(name, shape)]`` of a replica row of ``kind``, in the order of the component's slices (``HEAD_PARAMS``,
+    ``QUERY_HEAD_PARAMS``, ``GROUP_KV_PARAMS`` then ``QUERY_HEAD_PARAMS``); names without TransformerLens's leading
+    underscore (``_W_K`` is ``W_K``). ``head_of`` admits only components whose slices have exactly these shapes."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    d, dh = model.cfg.d_model, model.cfg.d_head
+    one = {"W_Q": (d, dh), "W_K": (d, dh), "W_V": (d, dh), "b_Q": (dh,), "b_K": (dh,), "b_V": (dh,), "W_O": (dh, d)}
+    if kind == "head":
+        return [(p, one[p]) for p in HEAD_PARAMS]
+    if kind == "query":
+        return [(p, one[p]) for p in QUERY_HEAD_PARAMS]
+    k = heads_per_group(model)
+    return [(p.lstrip("_"), one[p.lstrip("_")]) for p in GROUP_KV_PARAMS] + [(p, (k,) + one[p]) for p in QUERY_HEAD_PARAMS]
+
+
+def head_of(model: nn.Module, component: Component) -> Optional[Unit]:
+    """The ``Unit`` that ``component`` is when it is exactly ``components.head(model, l, h)`` (kind ``"head"``, or
+    ``"query"`` under grouped-query attention) or ``components.group(model, l, G)`` (``"group"``), biases
+    included; otherwise None (the generic path takes it)."""
     sl = component.slices
-    if len(sl) != len(HEAD_PARAMS) or any(len(s.index) != 1 or not isinstance(s.index[0], int) for s in sl):
+    if not sl or len(sl[0].index) != 1 or not isinstance(sl[0].index[0], int):
         return None
-    h = sl[0].index[0]
-    first = sl[0].param
-    if not (first.startswith("blocks.") and first.endswith(".attn.W_Q")):
+    parts = sl[0].param.split(".")
+    if len(parts) != 4 or parts[0] != "blocks" or not parts[1].isdigit() or parts[2] != "attn":
         return None
-    layer = first.split(".")[1]
-    if not layer.isdigit():
+    layer, index = int(parts[1]), sl[0].index[0]
+    gqa = kv_groups(model) is not None
+    if parts[3] == "W_Q":
+        kind, build = ("query" if gqa else "head"), head
+    elif parts[3] == "_W_K" and gqa:
+        kind, build = "group", group
+    else:
         return None
-    expected = [f"blocks.{layer}.attn.{p}" for p in HEAD_PARAMS]
-    if [s.param for s in sl] != expected or any(s.index[0] != h for s in sl):
+    try:
+        expected = build(model, layer, index)
+    except ValueError:
         return None
-    return int(layer), h
+    layout = row_layout(model, kind)
+    if expected.slices != sl or len(sl) != len(layout):  # a model without attention biases: not this layout
+        return None
+    for s, (name, shape) in zip(sl, layout):
+        if s.param.rsplit(".", 1)[1].lstrip("_") != name or s.numel != math.prod(shape):
+            return None
+    return Unit(layer, index, kind)
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -138,13 +197,29 @@ class HeadReplicas:
         self.model = model
         self.sdpa = attention == "sdpa"
         self._fused: Dict[tuple, Tuple[torch.Tensor, ...]] = {}
-        cfg = model.cfg
-        self.cfg = cfg
-        d, dh = cfg.d_model, cfg.d_head
-        sizes = [d * dh, d * dh, d * dh, dh, dh, dh, dh * d]
-        self.shapes = [(d, dh), (d, dh), (d, dh), (dh,), (dh,), (dh,), (dh, d)]
-        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self.cfg = model.cfg
+        self.n_groups = kv_groups(model)                  # None without grouped-query attention
+        self.per_group = heads_per_group(model)
+        self.kinds = ("head",) if self.n_groups is None else ("query", "group")
+        self.kind = self.kinds[0]                         # what components.head is on this model
+        self.layouts = {k: row_layout(model, k) for k in self.kinds}
+        self.shapes = [shape for _, shape in self.layouts[self.kind]]
+        self.offsets = self._offsets(self.kind)
         self.numel = self.offsets[-1]
+
+    def _offsets(self, kind: str) -> List[int]:
+        sizes = [math.prod(shape) for _, shape in self.layouts[kind]]
+        return [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+
+    def numel_of(self, kind: Optional[str] = None) -> int:
+        """Floats in a replica row of ``kind`` (default: ``self.kind``, a head)."""
+        return self._offsets(self._kind(kind))[-1]
+
+    def _kind(self, kind: Optional[str]) -> str:
+        kind = self.kind if kind is None else kind
+        if kind not in self.kinds:
+            raise ValueError(f"kind {kind!r} is not a replica kind of this model: {self.kinds}")
+        return kind
 
     @torch.no_grad()
     def shared(self, tokens: torch.Tensor, layers: Sequence[int]) -> SharedPass:
@@ -174,32 +249,36 @@ class HeadReplicas:
             pos_embed=cache["hook_pos_embed"][:1] if shortformer else None,
         )
 
-    def unpack(self, rows: torch.Tensor):
-        """Views ``W_Q, W_K, W_V [R, d_model, d_head]``, ``b_Q, b_K, b_V [R, d_head]``, ``W_O [R, d_head, d_model]``."""
-        R = rows.shape[0]
-        o = self.offsets
-        return [rows[:, o[i] : o[i + 1]].reshape(R, *shape) for i, shape in enumerate(self.shapes)]
+    def unpack(self, rows: torch.Tensor, kind: Optional[str] = None) -> List[torch.Tensor]:
+        """Views ``[R, *shape]`` of the parts of ``rows [R, numel]`` in ``row_layout`` order (for kind ``"head"``:
+        ``W_Q, W_K, W_V [R, d_model, d_head]``, ``b_Q, b_K, b_V [R, d_head]``, ``W_O [R, d_head, d_model]``)."""
+        kind = self._kind(kind)
+        R, o = rows.shape[0], self._offsets(kind)
+        return [rows[:, o[i] : o[i + 1]].reshape(R, *shape) for i, (_, shape) in enumerate(self.layouts[kind])]
 
     def replica_logits(
-        self, shared: SharedPass, layer: int, heads: torch.Tensor, rows: torch.Tensor
+        self, shared: SharedPass, layer: int, heads: torch.Tensor, rows: torch.Tensor, kind: Optional[str] = None
     ) -> torch.Tensor:
         """Logits ``[R, N, T, d_vocab]`` of ``R`` replicas of ``layer`` (the plain form, for checks).
 
-        heads: ``[R]`` (long) head index of each replica; rows: ``[R, numel]`` packed head weights
-        (gradients flow to ``rows`` only).
+        heads: ``[R]`` (long) head index of each replica (group index for kind ``"group"``); rows:
+        ``[R, numel_of(kind)]`` packed weights (gradients flow to ``rows`` only).
         """
-        x = self.replica_features(shared, layer, heads, rows, drop_last=False)
+        x = self.replica_features(shared, layer, heads, rows, drop_last=False, kind=kind)
         return self.model.unembed(x.flatten(0, 1)).view(*x.shape[:3], -1)
 
     def replica_features(
-        self, shared: SharedPass, layer: int, heads: torch.Tensor, rows: torch.Tensor, drop_last: bool = True
+        self, shared: SharedPass, layer: int, heads: torch.Tensor, rows: torch.Tensor, drop_last: bool = True,
+        kind: Optional[str] = None,
     ) -> torch.Tensor:
         """The final residual stream after the last norm, ``[R, N, T', d_model]``, of ``R`` replicas of
         ``layer``; the unembedding of it gives the logits. With ``drop_last`` the last position is left
         out (``T' = T - 1``): no next-token loss uses its prediction, and under causal attention no other
-        position depends on it.
+        position depends on it. heads: ``[R]`` (long) head index (group index for kind ``"group"``); rows:
+        ``[R, numel_of(kind)]`` packed as ``row_layout(model, kind)``; kind: default ``self.kind``.
         """
         model, cfg = self.model, self.cfg
+        kind = self._kind(kind)
         block = model.blocks[layer]
         attn = block.attn
         R = rows.shape[0]
@@ -207,36 +286,23 @@ class HeadReplicas:
         resid_pre = shared.resid_pre[layer][:, :P]                  # [N, P, d]
         N, T, d = resid_pre.shape
         pos = shared.pos_embed[:, :P] if shared.pos_embed is not None else None
-        o = self.offsets
-        W_QKV = rows[:, : o[3]].reshape(R, 3, d, -1).to(resid_pre.dtype)   # W_Q, W_K, W_V [R, 3, d, d_head]
-        b_QKV = rows[:, o[3] : o[6]].reshape(R, 3, 1, 1, -1).to(resid_pre.dtype).transpose(0, 1)  # [3, R, 1, 1, d_head]
-        W_O = rows[:, o[6] :].reshape(R, -1, d).to(resid_pre.dtype)        # [R, d_head, d]
 
         with torch.no_grad():
             x = norm(block.ln1, resid_pre)                          # value input [N, T, d]
             xqk = x + pos if pos is not None else x
-        # own head: q, k, v [R, N, T, d_head], in one product where Q, K and V read the same input
-        if pos is None:
-            q, k, v = (torch.einsum("ntd,rcde->crnte", x, W_QKV) + b_QKV).unbind(0)
+        if kind == "head":
+            own_out = self._own_head(attn, x, xqk, pos, rows)
+            query_heads = heads                                     # [R]
         else:
-            q, k = (torch.einsum("ntd,rcde->crnte", xqk, W_QKV[:, :2]) + b_QKV[:2]).unbind(0)
-            v = torch.einsum("ntd,rde->rnte", x, W_QKV[:, 2]) + b_QKV[2]
-        if cfg.positional_embedding_type == "rotary":  # rotary acts per position: replicas as heads
-            q = attn.apply_rotary(q.permute(1, 2, 0, 3)).permute(2, 0, 1, 3)
-            k = attn.apply_rotary(k.permute(1, 2, 0, 3)).permute(2, 0, 1, 3)
-        if self.sdpa:  # [R, N] as SDPA's batch dims; the scores never exist whole
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / attn.attn_scale)
-        else:
-            scores = q @ k.transpose(-1, -2) / attn.attn_scale       # [R, N, T, T]
-            causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).triu(1)
-            scores = scores.masked_fill(causal, float("-inf"))
-            pattern = torch.softmax(scores, dim=-1)
-            z = pattern.to(v.dtype) @ v                              # [R, N, T, d_head]
-        own_out = torch.einsum("rnte,red->rntd", z, W_O)             # [R, N, T, d]
+            own_out, query_heads = self._own_queries(block, x, xqk, heads, rows, kind)  # query_heads [R, k]
 
-        with torch.no_grad():  # the layer's output with the w* head taken out, per replica's head
-            z_star = shared.z[layer][:, :P, heads]                   # [N, T, R, d_head]
-            base = torch.einsum("ntre,red->rntd", z_star, attn.W_O[heads]).neg_()     # - the w* head's output
+        with torch.no_grad():  # the layer's output with the w* heads taken out, per replica's heads
+            z_star = shared.z[layer][:, :P, query_heads]            # [N, T, R, (k,) d_head]
+            W_O_star = attn.W_O[query_heads]                        # [R, (k,) d_head, d]
+            if query_heads.dim() == 1:
+                base = torch.einsum("ntre,red->rntd", z_star, W_O_star).neg_()          # - the w* head's output
+            else:
+                base = torch.einsum("ntrje,rjed->rntd", z_star, W_O_star).neg_()
             base.add_(shared.attn_out[layer][:, :P] + resid_pre)                      # [R, N, T, d]
             if not cfg.attn_only and cfg.parallel_attn_mlp:
                 base.add_(shared.mlp_out[layer][:, :P])
@@ -252,19 +318,93 @@ class HeadReplicas:
             resid = norm(model.ln_final, resid)
         return resid.view(R, N, T, d)
 
+    def _own_head(self, attn, x, xqk, pos, rows: torch.Tensor) -> torch.Tensor:
+        """The output ``[R, N, T, d]`` (``b_O`` left out) of each replica's own head with its own keys and values
+        (kind ``"head"``), from ``rows [R, numel]`` packed ``W_Q, W_K, W_V, b_Q, b_K, b_V, W_O``."""
+        R, (N, T, d) = rows.shape[0], x.shape
+        o = self.offsets
+        W_QKV = rows[:, : o[3]].reshape(R, 3, d, -1).to(x.dtype)   # W_Q, W_K, W_V [R, 3, d, d_head]
+        b_QKV = rows[:, o[3] : o[6]].reshape(R, 3, 1, 1, -1).to(x.dtype).transpose(0, 1)  # [3, R, 1, 1, d_head]
+        W_O = rows[:, o[6] :].reshape(R, -1, d).to(x.dtype)        # [R, d_head, d]
+        # own head: q, k, v [R, N, T, d_head], in one product where Q, K and V read the same input
+        if pos is None:
+            q, k, v = (torch.einsum("ntd,rcde->crnte", x, W_QKV) + b_QKV).unbind(0)
+        else:
+            q, k = (torch.einsum("ntd,rcde->crnte", xqk, W_QKV[:, :2]) + b_QKV[:2]).unbind(0)
+            v = torch.einsum("ntd,rde->rnte", x, W_QKV[:, 2]) + b_QKV[2]
+        if self.cfg.positional_embedding_type == "rotary":  # rotary acts per position: replicas as heads
+            q = attn.apply_rotary(q.permute(1, 2, 0, 3)).permute(2, 0, 1, 3)
+            k = attn.apply_rotary(k.permute(1, 2, 0, 3)).permute(2, 0, 1, 3)
+        z = self._attend(attn, q, k, v)                              # [R, N, T, d_head]
+        return torch.einsum("rnte,red->rntd", z, W_O)                # [R, N, T, d]
+
+    def _own_queries(self, block, x, xqk, heads: torch.Tensor, rows: torch.Tensor, kind: str
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Under grouped-query attention: ``(output [R, N, T, d] of each replica's own query heads (b_O left out),
+        their indices [R, k])``. Kind ``"query"`` (``k = 1``): query head ``heads[r]`` with its group's keys and
+        values at ``w*``; kind ``"group"`` (``k = n_heads / n_key_value_heads``): group ``heads[r]``'s own keys and
+        values and its query heads."""
+        attn, cfg = block.attn, self.cfg
+        R, (N, T, d), k = rows.shape[0], x.shape, (1 if kind == "query" else self.per_group)
+        parts = dict(zip((n for n, _ in self.layouts[kind]), (p.to(x.dtype) for p in self.unpack(rows, kind))))
+        W_Q = parts["W_Q"].reshape(R, k, d, -1)                     # [R, k, d, d_head]
+        b_Q = parts["b_Q"].reshape(R, k, -1)                        # [R, k, d_head]
+        W_O = parts["W_O"].reshape(R, k, -1, d)                     # [R, k, d_head, d]
+        rotary = cfg.positional_embedding_type == "rotary"
+        if kind == "query":
+            query_heads = heads[:, None]
+            with torch.no_grad():  # the group's keys and values at w*, [R, N, T, d_head]
+                W_qk, b_qk, W_v, b_v = self._fused_weights(block)[:4]
+                H = cfg.n_heads * cfg.d_head
+                keys = F.linear(xqk, W_qk[H:], b_qk[H:]).view(N, T, self.n_groups, -1)
+                if rotary:
+                    keys = attn.apply_rotary(keys)
+                values = F.linear(x, W_v, b_v).view(N, T, self.n_groups, -1)
+                groups = heads // self.per_group
+                key = keys[:, :, groups].permute(2, 0, 1, 3)
+                value = values[:, :, groups].permute(2, 0, 1, 3)
+        else:
+            query_heads = heads[:, None] * k + torch.arange(k, device=heads.device)
+            key = torch.einsum("ntd,rde->rnte", xqk, parts["W_K"]) + parts["b_K"][:, None, None]
+            value = torch.einsum("ntd,rde->rnte", x, parts["W_V"]) + parts["b_V"][:, None, None]
+            if rotary:
+                key = attn.apply_rotary(key.permute(1, 2, 0, 3)).permute(2, 0, 1, 3)
+        q = torch.einsum("ntd,rjde->rnjte", xqk, W_Q) + b_Q[:, None, :, None]        # [R, N, k, T, d_head]
+        if rotary:  # rotary acts per position: replicas and their query heads as heads
+            q = attn.apply_rotary(q.permute(1, 3, 0, 2, 4).reshape(N, T, R * k, -1))
+            q = q.view(N, T, R, k, -1).permute(2, 0, 3, 1, 4)
+        if k > 1:  # each query head reads the group's keys and values: [R, N*k, T, d_head] for the attention
+            key = key[:, :, None].expand(R, N, k, T, -1).reshape(R, N * k, T, -1)
+            value = value[:, :, None].expand(R, N, k, T, -1).reshape(R, N * k, T, -1)
+        z = self._attend(attn, q.reshape(R, N * k, T, -1), key, value).view(R, N, k, T, -1)
+        return torch.einsum("rnjte,rjed->rntd", z, W_O), query_heads
+
+    def _attend(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention ``z [B, H, T, d_head]`` of ``q, k, v [B, H, T, d_head]`` with ``attn``'s scale (SDPA,
+        or materialized scores)."""
+        if self.sdpa:  # the scores never exist whole
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / attn.attn_scale)
+        T = q.shape[-2]
+        scores = q @ k.transpose(-1, -2) / attn.attn_scale           # [B, H, T, T]
+        causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).triu(1)
+        pattern = torch.softmax(scores.masked_fill(causal, float("-inf")), dim=-1)
+        return pattern.to(v.dtype) @ v
+
     def _fused_weights(self, block) -> Tuple[torch.Tensor, ...]:
-        """Block ``block``'s ``w*`` projections as ``F.linear`` weights: Q and K stacked ``[2*H*dh, d]`` (with
-        biases), V ``[H*dh, d]``, O ``[d, H*dh]`` (cached: the layers above a head stay at ``w*``)."""
+        """Block ``block``'s ``w*`` projections as ``F.linear`` weights: Q and K stacked ``[(H + G)*dh, d]`` (with
+        biases), V ``[G*dh, d]``, O ``[d, H*dh]``, where ``G`` is the number of key/value heads (``H`` without
+        grouped-query attention); cached: the layers above a head stay at ``w*``."""
         a = block.attn
-        params = (a.W_Q, a.W_K, a.W_V, a.b_Q, a.b_K, a.b_V, a.W_O, a.b_O)
+        kv = (a._W_K, a._W_V, a._b_K, a._b_V) if self.n_groups is not None else (a.W_K, a.W_V, a.b_K, a.b_V)
+        params = (a.W_Q, kv[0], kv[1], a.b_Q, kv[2], kv[3], a.W_O, a.b_O)
         key = (id(block),) + tuple(p._version for p in params)  # rebuilt if a weight was written to
         if key not in self._fused:
             self._fused = {k: v for k, v in self._fused.items() if k[0] != id(block)}
-            H, d, dh = a.W_Q.shape
-            w = lambda W: W.detach().permute(0, 2, 1).reshape(H * dh, d)  # noqa: E731
-            self._fused[key] = (torch.cat([w(a.W_Q), w(a.W_K)]), torch.cat([a.b_Q.detach(), a.b_K.detach()]).reshape(-1),
-                                w(a.W_V), a.b_V.detach().reshape(-1),
-                                a.W_O.detach().permute(2, 0, 1).reshape(d, H * dh), a.b_O.detach())
+            W_Q, W_K, W_V, b_Q, b_K, b_V, W_O, b_O = (p.detach() for p in params)
+            d = W_Q.shape[1]
+            w = lambda W: W.permute(0, 2, 1).reshape(-1, d)  # noqa: E731  [heads, d, dh] -> [heads*dh, d]
+            self._fused[key] = (torch.cat([w(W_Q), w(W_K)]), torch.cat([b_Q.reshape(-1), b_K.reshape(-1)]),
+                                w(W_V), b_V.reshape(-1), W_O.permute(2, 0, 1).reshape(d, -1), b_O)
         return self._fused[key]
 
     def _block_sdpa(self, block, resid: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
@@ -274,17 +414,26 @@ class HeadReplicas:
 
     def _block_parts(self, block, resid: torch.Tensor, pos: Optional[torch.Tensor]):
         """``(z [B, T, H, dh], attn_out [B, T, d] (b_O included), mlp_out or None, resid_post)`` of
-        ``block`` at ``w*`` on ``resid [B, T, d]`` (SDPA attention)."""
+        ``block`` at ``w*`` on ``resid [B, T, d]`` (SDPA attention; under grouped-query attention query head
+        ``h`` reads key/value head ``h // (H / G)``, as TransformerLens's ``repeat_interleave``)."""
         cfg, attn = self.cfg, block.attn
         W_qk, b_qk, W_v, b_v, W_o, b_o = self._fused_weights(block)
         B, T, d = resid.shape
         H, dh = cfg.n_heads, cfg.d_head
+        G = H if self.n_groups is None else self.n_groups
         x = norm(block.ln1, resid)
         xqk = x + pos if pos is not None else x
-        q, k = F.linear(xqk, W_qk, b_qk).view(B, T, 2, H, dh).unbind(2)
-        v = F.linear(x, W_v, b_v).view(B, T, H, dh)
+        qk = F.linear(xqk, W_qk, b_qk)
+        if G == H:
+            q, k = qk.view(B, T, 2, H, dh).unbind(2)
+        else:
+            q, k = qk.split([H * dh, G * dh], dim=-1)
+            q, k = q.view(B, T, H, dh), k.view(B, T, G, dh)
+        v = F.linear(x, W_v, b_v).view(B, T, G, dh)
         if cfg.positional_embedding_type == "rotary":
             q, k = attn.apply_rotary(q), attn.apply_rotary(k)
+        if G != H:
+            k, v = k.repeat_interleave(H // G, dim=2), v.repeat_interleave(H // G, dim=2)
         z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True, scale=1.0 / attn.attn_scale).transpose(1, 2)
         attn_out = F.linear(z.reshape(B, T, H * dh), W_o, b_o)
@@ -333,20 +482,31 @@ class HeadReplicas:
             resid = post
         return out, resid
 
-    def bytes_per_replica(self, N: int, T: int, layer: int) -> int:
-        """Upper bound on the autograd memory (bytes, peak) of one replica of ``layer`` on ``[N, T]``
-        tokens: its own head, the saved activations of the layers above and the features and their
-        gradient (the unembedding's row blocks come on top, once per chunk: ``rllc_fast.unembed_loss``).
+    def bytes_per_replica(self, N: int, T: int, layer: int, kind: Optional[str] = None) -> int:
+        """Upper bound on the autograd memory (bytes, peak) of one replica of ``layer`` and ``kind`` (default
+        ``self.kind``) on ``[N, T]`` tokens: its own query heads, the saved activations of the layers above and
+        the features and their gradient (the unembedding's row blocks come on top, once per chunk:
+        ``rllc_fast.unembed_loss``).
 
-        Per token, in float32 words: ``16 d_model + 8 d_head`` for the own head and the final features
-        (plus ``4 T`` with materialized scores), and per layer above ``4 d_model + 2 n_heads d_head +
-        2 d_mlp`` (plus ``5 n_heads T`` with materialized scores). Checked against the peak of live
-        tensors on the meta device (tests/test_step_cost.py) at the paper's and Pythia-70m's shapes,
-        with attention as CUDA's fused kernel."""
+        Per token, in float32 words, with ``k`` own query heads (1; ``n_heads / n_key_value_heads`` for a group)
+        and ``m = 2 d_mlp`` (``3 d_mlp`` for a gated MLP; 0 attention-only): ``16 d_model + (4 + 4 k) d_head`` for
+        the own heads and the final features, ``8 k d_head`` more for a group's keys and values read by its ``k``
+        query heads, ``4 d_model + m`` for the own layer's MLP in a sequential block (plus ``4 k T`` with
+        materialized scores); and per layer above ``4 d_model + 2 n_heads d_head + m`` (``4 n_heads d_head``
+        under grouped-query attention: the keys and values repeated per query head; plus ``5 n_heads T`` with
+        materialized scores). Checked against the peak of live tensors on the meta device
+        (tests/test_step_cost.py) at the paper's and Pythia-70m's shapes and on a Llama-style model with and
+        without grouped-query attention, with attention as CUDA's fused kernel."""
         cfg = self.cfg
+        kind = self._kind(kind)
+        k = self.per_group if kind == "group" else 1
         above = cfg.n_layers - layer - 1
         scores = 0 if self.sdpa else 1
-        per_layer = (4 * cfg.d_model + 2 * cfg.n_heads * cfg.d_head + 5 * scores * cfg.n_heads * T
-                     + (0 if cfg.attn_only else 2 * (cfg.d_mlp or 0)))
-        per_token = 16 * cfg.d_model + 8 * cfg.d_head + 4 * scores * T + above * per_layer
+        mlp = 0 if cfg.attn_only else (3 if cfg.gated_mlp else 2) * (cfg.d_mlp or 0)
+        qkv = (2 if self.n_groups is None else 4) * cfg.n_heads * cfg.d_head  # + the repeated keys and values
+        per_layer = 4 * cfg.d_model + qkv + 5 * scores * cfg.n_heads * T + mlp
+        own = (4 + 4 * k + (8 * k if kind == "group" else 0)) * cfg.d_head + 4 * scores * k * T
+        if not cfg.attn_only and not cfg.parallel_attn_mlp:  # the own layer's MLP runs per replica
+            own += 4 * cfg.d_model + mlp
+        per_token = 16 * cfg.d_model + own + above * per_layer
         return 4 * N * T * per_token
