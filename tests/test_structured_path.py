@@ -484,3 +484,21 @@ def test_diverged_replica_is_frozen_on_the_device_and_the_others_are_bit_identic
     for name in ("0:1", "1:0", "1:1"):
         np.testing.assert_array_equal(bad[name].loss_trace, clean[name].loss_trace)
         np.testing.assert_array_equal(bad[name].distance_trace, clean[name].distance_trace)
+
+
+def test_observables_of_query_heads_and_groups_equal_the_reference_engines():
+    """Grouped-query attention: probe losses of query-head and group replicas from the structured path's
+    shared w* passes equal the reference engine's (the model holding each replica's weights)."""
+    model = _llama_like()
+    g = torch.Generator().manual_seed(6)
+    tokens = torch.randint(0, 72, (24, 16), generator=g)
+    probes = {"p": torch.randint(0, 72, (3, 16), generator=g), "q": torch.randint(0, 72, (2, 9), generator=g)}
+    comps = {"1:0": r.head(model, 1, 0), "0:g1": r.group(model, 0, 1), "2:g0": r.group(model, 2, 0)}
+    heads, rest, _ = plan(model, comps, next_token_loss)
+    assert set(heads) == set(comps) and not rest
+    cfg = r.SGLDConfig(num_chains=2, num_draws=4, batch_size=8, seed=2)
+    bat = r.estimate_llc(model, tokens, cfg, components=comps, observables=probes).observations
+    ref = r.estimate_llc(model, tokens, cfg, components=comps, engine="reference", observables=probes).observations
+    for name in probes:
+        np.testing.assert_allclose(bat[name], ref[name], rtol=1e-4, atol=2e-5)
+        assert not np.allclose(bat[name][:, :, 3], bat.at_optimum[name])  # the replicas moved

@@ -321,7 +321,7 @@ class HeadReplicas:
     def _own_head(self, attn, x, xqk, pos, rows: torch.Tensor) -> torch.Tensor:
         """The output ``[R, N, T, d]`` (``b_O`` left out) of each replica's own head with its own keys and values
         (kind ``"head"``), from ``rows [R, numel]`` packed ``W_Q, W_K, W_V, b_Q, b_K, b_V, W_O``."""
-        R, (N, T, d) = rows.shape[0], x.shape
+        R, d = rows.shape[0], x.shape[-1]
         o = self.offsets
         W_QKV = rows[:, : o[3]].reshape(R, 3, d, -1).to(x.dtype)   # W_Q, W_K, W_V [R, 3, d, d_head]
         b_QKV = rows[:, o[3] : o[6]].reshape(R, 3, 1, 1, -1).to(x.dtype).transpose(0, 1)  # [3, R, 1, 1, d_head]
