@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import rllc_fast as r
-from rllc_fast.engine.batched import plan
+from rllc_fast.engine.structured import plan
 from rllc_fast.losses import next_token_loss
 from rllc_fast.models import load_hf
 

@@ -17,7 +17,7 @@ import torch
 import rllc_fast as r
 from conftest import device_name
 from rllc_fast import cost_model
-from rllc_fast.models.tl_heads import HeadReplicas
+from rllc_fast.engine.head_replicas import HeadReplicas
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BUDGET = "2GB"

@@ -15,10 +15,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import meta_cost  # noqa: E402
-from rllc_fast.engine.batched import unembed_block_bytes  # noqa: E402
+from rllc_fast.engine.structured import unembed_block_bytes  # noqa: E402
 from rllc_fast.losses import next_token_loss  # noqa: E402
 from rllc_fast.memory import parse_bytes  # noqa: E402
-from rllc_fast.models.tl_heads import HeadReplicas  # noqa: E402
+from rllc_fast.engine.head_replicas import HeadReplicas  # noqa: E402
 
 
 def main(shape, budget_text, chains=4):

@@ -1,7 +1,7 @@
 """A FLOP-and-bytes model of one SGLD step of the structured (head-replica) path, and a roofline projection of
 its time on a device. Projections, not measurements: a figure from here is labelled "projection".
 
-What one step computes (``engine/batched.py``, ``models/tl_heads.py``, ``unembed_loss.py``), for a batch of
+What one step computes (``engine/batched.py``, ``engine/structured.py``, ``engine/head_replicas.py``, ``engine/unembed_loss.py``), for a batch of
 ``N`` contexts of ``T`` tokens, ``P = T - 1`` predicted positions, and ``R`` head replicas, replica ``r`` of
 layer ``l_r``:
 

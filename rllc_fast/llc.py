@@ -8,12 +8,13 @@ SGLD steps is fixed once per call (seeded by ``config.seed``) and shared by ever
 component; ``l(w*)`` is evaluated on each kept step's minibatch, so each draw's ``l(w_t)`` is
 paired with ``l(w*)`` on the same data (a lower-variance difference), and ``mean_t l(w*)`` is the
 mean over the kept draws' minibatches (with the batched engine, when every component takes the
-structured path, by that path's own blocks and unembedding: ``engine.batched.optimum_loss_fn``). Step
+structured path, by that path's own blocks and unembedding: ``engine.structured.optimum_loss_fn``). Step
 t's loss is taken *before* step t's update, so the first draw without burn-in is at ``w*`` itself (as in
 devinterp).
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Callable, Optional
@@ -26,7 +27,8 @@ from .components import as_component_dict, whole_model_component
 from .config import SGLDConfig
 from .data import BatchSchedule, ModelDistribution, batch_to
 from .diagnostics import SamplerWarning, refined_exceeding_whole, step_size_problems, warn_unreliable
-from .engine.batched import optimum_loss_fn, run_batched
+from .engine.batched import run_batched
+from .engine.structured import optimum_loss_fn
 from .engine.common import MATMUL_PRECISIONS
 from .engine.common import matmul_precision as matmul_precision_context
 from .engine.reference import run_reference
@@ -37,15 +39,10 @@ from .models.build import move_to
 from .progress import Progress
 from .result import ChainsDivergedError, LLCResult, check_divergence
 
-def _run_generic(*args, max_memory=None, observer=None):
-    return run_batched(*args, max_memory=max_memory, structured=False, observer=observer)
-
-
-def _run_reference(*args, max_memory=None, observer=None):
-    return run_reference(*args, observer=observer)
-
-
-ENGINES = {"batched": run_batched, "generic": _run_generic, "reference": _run_reference}
+#: Every engine: ``engine(model, schedule, loss_fn, components, config, init_losses, progress, max_memory=None,
+#: observer=None) -> {name: ComponentLLC}``.
+ENGINES = {"batched": run_batched, "generic": functools.partial(run_batched, structured=False),
+           "reference": run_reference}
 
 
 def estimate_llc(

@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -80,6 +82,22 @@ def kl_losses(ref_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return kl.flatten(1).mean(1)
 
 
+@runtime_checkable
+class FeatureLoss(Protocol):
+    """What the structured path needs of a loss (``NextTokenLoss``, ``KLToReference``): besides
+    ``loss_fn(model, batch) -> scalar``, ``prepare(tokens)`` (per-batch data shared by all replicas, e.g. the
+    reference's log-probs) and ``feature_losses(x, W_U, b_U, tokens, prepared, block_bytes=None) -> [R]``,
+    the replicas' losses from their final features ``x [R, N, T-1, d_model]``. A ``loss_fn`` without them takes
+    the generic path."""
+
+    def __call__(self, model: nn.Module, batch) -> torch.Tensor: ...
+
+    def prepare(self, tokens: torch.Tensor): ...
+
+    def feature_losses(self, x: torch.Tensor, W_U, b_U, tokens: torch.Tensor, prepared,
+                       block_bytes=None) -> torch.Tensor: ...
+
+
 def position_losses(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Per-position next-token cross-entropy (nats, float32) ``[N, T-1]`` of ``logits [N, T, vocab]`` on
     ``tokens [N, T]``: the terms whose mean is eq. (1)."""
@@ -106,8 +124,8 @@ class NextTokenLoss:
     def feature_losses(self, x: torch.Tensor, W_U, b_U, tokens: torch.Tensor, prepared,
                        block_bytes=None) -> torch.Tensor:
         """``[R]`` losses from final features ``x [R, N, T-1, d]`` with unembedding ``W_U, b_U``
-        (``block_bytes``: see ``rllc_fast.unembed_loss``)."""
-        from .unembed_loss import unembed_token_losses
+        (``block_bytes``: see ``rllc_fast.engine.unembed_loss``)."""
+        from .engine.unembed_loss import unembed_token_losses
 
         return unembed_token_losses(x, W_U, b_U, tokens, block_bytes)
 
@@ -132,8 +150,8 @@ class KLToReference:
     def feature_losses(self, x: torch.Tensor, W_U, b_U, tokens: torch.Tensor, prepared,
                        block_bytes=None) -> torch.Tensor:
         """``[R]`` losses from final features ``x [R, N, T-1, d]`` with unembedding ``W_U, b_U``
-        (``block_bytes``: see ``rllc_fast.unembed_loss``)."""
-        from .unembed_loss import unembed_kl_losses
+        (``block_bytes``: see ``rllc_fast.engine.unembed_loss``)."""
+        from .engine.unembed_loss import unembed_kl_losses
 
         return unembed_kl_losses(x, W_U, b_U, prepared, block_bytes)
 

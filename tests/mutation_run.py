@@ -58,7 +58,7 @@ MUTANTS: List[Mutant] = [
            ("tests/test_ops.py",)),
     Mutant("the last column tile is never updated", "rllc_fast/ops.py",
            "for c0 in range(0, n, cols):", "for c0 in range(0, max(n - cols, 1), cols):", ("tests/test_ops.py",)),
-    Mutant("structured path skips the MLP of sequential blocks", "rllc_fast/models/tl_heads.py",
+    Mutant("structured path skips the MLP of sequential blocks", "rllc_fast/engine/head_replicas.py",
            "            resid = resid + block.mlp(norm(block.ln2, resid))\n", "            pass\n",
            ("tests/test_structured_path.py",)),
     Mutant("backend() names the wrong state", "rllc_fast/ops.py",

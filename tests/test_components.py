@@ -197,7 +197,7 @@ def test_gqa_heads_and_groups_follow_the_reference_chains_on_both_paths():
     path with the reference engine's chains."""
     import numpy as np
 
-    from rllc_fast.engine.batched import plan
+    from rllc_fast.engine.structured import plan
     from rllc_fast.losses import next_token_loss
 
     model = _gqa_model(n_layers=1)

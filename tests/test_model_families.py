@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rllc_fast as r
-from rllc_fast.engine.batched import plan
+from rllc_fast.engine.structured import plan
 from rllc_fast.losses import next_token_loss
 from rllc_fast.models import SUPPORTED_MODEL_TYPES, load_hf, select_checkpoints
 from rllc_fast.sweep import run_sweep

@@ -6,7 +6,7 @@ import torch
 import rllc_fast as r
 from meta_cost import counting, cuda_like_sdpa, peak_bytes, step_cost
 from rllc_fast.losses import next_token_loss
-from rllc_fast.models.tl_heads import HeadReplicas
+from rllc_fast.engine.head_replicas import HeadReplicas
 
 MAX_SYNCS_PER_STEP = 1
 MAX_DISPATCHES_PER_STEP = 1500

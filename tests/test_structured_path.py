@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import rllc_fast as r
-from rllc_fast.engine.batched import plan
+from rllc_fast.engine.structured import plan
 from rllc_fast.losses import NextTokenLoss, next_token_loss
-from rllc_fast.models.tl_heads import HeadReplicas, head_of
+from rllc_fast.engine.head_replicas import HeadReplicas, head_of
 
 
 def _neox_like(seed=1, vocab=96):
@@ -294,7 +294,7 @@ def test_thinning_keeps_every_kth_step(small_tl):
 
 @pytest.mark.parametrize("kind", ["tokens", "kl"])
 def test_blocked_unembedding_loss_matches_the_plain_loss_and_its_gradient(kind, monkeypatch):
-    from rllc_fast import unembed_loss
+    from rllc_fast.engine import unembed_loss
     from rllc_fast.losses import kl_losses, token_losses
 
     monkeypatch.setattr(unembed_loss, "BLOCK_ELEMENTS", 7 * 50)  # many ragged row blocks
@@ -394,7 +394,7 @@ def test_matmul_precision_is_checked(small_tl):
 
 def test_sdpa_and_materialized_attention_give_the_same_chains(neox, small_tl, monkeypatch):
     """The fused-attention path (own head, shared pass, layers above) against the materialized one."""
-    from rllc_fast.models import tl_heads
+    from rllc_fast.engine import head_replicas as tl_heads
 
     for model, tokens in (neox, small_tl):
         cfg = r.SGLDConfig(num_chains=2, num_draws=6, batch_size=8, seed=2)
@@ -412,7 +412,7 @@ def test_sdpa_and_materialized_attention_give_the_same_chains(neox, small_tl, mo
 def test_out_of_memory_in_a_chunk_halves_it_and_retries(small_tl, monkeypatch):
     """An injected out-of-memory error for chunks of more than 2 replicas: a warning, the chunk halved
     (and halved again), and the same chains as a run that never ran out."""
-    from rllc_fast.models import tl_heads
+    from rllc_fast.engine import head_replicas as tl_heads
 
     model, tokens = small_tl
     cfg = r.SGLDConfig(num_chains=2, num_draws=4, batch_size=8, seed=7)

@@ -5,10 +5,10 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from ..models import tl_heads
+from . import head_replicas
 
 
-def layer_chunks(hr: tl_heads.HeadReplicas, indices: List[int], units: List[tl_heads.Unit], N: int, T: int,
+def layer_chunks(hr: head_replicas.HeadReplicas, indices: List[int], units: List[head_replicas.Unit], N: int, T: int,
                  limit: int, device) -> Dict[Tuple[int, str], List[Tuple[object, torch.Tensor]]]:
     """``{(layer, kind): [(replica rows, head or group indices [k]), ...]}``: the replicas ``indices`` (unit
     ``units[i]`` each: layer, index, kind) grouped by layer and kind, in chunks whose ``hr.bytes_per_replica`` on

@@ -16,9 +16,9 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from ..models import tl_heads
+from . import head_replicas
 from ..observables import ProbeRecorder, per_token_losses
-from ..unembed_loss import unembed_position_losses
+from .unembed_loss import unembed_position_losses
 from .chunks import layer_chunks
 from .common import restore_slices, unpack_row
 
@@ -26,10 +26,10 @@ from .common import restore_slices, unpack_row
 class HeadProbeLosses:
     """Per-token probe losses of head replicas from shared ``w*`` passes (structured path).
 
-    indices: the replica rows; units: their ``tl_heads.Unit`` (layer, index, kind); limit: bytes a chunk may hold."""
+    indices: the replica rows; units: their ``head_replicas.Unit`` (layer, index, kind); limit: bytes a chunk may hold."""
 
-    def __init__(self, hr: tl_heads.HeadReplicas, recorder: ProbeRecorder, indices: List[int],
-                 units: List[tl_heads.Unit], limit: int, block_bytes: Optional[int]):
+    def __init__(self, hr: head_replicas.HeadReplicas, recorder: ProbeRecorder, indices: List[int],
+                 units: List[head_replicas.Unit], limit: int, block_bytes: Optional[int]):
         self.hr, self.recorder, self.block_bytes = hr, recorder, block_bytes
         layers = sorted({u.layer for u in units})
         device = next(hr.model.parameters()).device

@@ -31,11 +31,13 @@ def run_reference(
     config: SGLDConfig,
     init_losses: np.ndarray,
     progress: Progress,
+    max_memory=None,
     observer: Optional[ProbeRecorder] = None,
 ) -> Dict[str, ComponentLLC]:
     """Sample every (component, chain) in turn; ``init_losses`` is l(w*) per step ``[num_steps]``;
     ``observer`` (optional) records probe-set losses at its observed draws (replica row
-    ``component index * chains + chain``)."""
+    ``component index * chains + chain``). The signature is every engine's; ``max_memory`` is unused here
+    (one replica at a time)."""
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device
     draws, steps = config.num_draws, config.num_steps

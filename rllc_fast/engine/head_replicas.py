@@ -486,7 +486,7 @@ class HeadReplicas:
         """Upper bound on the autograd memory (bytes, peak) of one replica of ``layer`` and ``kind`` (default
         ``self.kind``) on ``[N, T]`` tokens: its own query heads, the saved activations of the layers above and
         the features and their gradient (the unembedding's row blocks come on top, once per chunk:
-        ``rllc_fast.unembed_loss``).
+        ``rllc_fast.engine.unembed_loss``).
 
         Per token, in float32 words, with ``k`` own query heads (1; ``n_heads / n_key_value_heads`` for a group)
         and ``m = 2 d_mlp`` (``3 d_mlp`` for a gated MLP; 0 attention-only): ``16 d_model + (4 + 4 k) d_head`` for
