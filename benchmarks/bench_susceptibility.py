@@ -25,14 +25,15 @@ Making the comparison fair (each difference between the two tools, and what is d
   of the sampling data, ours from the batches it samples on. The estimator is not invariant to a shift
   of ``phi`` (a constant ``c`` adds ``c (E_C[L - l_xy] - E_whole[L - l_xy])`` per token), so the
   comparison gives ours devinterp's ``l(w*)`` (``init_loss=``; "same_init_loss", the headline). Also
-  recorded: both sides rescored with ``l(w*)`` = the sampling probe's own mean loss at ``w*`` (phi is 0
-  at ``w*``; "centred"), and ours with its own ``l(w*)`` ("ours_own_init_loss"), with each offset.
-Standard errors: ours across chains (``Susceptibilities.aggregate_sem``); devinterp returns only the
-pooled estimate, so its per-chain values are recomputed from the samples it wrote (``output_path``),
-by the per-chain form of the same formula (``rllc_fast.susceptibility.chain_susceptibilities``); their
-mean is checked against devinterp's own output. Neither spread shows the noise of the whole-model run,
-whose ``E_whole[L - l_xy]`` every chain of a component shares: ``*_sem_with_whole`` adds
-``|E_C[phi]| * SE(E_whole[L - l])`` (SE across the whole run's chains) and ``z_with_whole`` uses it.
+  recorded: both sides with ``l(w*)`` = the sampling probe's own mean loss at ``w*`` (phi is 0 at ``w*``;
+  "centred": our default), with the offset.
+Standard errors: ours from the library (``aggregate_sem``: the chains' spread and the whole-model run's
+share, ``|E_C[phi]| * SE(E_whole[L - l])``, which every chain of a component shares;
+``aggregate_sem_chains``: the spread alone); devinterp returns only the pooled estimate, so its per-chain
+values are recomputed from the samples it wrote (``output_path``), by the per-chain form of the same
+formula (``rllc_fast.susceptibility.chain_susceptibilities``); their mean is checked against devinterp's
+own output, and its whole run's share is added the same way. ``z`` uses the chains' spreads alone,
+``z_with_whole`` the full errors.
 The formula itself is checked apart from the sampling by feeding OUR observations, in devinterp's
 DataTree layout, to devinterp's ``compute_susceptibilities`` (``formula_check_max_abs``).
 
@@ -172,13 +173,6 @@ def _devinterp_per_chain(samples, probes, l_star: float):
     return out, whole_chains
 
 
-def _ours_whole_chains(obs) -> dict:
-    """``{probe: E_whole[L - l] per whole-model chain, mean over the probe's tokens [chains]}``."""
-    pt = np.asarray(obs.component_losses(SAMPLING, "whole"), dtype=np.float64).mean(axis=(2, 3))
-    return {p: pt.mean(1) - np.asarray(obs.component_losses(p, "whole"), dtype=np.float64).mean(axis=(1, 2, 3))
-            for p in obs.names if p != SAMPLING}
-
-
 def _as_devinterp_tree(obs, component: str, l_star: float):
     """Our observations of one component in the layout devinterp's ``sample()`` writes."""
     data = {"init_loss": (("chain", "token_pos"),
@@ -212,7 +206,6 @@ def _compare(heads, ours, ours_obs, l_star: float, theirs_chains: dict, theirs_w
     """Per head x probe aggregates (SE across chains, and with the whole-model run's noise added:
     ``|E_C[phi]| * SE(E_whole[L - l])``, which the chain spread does not show), z-scores, and per head the
     Pearson correlation of per-token susceptibilities (each probe, and all probes' tokens together)."""
-    ours_whole = _ours_whole_chains(ours_obs)
     rows, per_head = {}, {}
     for i, h in enumerate(heads):
         w = _devinterp_name(h)
@@ -223,8 +216,8 @@ def _compare(heads, ours, ours_obs, l_star: float, theirs_chains: dict, theirs_w
             agg = theirs_chains[w][p].mean(axis=(1, 2))
             d_mean, d_sem = float(agg.mean()), _sem(agg)
             d_sem_w = math.hypot(d_sem, abs(theirs_chains[w]["E_phi"]) * _sem(theirs_whole[p]))
-            o_mean, o_sem = float(ours.aggregate[i, j]), float(ours.aggregate_sem[i, j])
-            o_sem_w = math.hypot(o_sem, abs(ours_e_phi) * _sem(ours_whole[p]))
+            o_mean, o_sem = float(ours.aggregate[i, j]), float(ours.aggregate_sem_chains[i, j])
+            o_sem_w = float(ours.aggregate_sem[i, j])  # the library's error: chains and the whole run's share
             row = dict(devinterp_mean=d_mean, devinterp_sem=d_sem, ours_mean=o_mean, ours_sem=o_sem,
                        z=abs(o_mean - d_mean) / math.hypot(o_sem, d_sem), devinterp_sem_with_whole=d_sem_w,
                        ours_sem_with_whole=o_sem_w, z_with_whole=abs(o_mean - d_mean) / math.hypot(o_sem_w, d_sem_w),
@@ -272,20 +265,18 @@ def test_susceptibilities_vs_devinterp_all_heads(benchmark):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # sampler diagnostics (R-hat of short chains) are not the point here
             res = r.estimate_llc(model, tokens, config, components=components, observables=probes)
-        return res, r.susceptibilities(res, sampling=SAMPLING, whole="whole")
+        return res, r.susceptibilities(res, sampling=SAMPLING, whole="whole")  # the default: phi = 0 at w*
 
-    result, ours_own = benchmark.pedantic(ours_run, rounds=OURS_ROUNDS, iterations=1)
+    result, ours_default = benchmark.pedantic(ours_run, rounds=OURS_ROUNDS, iterations=1)
     ours_s = benchmark.stats.stats.min
     obs = result.observations
     ours = r.susceptibilities(result, sampling=SAMPLING, whole="whole", init_loss=l_star_devinterp)
     assert ours.components == heads
     formula_max_abs = _formula_check(result, heads, l_star_devinterp, ours)
-    l_star_ours = float(result["whole"].init_loss)
+    assert ours_default.init_loss == pytest.approx(at_w_star, rel=1e-5)
 
     same = _compare(heads, ours, obs, l_star_devinterp, theirs_chains, theirs_whole, theirs_pooled=theirs)
-    centred = _compare(heads, r.susceptibilities(result, sampling=SAMPLING, whole="whole", init_loss=at_w_star),
-                       obs, at_w_star, centred_chains, theirs_whole)
-    own = _compare(heads, ours_own, obs, l_star_ours, theirs_chains, theirs_whole)  # ours with its own l(w*)
+    centred = _compare(heads, ours_default, obs, at_w_star, centred_chains, theirs_whole)
     benchmark.extra_info.update(
         case="reduced", model=dict(REDUCED, n_layers=2, attn_only=True, params=sum(p.numel() for p in model.parameters())),
         config=config.to_dict(), devinterp_num_burnin_steps=0, devinterp_draws=devinterp_draws,
@@ -293,12 +284,12 @@ def test_susceptibilities_vs_devinterp_all_heads(benchmark):
         devinterp_seconds=devinterp_s, ours_seconds=ours_s, ours_rounds=OURS_ROUNDS,
         ours_seconds_all=list(benchmark.stats.stats.data), speedup=devinterp_s / ours_s,
         torch_threads=torch.get_num_threads(),
-        init_loss=dict(devinterp=l_star_devinterp, ours=l_star_ours, sampling_probe_at_w_star=at_w_star,
-                       offset_devinterp=at_w_star - l_star_devinterp, offset_ours=at_w_star - l_star_ours),
+        init_loss=dict(devinterp=l_star_devinterp, sampling_probe_at_w_star=at_w_star,
+                       offset_devinterp=at_w_star - l_star_devinterp),
         formula_check_max_abs=formula_max_abs,
-        same_init_loss=same, centred=centred, ours_own_init_loss=own,
+        same_init_loss=same, centred=centred,
     )
-    for label, v in (("same l(w*) (devinterp's)", same), ("centred l(w*)", centred), ("ours' own l(w*)", own)):
+    for label, v in (("same l(w*) (devinterp's)", same), ("centred l(w*) (our default)", centred)):
         s = v["summary"]
         print(f"\n{label}: {s['within_2se']}/{s['cells']} head x probe cells within 2 combined SE "
               f"({s['within_2se_with_whole']} with the whole run's noise), max z {s['max_z']:.2f} "

@@ -8,14 +8,26 @@ probe token ``xy``. Estimated from one SGLD run that samples every component (we
 (``estimate_llc(..., observables=...)``):
 
     L(w)   = mean per-token loss on the sampling-task probe set        (the sampling loss, per draw)
-    phi(w) = L(w) - l(w*)                                              (l(w*): the whole model's init loss)
+    phi(w) = L(w) - L(w*)                                              (the sampling loss's excess over w*)
     chi_C[xy] = E_C[ phi * (L - l_xy) ] - E_C[phi] * E_whole[ L - l_xy ]
 
 ``E_C`` averages over the draws of the run restricted to ``C``, ``E_whole`` over the whole model's run
 (the baseline that replaces ``E_C[L - l_xy]``, as devinterp 2.0.1's ``compute_susceptibilities`` does; the
 same formula is its numerical reference). The estimate is linear in ``E_C``: the pooled value is the mean
-of the per-chain values, whose spread gives the standard error (chains that diverged are left out).
-The aggregate susceptibility of a probe set is the mean over its tokens.
+of the per-chain values (chains that diverged are left out). The aggregate susceptibility of a probe set
+is the mean over its tokens.
+
+**Which ``l(w*)``.** Because ``E_whole`` stands in for ``E_C``, the estimate is not invariant to a constant
+shift of ``phi``: a shift ``c`` adds ``c (E_C[L - l_xy] - E_whole[L - l_xy])``. By default ``phi`` is taken
+from the sampling probe's own loss at ``w*`` (``phi(w*) = 0``: the sampling loss's excess, on the same
+contexts). devinterp 2.0.1 subtracts an init loss measured on other batches of the sampling data; its
+offset from the probe's own ``L(w*)`` (0.05 nats in ``benchmarks/bench_susceptibility.py``, twice the
+typical ``E_C[phi]``) flipped the sign of every head's aggregate on two probe sets there. Pass
+``init_loss=`` to reproduce devinterp's numbers.
+
+**Standard errors** add, in quadrature, the spread across the component's chains and the noise of the
+whole-model run that all of them share through ``E_whole[L - l_xy]``: ``|E_C[phi]| * SE(E_whole[L - l_xy])``,
+with that SE across the whole run's chains (``*_sem_chains`` keep the first part alone).
 """
 from __future__ import annotations
 
@@ -34,7 +46,9 @@ class Susceptibilities:
     per_token:     ``{probe: [component, context, position]}`` (pooled over chains).
     per_token_sem: ``{probe: [component, context, position]}`` standard error across chains.
     aggregate:     ``[component, probe]`` mean over the probe's tokens; ``aggregate_sem`` its standard error.
+    per_token_sem_chains, aggregate_sem_chains: the chain-spread part of those errors alone.
     chains_used:   ``[component]`` chains without divergence that entered the estimate.
+    init_loss:     the ``L(w*)`` subtracted in ``phi``.
     """
 
     components: List[str]
@@ -46,6 +60,9 @@ class Susceptibilities:
     aggregate: np.ndarray
     aggregate_sem: np.ndarray
     chains_used: np.ndarray
+    per_token_sem_chains: Dict[str, np.ndarray]
+    aggregate_sem_chains: np.ndarray
+    init_loss: float
 
     def response_matrix(self, per: str = "probe") -> LabelledArray:
         """The response matrix: ``[component, probe]`` aggregates (``per="probe"``) or ``[component, token]``
@@ -78,16 +95,18 @@ def susceptibilities(observations, sampling: str, whole: str = "whole", init_los
                      components: Optional[Sequence[str]] = None) -> Susceptibilities:
     """Susceptibilities of every component but ``whole`` to every probe set but ``sampling``.
 
-    observations: an ``LLCResult`` from ``estimate_llc(..., observables=...)`` (its whole-model component's
-                  ``init_loss`` is ``l(w*)``) or its ``Observations`` (then give ``init_loss``).
+    observations: an ``LLCResult`` from ``estimate_llc(..., observables=...)`` or its ``Observations``.
     sampling:     the probe set drawn from the sampling distribution (the ``L`` above).
     whole:        the component that is the whole model (the baseline run).
+    init_loss:    ``L(w*)`` in ``phi`` (default: the sampling probe's mean loss at ``w*``; see the module doc).
     probes, components: restrict to these (default: all but ``sampling`` / all but ``whole``).
     """
-    obs, l_star = _observations_and_init_loss(observations, whole, init_loss)
+    obs = _observations(observations)
     if sampling not in obs.names:
         raise ValueError(f"sampling={sampling!r} is not a probe set of this run; have {obs.names} (the sampling "
                          "task must be observed too: add a probe set drawn from the sampling data)")
+    l_star = float(np.asarray(obs.at_optimum[sampling], dtype=np.float64).mean()) if init_loss is None \
+        else float(init_loss)
     if whole not in obs.components:
         raise ValueError(f"whole={whole!r} is not a component of this run; have {obs.components} (add the whole "
                          "model as a component: it is the baseline run)")
@@ -104,15 +123,19 @@ def susceptibilities(observations, sampling: str, whole: str = "whole", init_los
     full_ok = _finite_chains(full_pt)
     if not full_ok.any():
         raise ValueError(f"every chain of the whole-model run {whole!r} diverged: no baseline")
-    full_delta = {}
+    full_delta, delta_sem, delta_agg_sem = {}, {}, {}
     for p in probes:
         probe = _float(obs.component_losses(p, whole))[full_ok]
-        full_delta[p] = full_pt[full_ok].mean() - probe.mean(axis=(0, 1))    # [N, P]
+        per_chain = full_pt[full_ok].mean(1)[:, None, None] - probe.mean(axis=1)   # [chains, N, P]
+        full_delta[p] = per_chain.mean(0)                                          # [N, P]
+        delta_sem[p], delta_agg_sem[p] = _sem(per_chain), _sem(per_chain.mean(axis=(1, 2)))
 
     per_token = {p: np.full((len(comps),) + full_delta[p].shape, np.nan) for p in probes}
     per_token_sem = {p: np.full_like(per_token[p], np.nan) for p in probes}
+    per_token_sem_chains = {p: np.full_like(per_token[p], np.nan) for p in probes}
     aggregate = np.full((len(comps), len(probes)), np.nan)
     aggregate_sem = np.full_like(aggregate, np.nan)
+    aggregate_sem_chains = np.full_like(aggregate, np.nan)
     used = np.zeros(len(comps), dtype=int)
     for i, c in enumerate(comps):
         pt = _per_draw_mean(obs.component_losses(sampling, c))                 # [chains, draws]
@@ -127,12 +150,16 @@ def susceptibilities(observations, sampling: str, whole: str = "whole", init_los
         for j, p in enumerate(probes):
             probe = _float(obs.component_losses(p, c))[ok]                     # [chains, draws, N, P]
             chi = chain_susceptibilities(phi, pt, probe, full_delta[p])        # [chains, N, P]
-            per_token[p][i], per_token_sem[p][i] = chi.mean(0), _sem(chi)
+            e_phi = abs(phi.mean())                                            # the whole run's share of the error
+            per_token[p][i], per_token_sem_chains[p][i] = chi.mean(0), _sem(chi)
+            per_token_sem[p][i] = np.hypot(per_token_sem_chains[p][i], e_phi * delta_sem[p])
             agg = chi.mean(axis=(1, 2))
-            aggregate[i, j], aggregate_sem[i, j] = agg.mean(), _sem(agg)
+            aggregate[i, j], aggregate_sem_chains[i, j] = agg.mean(), _sem(agg)
+            aggregate_sem[i, j] = np.hypot(aggregate_sem_chains[i, j], e_phi * delta_agg_sem[p])
     return Susceptibilities(components=comps, probes=probes, sampling=sampling, whole=whole,
                             per_token=per_token, per_token_sem=per_token_sem, aggregate=aggregate,
-                            aggregate_sem=aggregate_sem, chains_used=used)
+                            aggregate_sem=aggregate_sem, chains_used=used, per_token_sem_chains=per_token_sem_chains,
+                            aggregate_sem_chains=aggregate_sem_chains, init_loss=l_star)
 
 
 def chain_susceptibilities(phi: np.ndarray, sampling_loss: np.ndarray, probe: np.ndarray,
@@ -169,21 +196,15 @@ def response_pca(matrix, k: int = 2, standardize: bool = False) -> Tuple[np.ndar
     return u[:, :k] * s[:k] * signs, var[:k] / var.sum(), vt[:k] * signs[:, None]
 
 
-def _observations_and_init_loss(source, whole: str, init_loss: Optional[float]) -> Tuple[Observations, float]:
+def _observations(source) -> Observations:
+    """The ``Observations`` of an ``LLCResult`` (or the argument itself)."""
     if isinstance(source, Observations):
-        if init_loss is None:
-            raise ValueError("init_loss is needed with an Observations (the whole model's l(w*)); or pass the "
-                             "LLCResult, which holds it")
-        return source, float(init_loss)
+        return source
     obs = getattr(source, "observations", None)
     if not isinstance(obs, Observations):
         raise ValueError("no observations: run estimate_llc(..., observables={name: tokens}) with a probe set "
                          "from the sampling data among them")
-    if init_loss is None:
-        if whole not in source.estimates:
-            raise ValueError(f"whole={whole!r} is not a component of this run; have {list(source.estimates)}")
-        init_loss = source[whole].init_loss
-    return obs, float(init_loss)
+    return obs
 
 
 def _float(a) -> np.ndarray:

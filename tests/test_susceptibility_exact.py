@@ -129,3 +129,27 @@ def test_influences_equal_their_closed_form(run):
     assert np.allclose(np.diag(corr), 1.0, atol=1e-5)
     sd = np.sqrt(np.diag(cov))
     assert np.all(np.abs(corr - expected_corr) <= 4 * sem / np.outer(sd, sd) + 0.02), (corr, expected_corr)
+
+
+def test_default_phi_is_zero_at_w_star_and_a_shift_moves_chi_as_documented(run):
+    """phi defaults to the sampling probe's own loss at w*; a constant shift c of phi adds
+    c (E_C[L - l_j] - E_whole[L - l_j]) per token (the estimator is not shift-invariant)."""
+    res, X, rx, *_ = run
+    obs = res.observations
+    base = r.susceptibilities(res, sampling="train")
+    assert base.init_loss == pytest.approx(float(obs.at_optimum["train"].mean()), rel=1e-6)
+    assert base.init_loss == pytest.approx((0.5 * rx ** 2).mean(), rel=1e-5)
+    c = 0.05
+    shifted = r.susceptibilities(res, sampling="train", init_loss=base.init_loss + c)
+
+    def gap(comp):
+        L = np.asarray(obs.component_losses("train", comp), dtype=np.float64).mean(axis=(2, 3))    # [chains, draws]
+        probe = np.asarray(obs.component_losses("probe", comp), dtype=np.float64)[..., 0]         # [chains, draws, m]
+        return (L[..., None] - probe).mean(axis=(0, 1))
+
+    expected = -c * (gap("c") - gap("whole"))     # phi - c: E[(phi - c) X] - E[phi - c] D = chi - c (E_C X - D)
+    np.testing.assert_allclose(shifted.per_token["probe"][0, :, 0] - base.per_token["probe"][0, :, 0], expected,
+                               rtol=1e-6, atol=1e-12)
+    # the standard error holds the whole-model run's share as well as the chains' spread
+    assert np.all(base.aggregate_sem >= base.aggregate_sem_chains)
+    assert np.all(base.per_token_sem["probe"] > base.per_token_sem_chains["probe"])
