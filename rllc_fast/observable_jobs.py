@@ -135,7 +135,8 @@ class ObservablesJob:
         rel = folder.name
         return [{"component": c, "metric": f"susceptibility:{p}", "numel": result[c].numel,
                  "value": sus.aggregate[i, j], "sem": sus.aggregate_sem[i, j], "num_samples": int(sus.chains_used[i]),
-                 "info": {"folder": rel, "sampling": self.sampling, "file": "susceptibility.npz", "row": i}}
+                 "info": {"folder": rel, "sampling": self.sampling, "file": "susceptibility.npz", "row": i,
+                          "init_loss": sus.init_loss, "sem_chains": float(sus.aggregate_sem_chains[i, j])}}
                 for i, c in enumerate(sus.components) for j, p in enumerate(sus.probes)]
 
     def _bif_rows(self, result, folder: Path, own):
