@@ -10,7 +10,6 @@ Writes the figure (default docs/susceptibility-toy.png) and prints the numbers b
 The toy run is trained once (about a minute) into the cache (``--cache``, default ``rllc_fast.toy``'s).
 """
 import argparse
-import dataclasses
 import time
 
 import numpy as np
