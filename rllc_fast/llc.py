@@ -145,7 +145,7 @@ def estimate_llc(
         probes = check_probes(observables, model, token_loss)
         observer = ProbeRecorder(probes, per_token_fn(loss_fn, token_loss), model,
                                  len(comps) * config.num_chains, config, observe_every, observables_dir,
-                                 observables_dtype)
+                                 observables_dtype, max_memory=max_memory)
     with matmul_precision_context(matmul_precision, device):
         star_loss = optimum_loss_fn(model, comps, loss_fn) if engine == "batched" else loss_fn
         init_losses = loss_at_optimum(model, batches, star_loss, schedule.distinct_batch_ids())

@@ -22,11 +22,16 @@ from .atomic import write_atomically, write_json_atomically
 from .config import SGLDConfig
 from .data import batch_to
 from .losses import check_tokens, next_token_loss
+from .memory import default_budget, parse_bytes
 from .observations import INDEX_FILE, Observations, probe_files
 
 OBSERVABLE_DTYPES = ("float32", "float16")
 IN_MEMORY_BYTES = 1 << 30
 """Observed losses larger than this (all probe sets together) need ``observables_dir`` (memory-mapped files)."""
+LOGIT_COPIES = 3
+"""A next-token pass over one probe context holds about this many ``[T, vocab]`` float32 arrays at once
+(the logits, cross-entropy's log-softmax, slack for the model's own temporaries): ``rows_per_pass`` sizes
+passes by it."""
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -69,9 +74,29 @@ def check_probes(observables, model: nn.Module, token_loss: bool) -> Dict[str, o
     return out
 
 
+def vocab_size(model: nn.Module):
+    """The model's vocabulary size (TransformerLens ``cfg.d_vocab`` or Hugging Face ``config.vocab_size``), or None."""
+    v = getattr(getattr(model, "cfg", None), "d_vocab", None)
+    if not isinstance(v, int):
+        v = getattr(getattr(model, "config", None), "vocab_size", None)
+    return v if isinstance(v, int) else None
+
+
+def rows_per_pass(batch, model: nn.Module, budget: int):
+    """How many probe contexts one forward pass may score within ``budget`` bytes (``LOGIT_COPIES`` float32
+    ``[T, vocab]`` arrays per context), or None (all at once) for batches that are not token tensors or a
+    model whose vocabulary is unknown."""
+    vocab = vocab_size(model)
+    if not isinstance(batch, torch.Tensor) or batch.dim() != 2 or vocab is None:
+        return None
+    return max(1, budget // (LOGIT_COPIES * batch.shape[1] * vocab * 4))
+
+
 class ProbeRecorder:
     """The observed per-token losses of ``R`` replicas: ``[R, D, N, P]`` per probe set, in RAM or as
-    memory-mapped files in ``directory``.
+    memory-mapped files in ``directory``. Forward passes over a probe set (at ``w*`` here, per replica in the
+    generic and reference engines: ``losses``) go in row chunks whose logits fit ``max_memory`` (default
+    ``rllc_fast.memory.default_budget``).
 
     Engines call ``index(d)`` (the observed slot of kept draw ``d``, or -1), then ``put`` for every
     replica row; ``put`` keeps device tensors until ``flush`` (the batched engine flushes at its host reads,
@@ -80,7 +105,7 @@ class ProbeRecorder:
     """
 
     def __init__(self, probes: Dict[str, object], per_token: Callable, model: nn.Module, num_replicas: int,
-                 config: SGLDConfig, every: int = 1, directory=None, dtype: str = "float32"):
+                 config: SGLDConfig, every: int = 1, directory=None, dtype: str = "float32", max_memory=None):
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"observe_every must be an int >= 1 (got {every!r})")
         if dtype not in OBSERVABLE_DTYPES:
@@ -92,9 +117,9 @@ class ProbeRecorder:
         self.directory = Path(directory) if directory is not None else None
         device = next(model.parameters()).device
         self.on_device = {n: batch_to(torch.as_tensor(b) if isinstance(b, np.ndarray) else b, device) for n, b in probes.items()}
-        with torch.no_grad():
-            self.at_optimum = {n: _as_positions(per_token(model, b), n).float().cpu().numpy()
-                               for n, b in self.on_device.items()}
+        budget = default_budget(device) if max_memory is None else parse_bytes(max_memory)
+        self.rows = {n: rows_per_pass(b, model, budget) for n, b in self.on_device.items()}
+        self.at_optimum = {n: self.losses(model, n).float().cpu().numpy() for n in self.on_device}
         shapes = {n: (num_replicas, len(self.draws)) + a.shape for n, a in self.at_optimum.items()}
         total = sum(math.prod(s) for s in shapes.values()) * self.dtype.itemsize
         if self.directory is None and total > IN_MEMORY_BYTES:
@@ -115,6 +140,10 @@ class ProbeRecorder:
         for a in self.arrays.values():
             a.fill(np.nan)
         self.pending: List[tuple] = []
+
+    def losses(self, model: nn.Module, name: str) -> torch.Tensor:
+        """``[N, P]`` per-token losses of ``model`` (as it is now) on probe set ``name``, in row chunks."""
+        return per_token_losses(self.per_token, model, self.on_device[name], name, self.rows[name])
 
     def index(self, draw: int) -> int:
         """The observed slot of kept draw ``draw`` (``draw // every`` when it is observed), else -1."""
@@ -172,7 +201,11 @@ def _as_positions(values: torch.Tensor, name: str) -> torch.Tensor:
     return values[:, None] if values.dim() == 1 else values
 
 
-def per_token_losses(per_token: Callable, model: nn.Module, batch, name: str) -> torch.Tensor:
-    """``[N, P]`` per-token losses of ``model`` (as it is now) on probe ``batch``, without gradient."""
+def per_token_losses(per_token: Callable, model: nn.Module, batch, name: str, rows=None) -> torch.Tensor:
+    """``[N, P]`` per-token losses of ``model`` (as it is now) on probe ``batch``, without gradient; a tensor
+    ``batch`` is scored ``rows`` contexts at a time when given (None: all at once)."""
     with torch.no_grad():
-        return _as_positions(per_token(model, batch), name)
+        if rows is None or not isinstance(batch, torch.Tensor) or rows >= batch.shape[0]:
+            return _as_positions(per_token(model, batch), name)
+        return torch.cat([_as_positions(per_token(model, batch[i:i + rows]), name)
+                          for i in range(0, batch.shape[0], rows)])

@@ -187,3 +187,40 @@ def plot_clusters(curves: Sequence[Dict[str, np.ndarray]], steps: Sequence[Seque
                   colours: Dict[str, object], clusters: Dict[str, int], path, title: str, note: str = "") -> Path:
     """``clusters_figure`` written as a PNG to ``path``."""
     return save_figure(clusters_figure(curves, steps, labels, colours, clusters, title, note), path)
+
+
+def response_pca_figure(panels: Dict[str, object], title: str, components=(0, 1), note: str = ""):
+    """The paper's response-matrix figure: one panel per ``panels`` entry (``{panel title: ResponsePCA}``),
+    every head a point at its scores on two principal components (``components``, 0-based), coloured by its
+    head type, with its own marker and a legend entry; axes say the component and its share of the variance."""
+    first = next(iter(panels.values()))
+    heads = first.heads
+    types = dict(zip(heads, first.labels))
+    look = line_styles(heads, {h: TYPE_COLORS.get(t, TYPE_COLORS["other"]) for h, t in types.items()})
+    fig, axes = subplots(1, len(panels), figsize=(4.8 * len(panels) + 1.8, 4.4), layout="constrained", squeeze=False)
+    a, b = components
+    handles = {}
+    for ax, (name, pca) in zip(axes[0], panels.items()):
+        if list(pca.heads) != list(heads):
+            raise ValueError(f"panel {name!r} has heads {pca.heads}, the first panel {heads}; give every panel "
+                             "the same heads")
+        for i, h in enumerate(heads):
+            handles[h], = ax.plot(pca.scores[i, a], pca.scores[i, b], linestyle="none", markersize=7, label=h,
+                                  color=look[h]["color"], marker=look[h]["marker"])
+            ax.annotate(h, (pca.scores[i, a], pca.scores[i, b]), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+        ax.axhline(0, color="#cccccc", linewidth=0.8, zorder=0)
+        ax.axvline(0, color="#cccccc", linewidth=0.8, zorder=0)
+        ax.set_xlabel(f"PC{a + 1} score ({100 * pca.explained[a]:.1f}% of variance)")
+        ax.set_ylabel(f"PC{b + 1} score ({100 * pca.explained[b]:.1f}% of variance)")
+        ax.set_title(name, fontsize=9)
+        ax.grid(True, alpha=0.3)
+    _head_legend(fig, [handles[h] for h in heads])
+    colour_key(fig, type_key(types), "head type", loc="outside right lower")
+    _title(fig, title, note)
+    return fig
+
+
+def plot_response_pca(panels: Dict[str, object], path, title: str, components=(0, 1), note: str = "") -> Path:
+    """``response_pca_figure`` written as a PNG to ``path``."""
+    return save_figure(response_pca_figure(panels, title, components, note), path)

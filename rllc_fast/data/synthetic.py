@@ -136,3 +136,16 @@ def synthetic_mixture(num_contexts: int, context_length: int, seed: int = 0,
     mix = torch.cat(parts)
     perm = torch.randperm(mix.shape[0], generator=torch.Generator().manual_seed(seed))
     return mix[perm]
+
+
+def synthetic_probes(num_contexts: int, context_length: int, seed: int = 0, sampling: str = "mixture",
+                     weights: Optional[Dict[str, float]] = None, grammar_seed: int = 1234) -> Dict[str, torch.Tensor]:
+    """Fixed probe sets for ``estimate_llc(..., observables=...)``: ``{source: [num_contexts, context_length]}``
+    for every source in ``SOURCES``, plus ``{sampling: ...}`` contexts of the mixture ``weights`` (the sampling
+    task's probe set that susceptibilities contrast the others with). Deterministic under ``seed``; pick a
+    ``seed`` other than the sampling data's to keep the probes held out."""
+    if sampling in SOURCES:
+        raise ValueError(f"sampling={sampling!r} is a source's name; name the mixture's probe set otherwise")
+    probes = {name: synthetic_source(name, num_contexts, context_length, seed, grammar_seed) for name in SOURCES}
+    probes[sampling] = synthetic_mixture(num_contexts, context_length, seed, weights, grammar_seed)
+    return probes

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import head_replicas
-from ..observables import ProbeRecorder, per_token_losses
+from ..observables import ProbeRecorder
 from .unembed_loss import unembed_position_losses
 from .chunks import layer_chunks
 from .common import restore_slices, unpack_row
@@ -69,6 +69,6 @@ class GenericProbeLosses:
                 continue
             comp = self.replicas[r][1]
             unpack_row(comp, self.params, w[r, : comp.numel])
-            for name, batch in rec.on_device.items():
-                rec.put(name, r, slot, per_token_losses(rec.per_token, self.model, batch, name)[None])
+            for name in rec.on_device:
+                rec.put(name, r, slot, rec.losses(self.model, name)[None])
             restore_slices(comp, self.params, self.originals)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..components import Component
 from ..config import SGLDConfig
-from ..observables import ProbeRecorder, per_token_losses
+from ..observables import ProbeRecorder
 from ..result import ComponentLLC
 from ..sgld import replica_generator, rmsprop_sgld_delta, sgld_delta
 from ..progress import Progress
@@ -67,9 +67,9 @@ def run_reference(
                         losses[chain, d] = value
                         dists[chain, d] = _distance(comp, params, originals)
                         slot = observer.index(d) if observer is not None else -1
-                        for probe, batch in observer.on_device.items() if slot >= 0 else ():
+                        for probe in observer.on_device if slot >= 0 else ():
                             row = c * config.num_chains + chain
-                            observer.put(probe, row, slot, per_token_losses(observer.per_token, model, batch, probe)[None])
+                            observer.put(probe, row, slot, observer.losses(model, probe)[None])
                     if loss.requires_grad:
                         loss.backward()
                     _sgld_update(comp, params, originals, gen, config, square_avg)
