@@ -72,10 +72,10 @@ def main():
         print(f"  {h:>5} {types[h]:<15} {final['previous_token'][layer][head]:5.2f} {final['induction'][layer][head]:5.2f} "
               f"{response.result[h].llc_mean:6.2f}  " + "  ".join(
                   f"{p} {chi.aggregate[i, j]:+.4f}+-{chi.aggregate_sem[i, j]:.4f}" for j, p in enumerate(chi.probes)))
-    token, probe = describe("phi = L - l(w*), l(w*) the whole model's init loss (the package's default, devinterp's)",
-                            response)
-    describe("phi = L - l(w*), l(w*) the sampling probe set's own loss at w* (phi(w*) = 0)",
-             response.rebased(response.sampling_probe_loss))
+    token, probe = describe("phi = L - l(w*), l(w*) the sampling probe set's own loss at w* (phi(w*) = 0: the "
+                            "package's default)", response)
+    describe("phi = L - l(w*), l(w*) the whole model's init loss on the sampling minibatches (close to devinterp's)",
+             response.rebased(response.result["whole"].init_loss))
     note = (f"final checkpoint (step {final['step']}) of the {'quick' if args.quick else 'full'} demo toy run; "
             f"{settings.num_chains} chains x {settings.num_draws} draws, probe sets {chi.probes} "
             f"({settings.probe_contexts} contexts each), sampling task {chi.sampling}")

@@ -117,9 +117,9 @@ def test_toy_response_end_to_end_on_a_tiny_run(tmp_path):
     np.testing.assert_allclose(sum(shares.values()), 1.0, rtol=1e-9)
     assert resp.pca("probe", k=3).matrix.values.shape == (4, len(SOURCES))
     # l(w*) enters phi only: the same l(w*) gives the same numbers, another one different ones
-    same = resp.rebased(resp.result["whole"].init_loss)
+    same = resp.rebased(resp.sampling_probe_loss)  # the default: phi(w*) = 0
     np.testing.assert_allclose(same.susceptibilities.aggregate, resp.susceptibilities.aggregate)
-    other = resp.rebased(resp.sampling_probe_loss)
+    other = resp.rebased(resp.result["whole"].init_loss)
     assert not np.allclose(other.susceptibilities.aggregate, resp.susceptibilities.aggregate)
     with pytest.raises(ValueError, match="probe_seed"):
         toy_response(run, ResponseSettings(probe_seed=7, data_seed=7))

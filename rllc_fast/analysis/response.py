@@ -150,9 +150,9 @@ class HeadResponse:
     head_types: Dict[str, str] = field(default_factory=dict)
 
     def rebased(self, init_loss: float) -> "HeadResponse":
-        """The same run's susceptibilities with ``l(w*) = init_loss`` in ``phi = L - l(w*)`` (default: the whole
-        model's ``init_loss`` on the sampling data, as devinterp), e.g. the sampling probe set's own loss at
-        ``w*`` (``sampling_probe_loss``), which makes ``phi(w*) = 0`` exactly."""
+        """The same run's susceptibilities with ``l(w*) = init_loss`` in ``phi = L - l(w*)`` (the default is the
+        sampling probe set's own loss at ``w*``, ``sampling_probe_loss``: ``phi(w*) = 0``), e.g. the whole
+        model's ``init_loss`` on the sampling minibatches, close to devinterp's choice."""
         chi = self.susceptibilities
         again = susceptibilities(self.result.observations, sampling=chi.sampling, whole=chi.whole,
                                  init_loss=init_loss, probes=chi.probes, components=chi.components)
@@ -161,7 +161,7 @@ class HeadResponse:
     @property
     def sampling_probe_loss(self) -> float:
         """Mean per-token loss of the sampling-task probe set at ``w*`` (nats)."""
-        return float(np.mean(self.result.observations.at_optimum[self.susceptibilities.sampling]))
+        return float(np.asarray(self.result.observations.at_optimum[self.susceptibilities.sampling], np.float64).mean())
 
     def pca(self, per: str = "token", k: int = 3, standardize: bool = False) -> ResponsePCA:
         """``ResponsePCA`` of the response matrix per probe token (``per="token"``) or per probe set."""
