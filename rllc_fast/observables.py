@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, NamedTuple, Tuple
 
 import numpy as np
 import torch
@@ -118,8 +118,9 @@ class ProbeRecorder:
         device = next(model.parameters()).device
         self.on_device = {n: batch_to(torch.as_tensor(b) if isinstance(b, np.ndarray) else b, device) for n, b in probes.items()}
         budget = default_budget(device) if max_memory is None else parse_bytes(max_memory)
-        self.rows = {n: rows_per_pass(b, model, budget) for n, b in self.on_device.items()}
-        self.at_optimum = {n: self.losses(model, n).float().cpu().numpy() for n in self.on_device}
+        self.groups = probe_groups(self.on_device)
+        self.rows = {g.names: rows_per_pass(g.batch, model, budget) for g in self.groups}
+        self.at_optimum = {n: v.float().cpu().numpy() for g in self.groups for n, v in self.losses(model, g).items()}
         shapes = {n: (num_replicas, len(self.draws)) + a.shape for n, a in self.at_optimum.items()}
         total = sum(math.prod(s) for s in shapes.values()) * self.dtype.itemsize
         if self.directory is None and total > IN_MEMORY_BYTES:
@@ -141,9 +142,11 @@ class ProbeRecorder:
             a.fill(np.nan)
         self.pending: List[tuple] = []
 
-    def losses(self, model: nn.Module, name: str) -> torch.Tensor:
-        """``[N, P]`` per-token losses of ``model`` (as it is now) on probe set ``name``, in row chunks."""
-        return per_token_losses(self.per_token, model, self.on_device[name], name, self.rows[name])
+    def losses(self, model: nn.Module, group: "ProbeGroup") -> Dict[str, torch.Tensor]:
+        """``{name: [N, P]}`` per-token losses of ``model`` (as it is now) on the probe sets of ``group``: one
+        pass over their contexts together, in row chunks whose logits fit the budget."""
+        values = per_token_losses(self.per_token, model, group.batch, group.names[0], self.rows[group.names])
+        return group.split(values)
 
     def index(self, draw: int) -> int:
         """The observed slot of kept draw ``draw`` (``draw // every`` when it is observed), else -1."""
@@ -199,6 +202,38 @@ def _as_positions(values: torch.Tensor, name: str) -> torch.Tensor:
         shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
         raise ValueError(f"observables[{name!r}]: per_token must return [N, P] or [N] losses, got {shape}")
     return values[:, None] if values.dim() == 1 else values
+
+
+class ProbeGroup(NamedTuple):
+    """Probe sets scored in one pass: token sets of one context length, concatenated (``batch [sum N, T]``),
+    or a single set of any other kind. ``sizes``: each set's contexts."""
+
+    names: Tuple[str, ...]
+    sizes: Tuple[int, ...]
+    batch: object
+
+    def split(self, values: torch.Tensor, dim: int = 0) -> Dict[str, torch.Tensor]:
+        """``values`` along ``dim`` (the contexts) back into ``{name: part}``."""
+        if len(self.names) == 1:
+            return {self.names[0]: values}
+        return dict(zip(self.names, values.split(list(self.sizes), dim=dim)))
+
+
+def probe_groups(probes: Dict[str, object]) -> List[ProbeGroup]:
+    """The probe sets as ``ProbeGroup``s: token tensors ``[N, T]`` of equal ``T`` together (fewer, larger passes
+    per replica and draw), anything else alone; in the order of first appearance."""
+    by_length: Dict[int, List[str]] = {}
+    groups: List[ProbeGroup] = []
+    for name, batch in probes.items():
+        if isinstance(batch, torch.Tensor) and batch.dim() == 2 and not batch.dtype.is_floating_point:
+            by_length.setdefault(int(batch.shape[1]), []).append(name)
+        else:
+            groups.append(ProbeGroup((name,), (0,), batch))
+    for names in by_length.values():
+        parts = [probes[n] for n in names]
+        batch = parts[0] if len(parts) == 1 else torch.cat(parts)
+        groups.append(ProbeGroup(tuple(names), tuple(int(p.shape[0]) for p in parts), batch))
+    return groups
 
 
 def per_token_losses(per_token: Callable, model: nn.Module, batch, name: str, rows=None) -> torch.Tensor:

@@ -15,7 +15,8 @@ def small_tl():
     model = r.models.attn_only(n_layers=2, d_model=32, n_heads=4, d_head=8, n_ctx=24, d_vocab=64, seed=5)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 64, (32, 24), generator=g)
-    probes = {"a": torch.randint(0, 64, (5, 24), generator=g), "b": torch.randint(0, 64, (3, 17), generator=g)}
+    probes = {"a": torch.randint(0, 64, (5, 24), generator=g), "b": torch.randint(0, 64, (3, 17), generator=g),
+              "c": torch.randint(0, 64, (2, 24), generator=g)}  # "a" and "c" are scored in one pass
     return model, tokens, probes
 
 
@@ -33,9 +34,10 @@ def test_every_engine_records_the_same_probe_losses_and_draw_0_is_at_w_star(smal
     runs = {e: r.estimate_llc(model, tokens, cfg, components=comps, engine=e, observables=probes, observe_every=2)
             for e in ("batched", "generic", "reference")}
     obs = runs["batched"].observations
-    assert obs.components == list(comps) and obs.names == ["a", "b"] and obs.num_chains == 2
+    assert obs.components == list(comps) and obs.names == ["a", "b", "c"] and obs.num_chains == 2
     assert obs.draws.tolist() == [0, 2, 4] and obs.steps.tolist() == [0, 4, 8]
     assert obs["a"].shape == (len(comps), 2, 3, 5, 23) and obs["b"].shape == (len(comps), 2, 3, 3, 16)
+    assert obs["c"].shape == (len(comps), 2, 3, 2, 23)
     for name, batch in probes.items():
         with torch.no_grad():
             at_w_star = next_token_loss.per_token(model, batch).numpy()

@@ -33,22 +33,24 @@ class HeadProbeLosses:
         self.hr, self.recorder, self.block_bytes = hr, recorder, block_bytes
         layers = sorted({u.layer for u in units})
         device = next(hr.model.parameters()).device
-        self.passes = {}
-        for name, tokens in recorder.on_device.items():
-            N, T = tokens.shape
-            self.passes[name] = (hr.shared(tokens, layers), layer_chunks(hr, indices, units, N, T, limit, device))
+        self.passes = []  # per probe group (sets of one context length scored together): its w* pass and chunks
+        for group in recorder.groups:
+            N, T = group.batch.shape
+            self.passes.append((group, hr.shared(group.batch, layers),
+                                layer_chunks(hr, indices, units, N, T, limit, device)))
 
     @torch.no_grad()
     def __call__(self, w: torch.Tensor, slot: int, live: np.ndarray) -> None:
         """Record every replica's losses at ``slot`` (diverged ones too: the recorder masks them)."""
         unembed = self.hr.model.unembed
-        for name, (shared, chunks) in self.passes.items():
+        for group, shared, chunks in self.passes:
             for (layer, kind), parts in chunks.items():
                 n = self.hr.numel_of(kind)
                 for rows, heads in parts:
                     x = self.hr.replica_features(shared, layer, heads, w[rows, :n], kind=kind)
                     losses = unembed_position_losses(x, unembed.W_U, unembed.b_U, shared.tokens, self.block_bytes)
-                    self.recorder.put(name, rows, slot, losses)
+                    for name, part in group.split(losses, dim=1).items():
+                        self.recorder.put(name, rows, slot, part)
 
 
 class GenericProbeLosses:
@@ -69,6 +71,7 @@ class GenericProbeLosses:
                 continue
             comp = self.replicas[r][1]
             unpack_row(comp, self.params, w[r, : comp.numel])
-            for name in rec.on_device:
-                rec.put(name, r, slot, rec.losses(self.model, name)[None])
+            for group in rec.groups:
+                for name, values in rec.losses(self.model, group).items():
+                    rec.put(name, r, slot, values[None])
             restore_slices(comp, self.params, self.originals)

@@ -67,9 +67,9 @@ def run_reference(
                         losses[chain, d] = value
                         dists[chain, d] = _distance(comp, params, originals)
                         slot = observer.index(d) if observer is not None else -1
-                        for probe in observer.on_device if slot >= 0 else ():
-                            row = c * config.num_chains + chain
-                            observer.put(probe, row, slot, observer.losses(model, probe)[None])
+                        for group in observer.groups if slot >= 0 else ():
+                            for probe, values in observer.losses(model, group).items():
+                                observer.put(probe, c * config.num_chains + chain, slot, values[None])
                     if loss.requires_grad:
                         loss.backward()
                     _sgld_update(comp, params, originals, gen, config, square_avg)
