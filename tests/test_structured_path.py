@@ -12,30 +12,11 @@ from rllc_fast.losses import NextTokenLoss, next_token_loss
 from rllc_fast.engine.head_replicas import HeadReplicas, head_of
 
 
-def _neox_like(seed=1, vocab=96):
-    """A tiny GPT-NeoX-style TransformerLens model: rotary on part of the head, parallel attention/MLP."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+def _perturbed(cfg, seed):
+    """A ``HookedTransformer`` of ``cfg`` with every weight moved by 0.05 N(0, 1) (TransformerLens zero-initialises
+    biases; give every weight a value so all paths matter)."""
+    from transformer_lens import HookedTransformer
 
-    cfg = HookedTransformerConfig(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=16, d_vocab=vocab,
-                                  act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary",
-                                  rotary_dim=4, rotary_adjacent_pairs=False, parallel_attn_mlp=True, seed=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = HookedTransformer(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # TL zero-initialises biases; give every weight a value so all paths matter
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
-
-
-def _gpt2_like(seed=2, vocab=80):
-    """A tiny GPT-2-style TransformerLens model: learned positions, LayerNorm, sequential attention then MLP."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=16, d_vocab=vocab,
-                                  act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard",
-                                  parallel_attn_mlp=False, seed=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = HookedTransformer(cfg)
@@ -44,24 +25,37 @@ def _gpt2_like(seed=2, vocab=80):
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     return model
+
+
+def _neox_like(seed=1, vocab=96):
+    """A tiny GPT-NeoX-style TransformerLens model: rotary on part of the head, parallel attention/MLP."""
+    from transformer_lens import HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=16, d_vocab=vocab,
+                                  act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary",
+                                  rotary_dim=4, rotary_adjacent_pairs=False, parallel_attn_mlp=True, seed=seed)
+    return _perturbed(cfg, seed)
+
+
+def _gpt2_like(seed=2, vocab=80):
+    """A tiny GPT-2-style TransformerLens model: learned positions, LayerNorm, sequential attention then MLP."""
+    from transformer_lens import HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=16, d_vocab=vocab,
+                                  act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard",
+                                  parallel_attn_mlp=False, seed=seed)
+    return _perturbed(cfg, seed)
 
 
 def _llama_like(n_kv=2, seed=4, vocab=72):
     """A tiny Llama-style TransformerLens model with grouped-query attention: 4 query heads in ``n_kv`` key/value
     groups, RMSNorm, rotary on the whole head, sequential blocks with a gated (SwiGLU) MLP."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import HookedTransformerConfig
 
     cfg = HookedTransformerConfig(n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=48, n_ctx=16, d_vocab=vocab,
                                   act_fn="silu", normalization_type="RMS", final_rms=True, gated_mlp=True,
                                   positional_embedding_type="rotary", rotary_dim=8, n_key_value_heads=n_kv, seed=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = HookedTransformer(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
+    return _perturbed(cfg, seed)
 
 
 @pytest.fixture(scope="module")
