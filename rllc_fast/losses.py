@@ -27,6 +27,14 @@ def model_logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def vocab_size(model: nn.Module):
+    """The model's vocabulary size (TransformerLens ``cfg.d_vocab`` or Hugging Face ``config.vocab_size``), or None."""
+    v = getattr(getattr(model, "cfg", None), "d_vocab", None)
+    if not isinstance(v, int):
+        v = getattr(getattr(model, "config", None), "vocab_size", None)
+    return v if isinstance(v, int) else None
+
+
 def check_tokens(tokens, model: nn.Module | None = None, what: str = "data") -> torch.Tensor:
     """Validate a token batch ``[N, T]``: integer dtype, T >= 2, ids within the model's vocabulary."""
     if not isinstance(tokens, torch.Tensor):
@@ -44,9 +52,7 @@ def check_tokens(tokens, model: nn.Module | None = None, what: str = "data") -> 
             f"{what}: tokens must have shape [N, T] with T >= 2 (got {tuple(tokens.shape)})"
         )
     cfg = getattr(model, "cfg", None)
-    d_vocab = getattr(cfg, "d_vocab", None)
-    if not isinstance(d_vocab, int):  # a Hugging Face model's config
-        d_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    d_vocab = vocab_size(model)
     n_ctx = getattr(cfg, "n_ctx", None)
     if tokens.numel():
         lo, hi = int(tokens.min()), int(tokens.max())

@@ -21,7 +21,7 @@ from torch import nn
 from .atomic import write_atomically, write_json_atomically
 from .config import SGLDConfig
 from .data import batch_to
-from .losses import check_tokens, next_token_loss
+from .losses import check_tokens, next_token_loss, vocab_size
 from .memory import default_budget, parse_bytes
 from .observations import INDEX_FILE, Observations, probe_files
 
@@ -72,14 +72,6 @@ def check_probes(observables, model: nn.Module, token_loss: bool) -> Dict[str, o
             check_tokens(batch, model, what=f"observables[{name!r}]")
         out[name] = batch
     return out
-
-
-def vocab_size(model: nn.Module):
-    """The model's vocabulary size (TransformerLens ``cfg.d_vocab`` or Hugging Face ``config.vocab_size``), or None."""
-    v = getattr(getattr(model, "cfg", None), "d_vocab", None)
-    if not isinstance(v, int):
-        v = getattr(getattr(model, "config", None), "vocab_size", None)
-    return v if isinstance(v, int) else None
 
 
 def rows_per_pass(batch, model: nn.Module, budget: int):
