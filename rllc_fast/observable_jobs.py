@@ -89,9 +89,11 @@ class ObservablesJob:
         return set.intersection(*sets) if sets else set()
 
     def folder(self, unit) -> Path:
-        """The unit's folder under ``observations_root``: checkpoint id, step, data, component set and key."""
+        """The unit's folder under ``observations_root``: checkpoint id, step, data name and content hash, component
+        set and key (everything a row is keyed by, so the arrays of two units never share a folder)."""
+        data = f"{_safe(unit.data)}.{unit.data_hash[:16]}"
         return (observations_root(self.store_path)
-                / f"{unit.checkpoint_id[:16]}-{unit.step}-{_safe(unit.data)}-{_safe(unit.component_set)}-{self.key()}")
+                / f"{unit.checkpoint_id[:16]}-{unit.step}-{data}-{_safe(unit.component_set)}-{self.key()}")
 
     def run(self, model, data, comps, unit):
         comps = dict(comps)

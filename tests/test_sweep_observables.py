@@ -140,3 +140,21 @@ def test_plot_draws_the_response_matrix_and_the_attributions_page(setup):
     assert page.count("<h3>low</h3>") == 4 and page.count("<h3>high</h3>") == 4
     first = int(probes["low"][0, 0])
     assert f">{first}</span>" in page
+
+
+def test_other_data_under_the_same_name_never_overwrites_stored_arrays(setup):
+    """The arrays behind a row stay those of its inputs: a sweep of changed data under the same name writes
+    its own folder, and the first rows still point at their own, unchanged."""
+    tmp, data, probes = setup
+    store = tmp / "d.sqlite"
+    kw = dict(metric="susceptibility", observables=probes, sampling_probe="samp", progress=False, log=lambda s: None)
+    run_sweep(str(tmp / "step0.pt"), {"mix": data}, CFG, str(store), ["heads"], **kw)
+    first = ResultStore(store, readonly=True).observable_rows("susceptibility")
+    before = load_susceptibility_arrays(str(store), first.iloc[0]["info"])
+    run_sweep(str(tmp / "step0.pt"), {"mix": data.flip(0)}, CFG, str(store), ["heads"], **kw)
+    both = ResultStore(store, readonly=True).observable_rows("susceptibility", config="all")
+    folders = {row["info"]["folder"] for _, row in both.iterrows()}
+    assert len(folders) == 2
+    after = load_susceptibility_arrays(str(store), first.iloc[0]["info"])
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k])
