@@ -26,6 +26,21 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> P
     return path
 
 
+def write_arrays_atomically(path: str | os.PathLike, arrays) -> Path:
+    """One array as ``.npy`` (``np.save``), or ``{name: array}`` as ``.npz`` (``np.savez``), at ``path``,
+    atomically (the name is kept as given: numpy adds no suffix to an open file)."""
+    import numpy as np
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            if isinstance(arrays, dict):
+                np.savez(f, **arrays)
+            else:
+                np.save(f, arrays)
+
+    return write_atomically(path, write)
+
+
 def write_json_atomically(path: str | os.PathLike, payload, indent=None) -> Path:
     """``payload`` as JSON at ``path``, atomically."""
 

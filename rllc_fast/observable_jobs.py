@@ -20,7 +20,6 @@ sampling probe and the BIF options, so a stored row is never reused for other in
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Dict, Mapping, Optional
 
 import numpy as np
 
-from .atomic import write_atomically
+from .atomic import write_arrays_atomically
 from .components import whole
 from .config import SGLDConfig
 from .content_id import data_fingerprint
@@ -133,7 +132,7 @@ class ObservablesJob:
         arrays = {f"{k}/{p}": v for k, d in (("per_token", sus.per_token), ("per_token_sem", sus.per_token_sem))
                   for p, v in d.items()}
         arrays["components"] = np.asarray(sus.components)
-        write_atomically(folder / "susceptibility.npz", lambda tmp: _savez(tmp, arrays))
+        write_arrays_atomically(folder / "susceptibility.npz", arrays)
         rel = folder.name
         return [{"component": c, "metric": f"susceptibility:{p}", "numel": result[c].numel,
                  "value": sus.aggregate[i, j], "sem": sus.aggregate_sem[i, j], "num_samples": int(sus.chains_used[i]),
@@ -152,7 +151,7 @@ class ObservablesJob:
                     continue  # every chain diverged: no row (the rLLC row records the divergence)
                 influence = bayesian_influence(a, b, per=self.bif_per, max_memory=self.max_memory)
                 name = f"bif/{_safe(comp)}/{q}~{t}.npy"
-                write_atomically(folder / name, lambda tmp, x=influence: _save(tmp, x))
+                write_arrays_atomically(folder / name, influence)
                 rows.append({"component": comp, "metric": m, "numel": result[comp].numel,
                              "value": float(np.nanmean(influence)), "sem": float("nan"),
                              "num_samples": int(ok.sum()),
@@ -170,15 +169,3 @@ def load_susceptibility_arrays(store_path: str, info: Dict) -> Dict[str, np.ndar
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
-def _save(tmp: str, array: np.ndarray) -> None:
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-
-
-def _savez(tmp: str, arrays: Dict[str, np.ndarray]) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())

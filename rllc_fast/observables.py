@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import write_atomically, write_json_atomically
+from .atomic import write_arrays_atomically, write_json_atomically
 from .config import SGLDConfig
 from .data import batch_to
 from .losses import check_tokens, next_token_loss, vocab_size
@@ -146,6 +146,8 @@ class ProbeRecorder:
 
     def put(self, name: str, rows, slot: int, values: torch.Tensor) -> None:
         """Record ``values [r, N, P]`` for replica ``rows`` (a slice, an index list/tensor or an int) at ``slot``."""
+        if isinstance(rows, (int, np.integer)):
+            rows = slice(int(rows), int(rows) + 1)
         self.pending.append((name, rows, slot, values.detach()))
 
     def flush(self) -> None:
@@ -154,7 +156,7 @@ class ProbeRecorder:
             host = values.float().cpu().numpy().astype(self.dtype, copy=False)
             if isinstance(rows, torch.Tensor):
                 rows = rows.cpu().numpy()
-            self.arrays[name][rows, slot] = host.reshape(self.arrays[name][rows, slot].shape)
+            self.arrays[name][rows, slot] = host
         self.pending.clear()
 
     def finish(self, components: List[str], num_chains: int, diverged_at: np.ndarray) -> Observations:
@@ -176,16 +178,11 @@ class ProbeRecorder:
             for n in obs.names:
                 files = probe_files(self.directory, n)
                 self.arrays[n].flush()
-                write_atomically(files["at_optimum"], lambda tmp, a=self.at_optimum[n]: _save(tmp, a))
+                write_arrays_atomically(files["at_optimum"], self.at_optimum[n])
                 if tokens[n] is not None:
-                    write_atomically(files["tokens"], lambda tmp, a=tokens[n]: _save(tmp, a))
+                    write_arrays_atomically(files["tokens"], tokens[n])
             write_json_atomically(self.directory / INDEX_FILE, obs.index())  # last: the folder is complete
         return obs
-
-
-def _save(tmp: str, array: np.ndarray) -> None:
-    with open(tmp, "wb") as f:
-        np.save(f, array)
 
 
 def _as_positions(values: torch.Tensor, name: str) -> torch.Tensor:
@@ -213,7 +210,7 @@ class ProbeGroup(NamedTuple):
 
 def probe_groups(probes: Dict[str, object]) -> List[ProbeGroup]:
     """The probe sets as ``ProbeGroup``s: token tensors ``[N, T]`` of equal ``T`` together (fewer, larger passes
-    per replica and draw), anything else alone; in the order of first appearance."""
+    per replica and draw), anything else alone (those first; the groups' order changes no recorded value)."""
     by_length: Dict[int, List[str]] = {}
     groups: List[ProbeGroup] = []
     for name, batch in probes.items():

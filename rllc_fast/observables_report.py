@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
 from .atomic import write_atomically
 from .observable_jobs import load_susceptibility_arrays, observations_root
-from .observations import Observations
-from .plotting import TYPE_COLORS, head_key, save_figure, subplots
+from .observations import LabelledArray, Observations
+from .plotting import head_key
 from .susceptibility import response_pca
 
 TOP_CONTEXTS = 3  # contexts per component and probe set on the attributions page
@@ -24,6 +24,9 @@ def observables_section(store, out_dir, decode: Optional[Callable[[int], str]] =
                         top_k: int = TOP_CONTEXTS) -> str:
     """HTML for the report (figures and pages written into ``out_dir``); '' when the store has no observables
     rows. ``decode(token_id) -> text`` shows tokens as text on the attributions page (default: their ids)."""
+    from .analysis.figures import plot_response_pca  # (the analysis package imports much; only when drawn)
+    from .analysis.response import ResponsePCA
+
     out_dir = Path(out_dir)
     sus = store.observable_rows("susceptibility")
     bif = store.observable_rows("bif")
@@ -41,19 +44,25 @@ def observables_section(store, out_dir, decode: Optional[Callable[[int], str]] =
         slug = "".join(c if c.isalnum() else "-" for c in f"{data}-{comp_set}-step{step}")
         caption = (f"Components of '{comp_set}' at step {step} on data '{data}' in the first two principal components "
                    f"of the per-token response matrix ({matrix.shape[1]} tokens of probe sets {', '.join(probes)}; "
-                   f"sampling probe '{info['sampling']}'), coloured by head type (from `rllc analyze head-scores`) "
-                   "or by layer.")
+                   f"sampling probe '{info['sampling']}'), coloured by head type (from `rllc analyze scores`; "
+                   "'other' where none is stored).")
         if len(names) >= 2 and np.isfinite(matrix).all():
-            scores, explained, _ = response_pca(matrix, k=2)
-            path = response_figure(scores, names, explained, types, out_dir / f"susceptibility-pca-{slug}.png",
-                                   title=f"response matrix PCA: {data}, step {step}")
+            scores, explained, loadings = response_pca(matrix, k=2)
+            labelled = LabelledArray(matrix, ("component", "token"),
+                                     {"component": names, "token": list(range(matrix.shape[1]))})
+            pca = ResponsePCA(per="token", matrix=labelled, scores=scores, explained=explained, loadings=loadings,
+                              head_types=types)
+            path = plot_response_pca({"response matrix per probe token": pca},
+                                     out_dir / f"susceptibility-pca-{slug}.png",
+                                     title=f"response matrix PCA: {data}, step {step}")
             parts.append(f"<figure><img src='{html.escape(path.name)}' alt='response matrix PCA'>"
                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")
         else:
             parts.append(f"<p>{html.escape(data)} / {html.escape(comp_set)}: no PCA (fewer than 2 components with "
                          "finite susceptibilities).</p>")
         table = last.pivot_table(index="component", columns="probe", values=["value", "sem"])
-        parts.append(f"<p>Aggregate susceptibility (mean over the probe set's tokens) ± standard error over chains, "
+        parts.append(f"<p>Aggregate susceptibility (mean over the probe set's tokens) ± standard error (the chains' "
+                     "spread and the whole-model run's noise), "
                      f"step {step}, data {html.escape(data)}:</p>" + table.to_html(float_format=lambda x: f"{x:.3g}"))
         page = attributions_page(store, last, arrays, names, probes, out_dir / f"attributions-{slug}.html", decode,
                                  top_k)
@@ -66,28 +75,6 @@ def observables_section(store, out_dir, decode: Optional[Callable[[int], str]] =
         parts.append(bif[["step", "checkpoint", "data", "component", "probe", "value", "num_samples"]]
                      .to_html(index=False, float_format=lambda x: f"{x:.3g}"))
     return "\n".join(parts)
-
-
-def response_figure(scores: np.ndarray, names: Sequence[str], explained: np.ndarray, types: Dict[str, str], path,
-                    title: str = "response matrix PCA") -> Path:
-    """Components at their PC1/PC2 scores ``[component, 2]``, each labelled, coloured by ``types[name]`` (else by
-    layer), the axes naming the explained variance; written to ``path``."""
-    fig, ax = subplots(figsize=(6.4, 5.2))
-    kinds = {n: types.get(n, f"layer {n.split(':')[0]}" if ":" in n else n) for n in names}
-    palette = {k: TYPE_COLORS.get(k, f"C{i}") for i, k in enumerate(dict.fromkeys(kinds.values()))}
-    for kind, colour in palette.items():
-        idx = [i for i, n in enumerate(names) if kinds[n] == kind]
-        ax.scatter(scores[idx, 0], scores[idx, 1], color=colour, label=kind, s=40, edgecolor="black", linewidth=0.5)
-    for i, n in enumerate(names):
-        ax.annotate(n, (scores[i, 0], scores[i, 1]), textcoords="offset points", xytext=(4, 3), fontsize=8)
-    ax.set_xlabel(f"PC1 ({100 * explained[0]:.0f}% of variance)")
-    ax.set_ylabel(f"PC2 ({100 * explained[1]:.0f}% of variance)" if len(explained) > 1 else "PC2")
-    ax.axhline(0, color="#ccc", lw=0.5)
-    ax.axvline(0, color="#ccc", lw=0.5)
-    ax.set_title(title)
-    ax.legend(title="type", fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, path)
 
 
 def attributions_page(store, rows, arrays: Dict[str, np.ndarray], names: List[str], probes: List[str], path,

@@ -139,18 +139,18 @@ def susceptibilities(observations, sampling: str, whole: str = "whole", init_los
     used = np.zeros(len(comps), dtype=int)
     for i, c in enumerate(comps):
         pt = _per_draw_mean(obs.component_losses(sampling, c))                 # [chains, draws]
+        losses = {p: _float(obs.component_losses(p, c)) for p in probes}      # read once: [chains, draws, N, P]
         ok = _finite_chains(pt)
         for p in probes:  # a diverged chain's losses are NaN from its divergence on, on every probe set
-            ok &= np.isfinite(_float(obs.component_losses(p, c))).all(axis=(1, 2, 3))
+            ok &= np.isfinite(losses[p]).all(axis=(1, 2, 3))
         used[i] = int(ok.sum())
         if not used[i]:
             continue
         pt = pt[ok]
         phi = pt - l_star
+        e_phi = abs(phi.mean())                                                # the whole run's share of the error
         for j, p in enumerate(probes):
-            probe = _float(obs.component_losses(p, c))[ok]                     # [chains, draws, N, P]
-            chi = chain_susceptibilities(phi, pt, probe, full_delta[p])        # [chains, N, P]
-            e_phi = abs(phi.mean())                                            # the whole run's share of the error
+            chi = chain_susceptibilities(phi, pt, losses[p][ok], full_delta[p])  # [chains, N, P]
             per_token[p][i], per_token_sem_chains[p][i] = chi.mean(0), _sem(chi)
             per_token_sem[p][i] = np.hypot(per_token_sem_chains[p][i], e_phi * delta_sem[p])
             agg = chi.mean(axis=(1, 2))

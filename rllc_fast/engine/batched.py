@@ -85,20 +85,18 @@ def run_batched(
         w = w_star.clone()
         grad = torch.zeros_like(w)
         lengths = torch.tensor([c.numel for _, c, _ in replicas], device=device)
-        sources = []
+        sources, probes = [], []
         if head_of:
             idx = [r for r, (n, _, _) in enumerate(replicas) if n in head_of]
-            sources.append(HeadReplicaGrads(model, loss_fn, idx, [head_of[replicas[r][0]] for r in idx],
-                                             schedule, budget, block_bytes))
+            units = [head_of[replicas[r][0]] for r in idx]
+            heads = HeadReplicaGrads(model, loss_fn, idx, units, schedule, budget, block_bytes)
+            sources.append(heads)
+            if observer is not None:
+                probes.append(HeadProbeLosses(heads.hr, observer, idx, units, heads.limit, block_bytes))
         generic = [r for r, (n, _, _) in enumerate(replicas) if n not in head_of]
         if generic:
             sources.append(_GenericGrads(model, params, originals, loss_fn, replicas, generic))
-        probes = []
-        if observer is not None:
-            if head_of:
-                probes.append(HeadProbeLosses(sources[0].hr, observer, idx, [head_of[replicas[r][0]] for r in idx],
-                                              max(1, budget - (block_bytes or 0)), block_bytes))
-            if generic:
+            if observer is not None:
                 probes.append(GenericProbeLosses(model, params, originals, observer, replicas, generic))
         updater = _Updater(replicas, w, w_star, grad, lengths, config, device)
         trace = _DeviceTrace(R, draws, steps, device, progress)

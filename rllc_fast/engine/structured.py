@@ -103,7 +103,8 @@ class HeadReplicaGrads:
         first = schedule[0]
         N, T = first.shape
         device = next(model.parameters()).device
-        self.chunks = layer_chunks(self.hr, indices, units, N, T, max(1, budget - (block_bytes or 0)), device)
+        self.limit = max(1, budget - (block_bytes or 0))  # bytes a chunk may hold (probe passes use it too)
+        self.chunks = layer_chunks(self.hr, indices, units, N, T, self.limit, device)
 
     def __call__(self, batch, w, grad, live, values) -> None:
         shared = self.hr.shared(batch, sorted({layer for layer, _ in self.chunks}))
