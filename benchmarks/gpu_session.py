@@ -52,7 +52,8 @@ BUDGET_S = {
     "e2e": 55,            # estimate_llc CUDA vs CPU: structured, generic, KL, RMSProp; exact op chain
     "hessian": 20,        # hessian.trace CUDA vs CPU
     "sweep": 30,          # rllc sweep --device cuda of two checkpoints into a store, rllc plot, rllc export
-    "bench_paper": 85,    # paper shape, 16 heads x 4 chains, batch 8 and 16: s/step, TFLOP/s, peak memory
+    "bench_paper": 85,    # paper shape, 16 heads x 4 chains, batch 8 and 16: s/step, TFLOP/s, peak memory;
+                          # then batch 8 with cuda_graph=True
     "devinterp": 40,      # devinterp 2.0.1 on the paper shape, two heads, extrapolated to 16
     "bench_pythia": 55,   # Pythia-70m's shape, 48 heads x 4 chains, batch 8 x 512: s/step, peak memory
     "bench_ops": 30,      # benchmarks/bench_ops.py -k cuda (CUDA events via synchronize)
@@ -570,18 +571,27 @@ def _reset_peak(device: str) -> None:
 
 
 def _per_step(model, tokens, comps, batch, draws, device, rec: Record, key: str, chains: int = 4,
-              count_flops: bool = False) -> dict:
+              count_flops: bool = False, cuda_graph: bool = False) -> dict:
     """Seconds per SGLD step (all replicas) as (t(d2) - t(d1)) / (d2 - d1), so setup is excluded; the fixed
     cost, the implied 200-draw checkpoint, peak device memory of the d2 call, and (optionally) the FLOPs
-    torch's FlopCounterMode counts per step (same difference) and the TFLOP/s they imply."""
+    torch's FlopCounterMode counts per step (same difference) and the TFLOP/s they imply. ``cuda_graph``:
+    ``estimate_llc(cuda_graph=True)`` (a failed capture's warning is recorded)."""
+    import warnings
+
     import rllc_fast as r
 
     d1, d2 = draws
-    out = dict(batch=batch, replicas=len(comps) * chains, draws=[d1, d2])
+    out = dict(batch=batch, replicas=len(comps) * chains, draws=[d1, d2], cuda_graph=cuda_graph)
 
     def call(d):
         cfg = r.SGLDConfig(num_chains=chains, num_draws=d, batch_size=batch, seed=0)
-        return r.estimate_llc(model, tokens, cfg, components=comps, device=device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = r.estimate_llc(model, tokens, cfg, components=comps, device=device, cuda_graph=cuda_graph)
+        failed = [str(w.message) for w in caught if "CUDA graph" in str(w.message)]
+        if failed:
+            out["cuda_graph_capture_failed"] = failed[0]
+        return result
 
     t1, _ = _timed(lambda: call(d1), device)
     _reset_peak(device)
@@ -616,6 +626,9 @@ def step_bench_paper(rec: Record, dry: bool, out: Path) -> None:
     rec["warmup_s"] = _timed(lambda: r.estimate_llc(model, tokens, warm, components=comps, device=device), device)[0]
     for batch in p["batches"]:
         _per_step(model, tokens, comps, batch, p["draws"], device, rec, f"batch{batch}", count_flops=True)
+    if device == "cuda":  # last, so the figures above are kept if the step's time runs out here
+        _per_step(model, tokens, comps, p["batches"][0], p["draws"], device, rec, f"batch{p['batches'][0]}_cuda_graph",
+                  cuda_graph=True)
 
 
 def step_devinterp(rec: Record, dry: bool, out: Path) -> None:

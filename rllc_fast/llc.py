@@ -28,7 +28,8 @@ from .config import SGLDConfig
 from .data import BatchSchedule, ModelDistribution, batch_to
 from .diagnostics import SamplerWarning, refined_exceeding_whole, step_size_problems, warn_unreliable
 from .engine.batched import run_batched
-from .engine.structured import optimum_loss_fn
+from .engine.graph import cuda_graph_problem
+from .engine.structured import optimum_loss_fn, plan
 from .engine.common import MATMUL_PRECISIONS
 from .engine.common import matmul_precision as matmul_precision_context
 from .engine.reference import run_reference
@@ -60,6 +61,7 @@ def estimate_llc(
     observe_every: int = 1,
     observables_dir=None,
     observables_dtype: str = "float32",
+    cuda_graph: bool = False,
 ) -> LLCResult:
     """Estimate the (weight- and/or data-refined) LLC of ``model`` at its current weights ``w*``.
 
@@ -93,6 +95,10 @@ def estimate_llc(
                 ``rllc_fast.susceptibilities`` and ``rllc_fast.bayesian_influence``.
     observables_dir: folder for the observed losses as memory-mapped files (needed above 1 GiB of them);
                 ``Observations.load(folder)`` reopens it. observables_dtype: "float32" or "float16" on disk.
+    cuda_graph: replay each SGLD step as CUDA graphs after a few eager steps (``rllc_fast.engine.graph``):
+                one launch per step instead of one per operation. Opt-in; CUDA, the batched engine, every
+                component on the structured path, fp32 or tf32, minibatches of one shape. If capture fails
+                the run warns and goes on eagerly.
 
     Warnings (``SamplerWarning``, a ``RuntimeWarning``; see ``rllc_fast.diagnostics`` and
     docs/diagnostics.md), each with the fix: before sampling, a step size that is unstable or biases the
@@ -116,6 +122,8 @@ def estimate_llc(
     if device is not None:
         move_to(model, device)
     device = next(model.parameters()).device
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be True or False, got {cuda_graph!r}")
 
     if isinstance(data, ModelDistribution):
         if loss_fn is not None:
@@ -132,6 +140,11 @@ def estimate_llc(
             raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> scalar tensor")
 
     comps = as_component_dict(model, components)
+    if cuda_graph:
+        generic = plan(model, comps, loss_fn)[1] if engine == "batched" else []
+        problem = cuda_graph_problem(device, engine, matmul_precision, generic)
+        if problem is not None:
+            raise ValueError(problem)
     for message in step_size_problems(config.step_size, config.localization, config.sampler):
         warnings.warn(message, SamplerWarning, stacklevel=2)
     if token_loss and isinstance(data, torch.Tensor):
@@ -155,7 +168,7 @@ def estimate_llc(
     try:
         with matmul_precision_context(matmul_precision, device):
             estimates = ENGINES[engine](model, batches, loss_fn, comps, config, init_losses, bar,
-                                        max_memory=max_memory, observer=observer)
+                                        max_memory=max_memory, observer=observer, cuda_graph=cuda_graph)
     finally:
         bar.close()
     observations = None

@@ -123,6 +123,14 @@ MUTANTS: List[Mutant] = [
     Mutant("the LLC estimate halved, seen by the power models' scale test alone", "rllc_fast/result.py",
            "        per_chain[ok] = self.nbeta * (", "        per_chain[ok] = 0.5 * self.nbeta * (",
            ("tests/test_known_llc.py", "-k", "scale")),
+    Mutant("the divergence step baked into the step as a host value (a CUDA graph would replay a stale one)",
+           "rllc_fast/engine/batched.py",
+           "        torch.where(bad, self.step, self.diverged_at, out=self.diverged_at)\n",
+           "        self.diverged_at.masked_fill_(bad, int(self.step))\n", ("tests/test_cuda_graph.py",)),
+    Mutant("the distances buffer swapped for a new tensor every step (a CUDA graph would read a stale one)",
+           "rllc_fast/engine/batched.py",
+           "            trace.sq_dist.copy_(updater.step())\n", "            trace.sq_dist = updater.step()\n",
+           ("tests/test_cuda_graph.py",)),
 ]
 
 

@@ -308,3 +308,11 @@ def test_matmul_precision_reaches_the_estimate_and_the_sweeps_rows(run, capsys):
     precisions = sorted(json.loads(c).get("matmul_precision", "fp32")
                         for c in ResultStore(store, readonly=True).configs()["config_json"])
     assert precisions == ["bf16", "fp32"]
+
+
+def test_cuda_graph_flag_reaches_the_estimate_and_is_refused_off_cuda(run):
+    """--cuda-graph is passed to estimate_llc, whose refusal on this CPU names the fix."""
+    ckpt = run / "ckpts" / "step10.pt"
+    with pytest.raises(SystemExit, match="rllc estimate: cuda_graph=True needs a CUDA device.*leave cuda_graph off"):
+        cli.main(["estimate", "--checkpoint", str(ckpt), "--data", f"mix={run / 'mix.npy'}", "--chains", "1",
+                  "--draws", "2", "--cuda-graph", "--quiet"])

@@ -23,6 +23,9 @@ def add_parser(sub) -> None:
                    help="one rLLC per head, per key/value group (grouped-query attention), per layer, per MLP, or of "
                         "the whole model")
     add_sgld_arguments(p)
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each SGLD step as CUDA graphs after a few eager steps (CUDA; heads, query heads or "
+                        "groups only; fp32 or tf32)")
     p.add_argument("--output", help="write the full result (config, per-chain traces) as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bars or logs")
     p.set_defaults(func=run)
@@ -41,7 +44,7 @@ def run(args) -> int:
     t0 = time.time()
     try:
         result = estimate_llc(model, data.tokens, config, components=comps, engine=args.engine, device=device,
-                              matmul_precision=args.matmul_precision,
+                              matmul_precision=args.matmul_precision, cuda_graph=args.cuda_graph,
                               progress=not args.quiet, max_memory=args.max_memory)
     except ValueError as err:
         raise SystemExit(f"rllc estimate: {err}") from None

@@ -40,6 +40,7 @@ from ..sgld import replica_generator, replica_seed
 from ..progress import Progress
 from .probes import GenericProbeLosses, HeadProbeLosses
 from .common import frozen_parameters, pack, pack_grad, restore_slices, unpack_row
+from .graph import StepGraphs
 from .structured import CPU_CHUNK_BYTES, HeadReplicaGrads, plan, unembed_block_bytes
 
 Replica = Tuple[str, Component, int]
@@ -61,8 +62,11 @@ def run_batched(
     max_memory=None,
     structured: bool = True,
     observer: Optional[ProbeRecorder] = None,
+    cuda_graph: bool = False,
 ) -> Dict[str, ComponentLLC]:
-    """Sample every replica together; ``observer`` (optional) records probe-set losses at its observed draws."""
+    """Sample every replica together; ``observer`` (optional) records probe-set losses at its observed draws;
+    ``cuda_graph``: replay the step as CUDA graphs (``rllc_fast.engine.graph``; checked by the caller with
+    ``cuda_graph_problem``)."""
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device
     replicas: List[Replica] = [
@@ -99,19 +103,30 @@ def run_batched(
             if observer is not None:
                 probes.append(GenericProbeLosses(model, params, originals, observer, replicas, generic))
         updater = _Updater(replicas, w, w_star, grad, lengths, config, device)
-        trace = _DeviceTrace(R, draws, steps, device, progress)
+        trace = _DeviceTrace(R, draws, steps, device, progress, [config.draw_index(t) for t in range(steps)])
+        graphs = StepGraphs(cuda_graph)
         batch = schedule[0]
-        for t in range(steps):
-            upcoming = schedule[t + 1] if t + 1 < steps else None  # copied ahead (non-blocking on CUDA)
+        static = batch  # the tokens every step's closure reads (a fixed buffer when graphs replay it)
+
+        def gradients() -> None:  # every replica's loss and gradient at step trace.step, divergence flagged
             grad.zero_()
             trace.values.fill_(math.nan)
             for source in sources:
-                source(batch, w, grad, trace.host_live, trace.values)
-            trace.record(t, config.draw_index(t), lengths)
+                source(static, w, grad, trace.host_live, trace.values)
+            trace.record(lengths)
+
+        def update() -> None:  # the SGLD update; ||w - w*||^2 before it into the fixed buffer trace.sq_dist
+            trace.sq_dist.copy_(updater.step())
+            trace.advance()
+
+        for t in range(steps):
+            upcoming = schedule[t + 1] if t + 1 < steps else None  # copied ahead (non-blocking on CUDA)
+            static = _into_static(static, batch, t, strict=cuda_graph)
+            graphs("gradients", gradients)
             slot = observer.index(config.draw_index(t)) if observer is not None else -1
             for probe in probes if slot >= 0 else ():
                 probe(w, slot, trace.host_live)
-            trace.sq_dist = updater.step(t)
+            graphs("update", update)
             if (t + 1) % SYNC_EVERY == 0:
                 trace.sync(t + 1)
                 if observer is not None:
@@ -135,30 +150,40 @@ class _DeviceTrace:
     ``SYNC_EVERY`` steps (progress) and at the end.
 
     Divergence is found on the device: a live replica whose loss is not finite gets ``diverged_at = t``
-    and ``lengths = 0`` (the update leaves it as it is from then on); nothing else is touched.
+    and ``lengths = 0`` (the update leaves it as it is from then on); nothing else is touched. The step
+    counter ``step`` lives on the device too, and a step that keeps no draw writes to a spare column, so
+    recording a step takes no Python argument (what a replayed CUDA graph needs).
     """
 
-    def __init__(self, R: int, draws: int, steps: int, device, progress: Progress):
-        self.R, self.steps, self.progress = R, steps, progress
+    def __init__(self, R: int, draws: int, steps: int, device, progress: Progress, draw_of_step: List[int]):
+        self.R, self.draws, self.steps, self.progress = R, draws, steps, progress
         self.values = torch.full((R,), math.nan, dtype=torch.float64, device=device)  # this step's losses
         self.live = torch.ones(R, dtype=torch.bool, device=device)
         self.diverged_at = torch.full((R,), -1, dtype=torch.int64, device=device)
-        self.losses = torch.full((R, draws), math.nan, dtype=torch.float64, device=device)
-        self.sq = torch.full((R, draws), math.nan, dtype=torch.float32, device=device)
+        self.losses = torch.full((R, draws + 1), math.nan, dtype=torch.float64, device=device)  # + spare column
+        self.sq = torch.full((R, draws + 1), math.nan, dtype=torch.float32, device=device)
         self.sq_dist = torch.zeros(R, dtype=torch.float32, device=device)  # ||w - w*||^2 before this step
+        self.step = torch.zeros(1, dtype=torch.int64, device=device)          # the current step t
+        self.column = torch.tensor([d if d >= 0 else draws for d in draw_of_step] + [draws],
+                                   dtype=torch.int64, device=device)        # [steps + 1]: step -> column
         self.host_live = np.ones(R, dtype=bool)   # as last read by the host (may lag the device)
         self.reported = 0
 
-    def record(self, t: int, d: int, lengths: torch.Tensor) -> None:
-        """Flag step ``t``'s divergences and, for draw ``d >= 0``, keep the live replicas' losses and distances."""
+    def record(self, lengths: torch.Tensor) -> None:
+        """Flag step ``self.step``'s divergences and keep the live replicas' losses and distances in its draw's
+        column (the spare column when the step keeps no draw)."""
         bad = torch.isfinite(self.values).logical_not_().logical_and_(self.live)
-        self.diverged_at.masked_fill_(bad, t)
+        torch.where(bad, self.step, self.diverged_at, out=self.diverged_at)
         lengths.masked_fill_(bad, 0)
         self.live.logical_and_(bad.logical_not_())
-        if d >= 0:
-            dead = self.live.logical_not()
-            self.losses[:, d] = self.values.masked_fill(dead, math.nan)
-            self.sq[:, d] = self.sq_dist.masked_fill(dead, math.nan)
+        dead = self.live.logical_not()
+        column = self.column.index_select(0, self.step)
+        self.losses.index_copy_(1, column, self.values.masked_fill(dead, math.nan)[:, None])
+        self.sq.index_copy_(1, column, self.sq_dist.masked_fill(dead, math.nan)[:, None])
+
+    def advance(self) -> None:
+        """The next step (on the device)."""
+        self.step.add_(1)
 
     def sync(self, done: int) -> np.ndarray:
         """One host read after ``done`` steps: refresh ``host_live`` and the progress bar; return ``diverged_at``."""
@@ -172,8 +197,8 @@ class _DeviceTrace:
     def finish(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(losses [R, draws] float64, distances [R, draws], diverged_at [R])`` on the host."""
         diverged_at = self.sync(self.steps)
-        losses = self.losses.cpu().numpy()
-        sq = self.sq.cpu().numpy().astype(np.float64)
+        losses = self.losses[:, : self.draws].cpu().numpy()
+        sq = self.sq[:, : self.draws].cpu().numpy().astype(np.float64)
         return losses, np.sqrt(np.maximum(sq, 0.0)), diverged_at
 
 
@@ -194,8 +219,8 @@ class _Updater:
         self.square_avg = torch.zeros_like(w) if config.sampler == "rmsprop" else None
 
     @torch.no_grad()
-    def step(self, t: int) -> torch.Tensor:
-        """Update every live replica in place (step ``t``); return ``||w_r - w*_r||^2`` per replica ``[R]``."""
+    def step(self) -> torch.Tensor:
+        """Update every live replica in place (the next step); return ``||w_r - w*_r||^2`` per replica ``[R]``."""
         cfg = self.config
         if self.on_cpu:  # the reference engine's per-replica streams
             for r, (_, comp, _) in enumerate(self.replicas):
@@ -241,3 +266,19 @@ class _GenericGrads:
             restore_slices(comp, params, self.originals)
 
 
+def _into_static(static, batch, t: int, strict: bool):
+    """``batch`` copied into the fixed token buffer ``static`` that the step's closures read (made from the first
+    batch), so a replayed graph reads each step's tokens where it captured them. A batch that is not a tensor of
+    the first one's shape and type replaces the buffer, or (``strict``: CUDA graphs) is refused by name."""
+    same = (isinstance(batch, torch.Tensor) and isinstance(static, torch.Tensor) and batch.shape == static.shape
+            and batch.dtype == static.dtype and batch.device == static.device)
+    if t > 0 and same:
+        static.copy_(batch, non_blocking=True)
+        return static
+    if strict and not isinstance(batch, torch.Tensor):
+        raise TypeError(f"cuda_graph=True needs token-tensor batches, got {type(batch).__name__} at step {t}")
+    if strict and t > 0:
+        raise ValueError(f"cuda_graph=True needs every minibatch to have one shape: step {t}'s is "
+                         f"{tuple(batch.shape)} {batch.dtype}, the first was {tuple(static.shape)} {static.dtype}; "
+                         "use a batch_size that divides the data, or leave cuda_graph off")
+    return batch.clone() if isinstance(batch, torch.Tensor) else batch

@@ -33,11 +33,14 @@ def run_reference(
     progress: Progress,
     max_memory=None,
     observer: Optional[ProbeRecorder] = None,
+    cuda_graph: bool = False,
 ) -> Dict[str, ComponentLLC]:
     """Sample every (component, chain) in turn; ``init_losses`` is l(w*) per step ``[num_steps]``;
     ``observer`` (optional) records probe-set losses at its observed draws (replica row
     ``component index * chains + chain``). The signature is every engine's; ``max_memory`` is unused here
-    (one replica at a time)."""
+    (one replica at a time), and ``cuda_graph`` must be False (``engine.graph.cuda_graph_problem``)."""
+    if cuda_graph:
+        raise ValueError("cuda_graph=True needs engine='batched', got the reference engine")
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device
     draws, steps = config.num_draws, config.num_steps
