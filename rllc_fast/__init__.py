@@ -1,7 +1,8 @@
 """rllc_fast: refined local learning coefficients (rLLC) of model components, fast.
 
 Public API:
-    estimate_llc, calibrate_step_size, SGLDConfig, LLCResult, ComponentLLC, ChainsDivergedError
+    estimate_llc, calibrate_step_size, SGLDConfig, LLCResult, ComponentLLC, ChainsDivergedError,
+    CudaGraphUnsupported (estimate_llc(cuda_graph=True) where it cannot run)
     components: Component, heads, head, groups, group (grouped-query attention), layer, layers, mlp, mlps, whole,
         from_params (whole parameters or row/column slices)
     data: ModelDistribution (more in rllc_fast.data: corpora, tokenizer, token files)
@@ -19,6 +20,7 @@ from . import cost_model, hessian, models
 from .llc import estimate_llc
 from .calibrate import calibrate_step_size
 from .result import ChainsDivergedError, ComponentLLC, LLCResult
+from .engine.graph import CudaGraphUnsupported
 from .observations import LabelledArray, Observations
 from .susceptibility import Susceptibilities, response_pca, susceptibilities
 from .influence import bayesian_influence
@@ -30,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ChainsDivergedError",
+    "CudaGraphUnsupported",
     "Component",
     "ComponentLLC",
     "LLCResult",

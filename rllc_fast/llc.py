@@ -28,7 +28,7 @@ from .config import SGLDConfig
 from .data import BatchSchedule, ModelDistribution, batch_to
 from .diagnostics import SamplerWarning, refined_exceeding_whole, step_size_problems, warn_unreliable
 from .engine.batched import run_batched
-from .engine.graph import cuda_graph_problem
+from .engine.graph import CudaGraphUnsupported, cuda_graph_problem
 from .engine.structured import optimum_loss_fn, plan
 from .engine.common import MATMUL_PRECISIONS
 from .engine.common import matmul_precision as matmul_precision_context
@@ -144,7 +144,7 @@ def estimate_llc(
         generic = plan(model, comps, loss_fn)[1] if engine == "batched" else []
         problem = cuda_graph_problem(device, engine, matmul_precision, generic)
         if problem is not None:
-            raise ValueError(problem)
+            raise CudaGraphUnsupported(problem)
     for message in step_size_problems(config.step_size, config.localization, config.sampler):
         warnings.warn(message, SamplerWarning, stacklevel=2)
     if token_loss and isinstance(data, torch.Tensor):

@@ -32,6 +32,7 @@ from .data import ModelDistribution
 from .distributed import (Rank, barrier, device_for, init as dist_init, merge_rank_stores, rank_from_env,
                           rank_store_path, rank_store_paths, shard)
 from .engine.common import MATMUL_PRECISIONS
+from .engine.graph import CudaGraphUnsupported
 from .llc import estimate_llc
 from .losses import check_tokens
 from .models.build import move_to
@@ -84,10 +85,11 @@ class _LLCJob:
     metric = "llc"
 
     def __init__(self, config: SGLDConfig, engine: str, device, max_memory, log, progress: bool = False,
-                 matmul_precision: str = "fp32"):
+                 matmul_precision: str = "fp32", cuda_graph: bool = False):
         self.config, self.engine, self.device, self.max_memory, self.log = config, engine, device, max_memory, log
         self.progress = progress  # the estimate's own SGLD progress inside a unit
         self.precision = matmul_precision
+        self.cuda_graph = cuda_graph  # not in the key: a replayed step runs the eager step's kernels
 
     def key(self) -> str:
         return config_key(self.config, self.engine, self.precision)
@@ -96,9 +98,15 @@ class _LLCJob:
         return store.done(unit, key)
 
     def run(self, model, data, comps, unit: UnitKey):
+        kw = dict(components=comps, engine=self.engine, device=self.device, max_memory=self.max_memory,
+                  progress=self.progress, matmul_precision=self.precision)
         try:
-            return estimate_llc(model, data, self.config, components=comps, engine=self.engine, device=self.device,
-                                max_memory=self.max_memory, progress=self.progress, matmul_precision=self.precision)
+            if self.cuda_graph:
+                try:
+                    return estimate_llc(model, data, self.config, cuda_graph=True, **kw)
+                except CudaGraphUnsupported as why:  # e.g. a component set off the structured path: run it eagerly
+                    self.log(f"{unit.checkpoint} / {unit.data} / {unit.component_set}: without CUDA graphs: {why}")
+            return estimate_llc(model, data, self.config, **kw)
         except ChainsDivergedError as err:  # keep the other components; the lost ones are stored as diverged
             self.log(f"{unit.checkpoint} / {unit.data} / {unit.component_set}: {err}")
             return err.result
@@ -163,6 +171,7 @@ def run_sweep(
     sampling_probe: Optional[str] = None,
     bif_per: str = "sequence",
     matmul_precision: str = "fp32",
+    cuda_graph: bool = False,
 ) -> SweepReport:
     """Estimate every (checkpoint, data, component set) into ``store`` and return a ``SweepReport``.
 
@@ -186,6 +195,8 @@ def run_sweep(
                     keyword arguments ``hessian_options`` (e.g. ``{"num_probes": 20}``); ``config`` is then unused.
     matmul_precision: "fp32" (default), "tf32" or "bf16" for the SGLD runs (``estimate_llc``'s); part of the
                     rows' config key and stored settings when not "fp32".
+    cuda_graph:     metric "llc": ``estimate_llc(cuda_graph=True)`` for every unit where it can run (CUDA,
+                    structured components); the others run eagerly, with a log line saying why. Not in the key.
     observables:    probe sets ``{name: tokens [N, T]}`` for ``metric`` "susceptibility" or "bif"
                     (``rllc_fast.observable_jobs``): each unit is one SGLD run (``config``, ``engine``) over its
                     components plus the whole model with these probe sets observed every ``observe_every``-th
@@ -225,7 +236,7 @@ def run_sweep(
     elif observables:
         raise ValueError(f"observables are recorded for metric 'susceptibility' or 'bif', not {metric!r}")
     elif metric == "llc":
-        job = _LLCJob(config, engine, device, max_memory, log, inner, matmul_precision)
+        job = _LLCJob(config, engine, device, max_memory, log, inner, matmul_precision, cuda_graph)
     else:
         job = _HessianJob(metric, hessian_options, device, inner)
     if distributed and not rank.active:

@@ -130,7 +130,7 @@ def test_the_step_counter_and_spare_column_keep_draws_where_the_config_says(smal
 def test_cuda_graph_is_refused_where_it_cannot_run(small_tl):
     model, tokens, _ = small_tl
     cfg = r.SGLDConfig(num_chains=1, num_draws=2, batch_size=8)
-    with pytest.raises(ValueError, match="needs a CUDA device, but the model is on cpu"):
+    with pytest.raises(r.CudaGraphUnsupported, match="needs a CUDA device, but the model is on cpu"):
         r.estimate_llc(model, tokens, cfg, components=r.heads(model), cuda_graph=True)
     with pytest.raises(TypeError, match="cuda_graph must be True or False"):
         r.estimate_llc(model, tokens, cfg, components=r.heads(model), cuda_graph="yes")

@@ -369,3 +369,21 @@ def test_a_users_own_model_class_sweeps_through_a_loader(tmp_path):
     assert sorted(rows.step) == [0, 10, 20] and (rows.numel == 256).all()
     with pytest.raises(TypeError, match="load must be a callable"):
         run_sweep(paths, {"mix": tokens}, SGLDConfig(), store, {"whole": None}, load="bigram", progress=False)
+
+
+def test_cuda_graph_sweep_runs_units_it_cannot_graph_eagerly_and_says_so(tmp_path):
+    """On this CPU every unit falls back to the eager step with a log line naming why; the rows are the eager
+    sweep's, under the same key (graphs are not part of it)."""
+    save_checkpoint(attn_only(seed=1, **SMALL), tmp_path / "ckpts" / "step1.pt", 1)
+    data = {"mix": torch.randint(0, 64, (32, 16), generator=torch.Generator().manual_seed(0))}
+    config = SGLDConfig(num_chains=1, num_draws=3, batch_size=8)
+    lines = []
+    graphed = run_sweep(tmp_path / "ckpts", data, config, tmp_path / "g.sqlite", ["heads"], progress=False,
+                        log=lines.append, cuda_graph=True)
+    eager = run_sweep(tmp_path / "ckpts", data, config, tmp_path / "e.sqlite", ["heads"], progress=False,
+                      log=lambda s: None)
+    assert len(graphed.computed) == len(eager.computed) == 1
+    assert any("without CUDA graphs: cuda_graph=True needs a CUDA device" in line for line in lines), lines
+    a, b = _rows(tmp_path / "g.sqlite"), _rows(tmp_path / "e.sqlite")
+    assert a.config_key.tolist() == b.config_key.tolist()
+    np.testing.assert_array_equal(a.llc_mean.to_numpy(), b.llc_mean.to_numpy())

@@ -59,6 +59,9 @@ def add_parser(sub) -> None:
                    help="run as one rank of a torchrun job (detected anyway when torchrun sets WORLD_SIZE > 1): "
                         "each rank computes a cost-balanced shard into STORE.rank<R>.sqlite, rank 0 merges")
     add_sgld_arguments(p)
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="metric llc: replay each SGLD step as CUDA graphs in every unit where it can run (CUDA; heads, "
+                        "query heads or groups); the other units run eagerly, with a log line")
     _hessian_arguments(p)
     _observable_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or logs")
@@ -159,7 +162,7 @@ def run(args) -> int:
     try:
         report = run_sweep(series, data, config, store, sets, like=like,
                            engine=args.engine, device=device, max_memory=args.max_memory, progress=not args.quiet,
-                           matmul_precision=args.matmul_precision,
+                           matmul_precision=args.matmul_precision, cuda_graph=args.cuda_graph,
                            log=log, metric=args.metric,
                            hessian_options=None if config else _hessian_options(args),
                            observables=observables or None, observe_every=args.observe_every,

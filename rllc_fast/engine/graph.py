@@ -23,6 +23,10 @@ WARMUP_STEPS = 3
 """Eager steps before capture (cuBLAS handles, the autograd engine's and the allocator's first-use work)."""
 
 
+class CudaGraphUnsupported(ValueError):
+    """``cuda_graph=True`` asked where it cannot run (the message says why and what to do)."""
+
+
 def cuda_graph_problem(device, engine: str, matmul_precision: str, generic: List[str]) -> Optional[str]:
     """Why ``cuda_graph=True`` cannot be honoured (None when it can): a device that is not CUDA, an engine
     other than ``"batched"``, bfloat16 autocast, or components on the generic path (``generic``: their
