@@ -46,6 +46,10 @@ from typing import Dict, List, Mapping, Optional, Sequence
 #: residuals, attention reshapes), extra with rotary embeddings, over the MLP's ``[N, P, d_mlp]`` and, in a
 #: sequential block, over ``[N, P, d_model]`` around the replica's own layer's MLP (a GPT-2-like shape); and
 #: the same for the forward-only blocks of the shared ``w*`` pass and ``l(w*)`` (``[N, T]``), and l(w*)'s logits.
+#: Elementwise passes over a factored last-layer replica's ``[N, P, vocab]`` logits beyond the plain loss's (the
+#: shared product's broadcast add, the scale's division, the bias, and the scale's gradient: a subtraction, a
+#: product and a sum), counted in ``unembed_loss._low_rank_rows``.
+FACTORED_EXTRA_PASSES = 8.0
 #: Stale since the engine's fused norms, fused attention and one-pass token loss (2026-11-30): the modelled
 #: bytes are now an overestimate (1.6-1.8x the counted traffic at tiny shapes; tests/test_cost_model.py), so
 #: the bytes-bound parts of the projections are pessimistic until these are re-taken.
@@ -200,7 +204,7 @@ def _config(cfg) -> Dict[str, object]:
 
 def step_cost(cfg, layers: Sequence[int], batch: int, context: int, precision: str = "fp32",
               attention: str = "materialized", unembedding: str = "materialized",
-              unembed_block_rows: Optional[int] = None) -> StepCost:
+              unembed_block_rows: Optional[int] = None, last_layer: str = "plain") -> StepCost:
     """The modelled cost of one SGLD step of the structured path (see the module doc).
 
     cfg:       a TransformerLens config (or a dict with its fields: ``n_layers, d_model, n_heads, d_head,
@@ -212,6 +216,10 @@ def step_cost(cfg, layers: Sequence[int], batch: int, context: int, precision: s
     unembed_block_rows: rows per unembedding block, each re-reading ``W_U`` twice (today's CPU-cache blocks:
                ``max(64, 2**20 // d_vocab)`` rows); None: left out, as every frozen weight's reads are (blocks
                sized from a GPU memory budget read it a few times a step).
+    last_layer: "plain" or "factored": the last layer's replicas by ``HeadReplicas.final_logit_parts`` (what the
+               engine does on CUDA in float32, for attention-only and parallel blocks; ``unembed_loss.FACTORED_DEVICES``):
+               ``A = resid @ W`` once per step (one chunk of them), and per replica the products of inner size
+               ``2 d_head`` and ``d_head`` instead of ``d_model``, plus ``W_O W`` and its gradient.
     """
     c = _config(cfg)
     if precision not in PRECISIONS:
@@ -219,6 +227,8 @@ def step_cost(cfg, layers: Sequence[int], batch: int, context: int, precision: s
     for name, value in (("attention", attention), ("unembedding", unembedding)):
         if value not in ("materialized", "fused"):
             raise ValueError(f"{name} must be 'materialized' or 'fused', got {value!r}")
+    if last_layer not in ("plain", "factored"):
+        raise ValueError(f"last_layer must be 'plain' or 'factored', got {last_layer!r}")
     layers = [int(l) for l in layers]
     if not layers or any(not 0 <= l < c["n_layers"] for l in layers):
         raise ValueError(f"layers: give the layer (0..{c['n_layers'] - 1}) of each replica, got {layers!r}")
@@ -251,6 +261,9 @@ def step_cost(cfg, layers: Sequence[int], batch: int, context: int, precision: s
     own, upper, unembed = (Part("per-replica: own head", False), Part("per-replica: layers above", False),
                            Part("per-replica: unembedding", False))
     ko, ku, kv = _Counter(own, elem), _Counter(upper, elem), _Counter(unembed, elem)
+    factored = last_layer == "factored" and (not c["d_mlp"] or c["parallel"]) and c["n_layers"] - 1 in layers
+    if factored:  # the w* stream after the last layer times the folded unembedding, shared by its replicas
+        _Counter(shared, elem).mm(B, d, V, b=False)
     for layer in layers:
         # own head, forward: projections of the (shared, frozen) normed input with the replica's weights
         ko.mm(B, d, dh, count=3, a=False)
@@ -284,6 +297,14 @@ def step_cost(cfg, layers: Sequence[int], batch: int, context: int, precision: s
             ku.passes(B * d, e["upper_activations"] + (e["upper_rotary"] if c["rotary"] else 0))
             if m:
                 ku.passes(B * m, e["mlp_hidden"])
+        if factored and layer == c["n_layers"] - 1:
+            kv.mm(dh, d, V)                                    # M = W_O W
+            kv.mm(B, 2 * dh, V, b=False)                       # logits less the shared A: [z, z*] @ [M; -M*]
+            kv.mm(B, V, dh, a=False)                           # d z = dlogits M^T
+            kv.mm(dh, B, V, b=False)                           # d M = z^T dlogits
+            kv.mm(dh, V, d, b=False)                           # d W_O = d M W^T
+            kv.passes(B * V, e["logits"] + FACTORED_EXTRA_PASSES)
+            continue
         kv.mm(B, d, V, b=False, out=not fused_unembed)         # logits
         kv.mm(B, V, d, b=False, a=not fused_unembed)           # (softmax - onehot) W_U^T
         if not fused_unembed:
@@ -304,7 +325,8 @@ def replica_layers(n_layers: int, n_heads: int, chains: int) -> List[int]:
 def projections(steps: int = 200, device: Mapping = H200) -> Dict[str, Dict[str, object]]:
     """Projected time per ``steps``-step checkpoint at the paper's shape (16 heads x 4 chains, context 1024)
     and Pythia-70m's (48 heads x 4 chains, context 512), batch 8 and 16, for today's computation
-    ("materialized") and with fused attention and unembedding ("fused"); every figure is a projection."""
+    ("materialized") and with fused attention and unembedding ("fused"), and in fp32 with the factored last layer
+    the engine uses on CUDA (keys ending " factored"); every figure is a projection."""
     from .models import PAPER_CONFIG, PYTHIA_70M_CONFIG
 
     out = {}
@@ -312,10 +334,11 @@ def projections(steps: int = 200, device: Mapping = H200) -> Dict[str, Dict[str,
         layers = replica_layers(cfg["n_layers"], cfg["n_heads"], 4)
         for batch in (8, 16):
             for kind in ("materialized", "fused"):
-                for precision in PRECISIONS:
-                    cost = step_cost(cfg, layers, batch, context, precision, attention=kind, unembedding=kind)
-                    out[f"{name} batch {batch} {kind} {precision}"] = {
-                        "tflop_per_step": cost.flops / 1e12, "gb_per_step": cost.bytes / 1e9,
-                        "projected_seconds_per_checkpoint": steps * cost.seconds(device, precision)}
+                for precision, last in [(p, "plain") for p in PRECISIONS] + [("fp32", "factored")]:
+                    cost = step_cost(cfg, layers, batch, context, precision, attention=kind, unembedding=kind,
+                                     last_layer=last)
+                    key = f"{name} batch {batch} {kind} {precision}" + (" factored" if last == "factored" else "")
+                    out[key] = {"tflop_per_step": cost.flops / 1e12, "gb_per_step": cost.bytes / 1e9,
+                                "projected_seconds_per_checkpoint": steps * cost.seconds(device, precision)}
     return out
 

@@ -160,7 +160,7 @@ def estimate_llc(
                                  len(comps) * config.num_chains, config, observe_every, observables_dir,
                                  observables_dtype, max_memory=max_memory)
     with matmul_precision_context(matmul_precision, device):
-        star_loss = optimum_loss_fn(model, comps, loss_fn) if engine == "batched" else loss_fn
+        star_loss = optimum_loss_fn(model, comps, loss_fn, max_memory=max_memory) if engine == "batched" else loss_fn
         init_losses = loss_at_optimum(model, batches, star_loss, schedule.distinct_batch_ids())
 
     total = len(comps) * config.num_chains * config.num_steps

@@ -107,8 +107,8 @@ MUTANTS: List[Mutant] = [
            ("tests/test_susceptibility_exact.py",)),
     Mutant("probe losses recorded after the step's update", "rllc_fast/engine/batched.py",
            "            for probe in probes if slot >= 0 else ():\n                probe(w, slot, trace.host_live)\n"
-           "            trace.sq_dist = updater.step(t)\n",
-           "            trace.sq_dist = updater.step(t)\n"
+           "            graphs(\"update\", update)\n",
+           "            graphs(\"update\", update)\n"
            "            for probe in probes if slot >= 0 else ():\n                probe(w, slot, trace.host_live)\n",
            ("tests/test_observables.py",)),
     Mutant("Bayesian influence without centring the losses", "rllc_fast/influence.py",
@@ -131,6 +131,15 @@ MUTANTS: List[Mutant] = [
            "rllc_fast/engine/batched.py",
            "            trace.sq_dist.copy_(updater.step())\n", "            trace.sq_dist = updater.step()\n",
            ("tests/test_cuda_graph.py",)),
+    Mutant("the factored last-layer loss's gradient through the norm's scale with the wrong sign",
+           "rllc_fast/engine/unembed_loss.py",
+           "gs, neg_scale = torch.empty(R, rows_total, dtype=torch.float32, device=z.device), scale.neg()",
+           "gs, neg_scale = torch.empty(R, rows_total, dtype=torch.float32, device=z.device), scale",
+           ("tests/test_factored_unembedding.py",)),
+    Mutant("the factored last-layer logits keep the w* head's output beside the replica's",
+           "rllc_fast/engine/head_replicas.py",
+           "            self._fused[key] = (W_O.detach() @ W).neg_()", "            self._fused[key] = W_O.detach() @ W",
+           ("tests/test_factored_unembedding.py",)),
 ]
 
 

@@ -94,6 +94,22 @@ def test_modelled_bytes_bound_the_counted_reads_and_writes(one_step):
     assert fused.bytes < _modelled(model).bytes < materialized.bytes
 
 
+@pytest.mark.parametrize("name", list(TINY))
+def test_modelled_flops_of_the_factored_last_layer_are_the_flops_a_step_computes(name, monkeypatch):
+    """With the factored last layer on (the engine's choice on CUDA, here forced on the CPU): exact again; for the
+    GPT-2-like shape (sequential blocks: the last layer's MLP reads its output) the model, like the engine, keeps the
+    plain form."""
+    from rllc_fast.engine import unembed_loss
+
+    monkeypatch.setattr(unembed_loss, "FACTORED_DEVICES", ("cuda", "meta", "cpu"))
+    model = TINY[name]()
+    tokens = torch.randint(0, model.cfg.d_vocab, (40, T), generator=torch.Generator().manual_seed(0))
+    counted = _counted(model, tokens, 2)[0] - _counted(model, tokens, 1)[0]
+    factored, plain = _modelled(model, last_layer="factored"), _modelled(model)
+    assert factored.flops == counted
+    assert (factored.flops < plain.flops) == (name != "gpt2-like")
+
+
 def test_hand_count_of_the_per_replica_parts():
     """2 * m * n * k per product, written out for an attention-only model (frozen weights: the backward of a
     weight's product is the input gradient alone; the replica's head gets weight gradients)."""
@@ -110,6 +126,11 @@ def test_hand_count_of_the_per_replica_parts():
     assert cost.part("per-replica: layers above").flops == layer_forward + layer_backward  # layer 1, once
     assert cost.part("per-replica: unembedding").flops == 2 * (2 * B * d * V)
     assert cm.step_cost(cfg, [1], N, T).part("per-replica: layers above").flops == 0
+    factored = cm.step_cost(cfg, [1], N, T, last_layer="factored")
+    assert factored.part("per-replica: unembedding").flops == (2 * dh * d * V + 2 * B * 2 * dh * V + 2 * B * V * dh
+                                                               + 2 * dh * B * V + 2 * dh * V * d)
+    assert factored.part("shared: w* pass").flops - cm.step_cost(cfg, [1], N, T).part("shared: w* pass").flops == \
+        2 * B * d * V
 
 
 def test_the_paper_shape_floor_is_the_issues_figure():
@@ -119,6 +140,8 @@ def test_the_paper_shape_floor_is_the_issues_figure():
     assert cost.flops == pytest.approx(4.14e12, rel=0.01)
     assert cost.part("per-replica: unembedding").flops / cost.flops == pytest.approx(0.65, abs=0.01)
     assert cost.part("per-replica: layers above").flops / cost.flops == pytest.approx(0.265, abs=0.01)
+    factored = cm.step_cost(PAPER_CONFIG, cm.replica_layers(2, 8, 4), 8, 1024, last_layer="factored")
+    assert factored.flops / cost.flops == pytest.approx(0.76, abs=0.01)  # a quarter fewer: the engine's form on CUDA
 
 
 def test_projection_is_a_roofline_and_says_so():
@@ -137,7 +160,7 @@ def test_projection_is_a_roofline_and_says_so():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(layers=[2]), "layers"), (dict(layers=[]), "layers"), (dict(precision="fp16"), "precision"),
-    (dict(attention="flash"), "attention"), (dict(batch=0), "batch"),
+    (dict(attention="flash"), "attention"), (dict(batch=0), "batch"), (dict(last_layer="low"), "last_layer"),
 ])
 def test_bad_input_names_the_argument(kwargs, message):
     args = {**dict(layers=[0], batch=8, context=16), **kwargs}

@@ -252,7 +252,10 @@ def test_nan_replica_in_a_chunk_is_flagged_and_leaves_its_chunk_mates_alone(smal
     cfg = r.SGLDConfig(num_chains=2, num_draws=8, batch_size=8, seed=6)
     comps = [r.head(model, 1, h) for h in range(4)]  # 8 replicas of layer 1, one chunk
 
-    class Poisoned(NextTokenLoss):
+    class Plain(NextTokenLoss):  # a subclass takes the unfactored loss path, as Poisoned does: bit-comparable runs
+        pass
+
+    class Poisoned(Plain):
         step = 0
 
         def feature_losses(self, x, W_U, b_U, tokens, prepared):
@@ -265,7 +268,7 @@ def test_nan_replica_in_a_chunk_is_flagged_and_leaves_its_chunk_mates_alone(smal
                 losses[2] = float("nan")
             return losses
 
-    clean = r.estimate_llc(model, tokens, cfg, components=comps)
+    clean = r.estimate_llc(model, tokens, cfg, components=comps, loss_fn=Plain())
     with pytest.warns(RuntimeWarning, match="diverged"):
         bad = r.estimate_llc(model, tokens, cfg, components=comps, loss_fn=Poisoned())
     assert bad["1:1"].diverged_at.tolist() == [3, -1]
@@ -414,16 +417,16 @@ def test_out_of_memory_in_a_chunk_halves_it_and_retries(small_tl, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         clean = r.estimate_llc(model, tokens, cfg, components=comps, max_memory="20GB")
-    real = tl_heads.HeadReplicas.replica_features
+    real = tl_heads.HeadReplicas._own_heads  # the first per-replica work of either path (plain and factored)
     sizes = []
 
-    def tight(self, shared, layer, heads, rows, drop_last=True, kind=None):
+    def tight(self, shared, layer, heads, rows, drop_last, kind):
         sizes.append(rows.shape[0])
         if rows.shape[0] > 2:
             raise torch.OutOfMemoryError("injected")
         return real(self, shared, layer, heads, rows, drop_last, kind)
 
-    monkeypatch.setattr(tl_heads.HeadReplicas, "replica_features", tight)
+    monkeypatch.setattr(tl_heads.HeadReplicas, "_own_heads", tight)
     with pytest.warns(RuntimeWarning, match="out of device memory in a chunk of 8 replicas of layer 0"):
         halved = r.estimate_llc(model, tokens, cfg, components=comps, max_memory="20GB")
     assert sizes[:4] == [8, 4, 2, 2]  # halved twice
@@ -448,7 +451,10 @@ def test_diverged_replica_is_frozen_on_the_device_and_the_others_are_bit_identic
         rows.append(w.clone())
         return out
 
-    class Poisoned(NextTokenLoss):
+    class Plain(NextTokenLoss):  # a subclass takes the unfactored loss path, as Poisoned does: bit-comparable runs
+        pass
+
+    class Poisoned(Plain):
         calls = 0
 
         def feature_losses(self, x, W_U, b_U, tokens, prepared, block_bytes=None):
@@ -463,7 +469,7 @@ def test_diverged_replica_is_frozen_on_the_device_and_the_others_are_bit_identic
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        clean = r.estimate_llc(model, tokens, cfg, components=comps)
+        clean = r.estimate_llc(model, tokens, cfg, components=comps, loss_fn=Plain())
     monkeypatch.setattr(batched, "sgld_step", recording)
     with pytest.warns(RuntimeWarning, match="diverged"):
         bad = r.estimate_llc(model, tokens, cfg, components=comps, loss_fn=Poisoned())

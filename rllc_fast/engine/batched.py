@@ -32,7 +32,6 @@ from torch import nn
 
 from ..components import Component
 from ..config import SGLDConfig
-from ..memory import default_budget, parse_bytes
 from ..observables import ProbeRecorder
 from ..ops import sgld_step
 from ..result import ComponentLLC
@@ -41,7 +40,7 @@ from ..progress import Progress
 from .probes import GenericProbeLosses, HeadProbeLosses
 from .common import frozen_parameters, pack, pack_grad, restore_slices, unpack_row
 from .graph import StepGraphs
-from .structured import CPU_CHUNK_BYTES, HeadReplicaGrads, plan, unembed_block_bytes
+from .structured import HeadReplicaGrads, memory_plan, plan
 
 Replica = Tuple[str, Component, int]
 
@@ -76,10 +75,7 @@ def run_batched(
     n_max = max(c.numel for _, c, _ in replicas)
     draws, steps = config.num_draws, config.num_steps
     touched = sorted({n for c in components.values() for n in c.param_names})
-    budget = default_budget(device) if max_memory is None else parse_bytes(max_memory)
-    if device.type == "cpu":
-        budget = min(budget, CPU_CHUNK_BYTES)
-    block_bytes = None if (device.type == "cpu" and max_memory is None) else unembed_block_bytes(budget)
+    budget, block_bytes = memory_plan(device, max_memory)
     head_of, _, _ = plan(model, components, loss_fn, structured)
 
     with frozen_parameters(model, touched) as originals:

@@ -181,6 +181,34 @@ class SharedPass:
     pos_embed: Optional[torch.Tensor]         # [1, T, d_model] (shortformer only)
 
 
+class OwnHeads(NamedTuple):
+    """``R`` replicas of one layer on ``[N, T]`` tokens (``K = k d_head`` for ``k`` own query heads): their heads'
+    output is ``z @ W_O`` (gradients flow to both), the ``w*`` heads they replace output ``z_star @ W_O_star``,
+    and ``base = resid_post - z_star @ W_O_star`` is the layer's output stream without them."""
+
+    z: torch.Tensor            # [R, N, T, K]
+    W_O: torch.Tensor          # [R, K, d]
+    z_star: torch.Tensor       # [R, N, T, K] (no gradient)
+    W_O_star: torch.Tensor     # [R, K, d]
+    base: torch.Tensor         # [R, N, T, d]
+    resid_post: torch.Tensor   # [N, T, d]: the w* stream after the layer (b_O included)
+    query_heads: torch.Tensor  # [R] or [R, k]: the query heads replaced
+
+
+class LowRankLogits(NamedTuple):
+    """``logits[r, m] = (resid_post[m] @ W + z[r, m] @ M[r] - z_star[r, m] @ M_star[r]) / scale[r, m] + bias``
+    (``HeadReplicas.final_logit_parts``; ``scale`` None: 1)."""
+
+    resid_post: torch.Tensor       # [M, d]: the w* stream after the last layer (no gradient)
+    W: torch.Tensor                # [d, V]: W_U with the final norm folded in
+    bias: torch.Tensor             # [V]
+    z: torch.Tensor                # [R, M, K]
+    M: torch.Tensor                # [R, K, V]: the own heads' W_O @ W
+    z_star: torch.Tensor           # [R, M, K] (no gradient)
+    M_star: torch.Tensor           # [R, K, V] (no gradient)
+    scale: Optional[torch.Tensor]  # [R, M]
+
+
 class HeadReplicas:
     """Per-replica logits of head-perturbed copies of one ``HookedTransformer``."""
 
@@ -278,35 +306,12 @@ class HeadReplicas:
         ``[R, numel_of(kind)]`` packed as ``row_layout(model, kind)``; kind: default ``self.kind``.
         """
         model, cfg = self.model, self.cfg
-        kind = self._kind(kind)
+        own = self._own_heads(shared, layer, heads, rows, drop_last, kind)
+        R, N, T, d = own.base.shape
+        pos = shared.pos_embed[:, :T] if shared.pos_embed is not None else None
         block = model.blocks[layer]
-        attn = block.attn
-        R = rows.shape[0]
-        P = shared.tokens.shape[1] - (1 if drop_last else 0)
-        resid_pre = shared.resid_pre[layer][:, :P]                  # [N, P, d]
-        N, T, d = resid_pre.shape
-        pos = shared.pos_embed[:, :P] if shared.pos_embed is not None else None
-
-        with torch.no_grad():
-            x = norm(block.ln1, resid_pre)                          # value input [N, T, d]
-            xqk = x + pos if pos is not None else x
-        if kind == "head":
-            own_out = self._own_head(attn, x, xqk, pos, rows)
-            query_heads = heads                                     # [R]
-        else:
-            own_out, query_heads = self._own_queries(block, x, xqk, heads, rows, kind)  # query_heads [R, k]
-
-        with torch.no_grad():  # the layer's output with the w* heads taken out, per replica's heads
-            z_star = shared.z[layer][:, :P, query_heads]            # [N, T, R, (k,) d_head]
-            W_O_star = attn.W_O[query_heads]                        # [R, (k,) d_head, d]
-            if query_heads.dim() == 1:
-                base = torch.einsum("ntre,red->rntd", z_star, W_O_star).neg_()          # - the w* head's output
-            else:
-                base = torch.einsum("ntrje,rjed->rntd", z_star, W_O_star).neg_()
-            base.add_(shared.attn_out[layer][:, :P] + resid_pre)                      # [R, N, T, d]
-            if not cfg.attn_only and cfg.parallel_attn_mlp:
-                base.add_(shared.mlp_out[layer][:, :P])
-        resid = own_out.add_(base).reshape(R * N, T, d)  # in place: the product's backward does not read its output
+        own_out = torch.einsum("rntk,rkd->rntd", own.z, own.W_O)
+        resid = own_out.add_(own.base).reshape(R * N, T, d)  # in place: the product's backward does not read its output
         if not cfg.attn_only and not cfg.parallel_attn_mlp:
             resid = resid + block.mlp(norm(block.ln2, resid))
         for upper in model.blocks[layer + 1 :]:
@@ -318,9 +323,129 @@ class HeadReplicas:
             resid = norm(model.ln_final, resid)
         return resid.view(R, N, T, d)
 
-    def _own_head(self, attn, x, xqk, pos, rows: torch.Tensor) -> torch.Tensor:
-        """The output ``[R, N, T, d]`` (``b_O`` left out) of each replica's own head with its own keys and values
-        (kind ``"head"``), from ``rows [R, numel]`` packed ``W_Q, W_K, W_V, b_Q, b_K, b_V, W_O``."""
+    def low_rank_reason(self, layer: int) -> Optional[str]:
+        """Why replicas of ``layer`` cannot take ``final_logit_parts`` (None when they can): the layer must be the
+        last, its output must reach the final norm unchanged (attention-only or parallel attention/MLP blocks),
+        and the final norm one of TransformerLens's LayerNorm, LayerNormPre, RMSNorm or RMSNormPre (or none),
+        float32 or float64, without hooks."""
+        from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
+
+        cfg = self.cfg
+        if layer != cfg.n_layers - 1:
+            return "not the last layer"
+        if not cfg.attn_only and not cfg.parallel_attn_mlp:
+            return "the last layer's MLP reads its attention output"
+        if cfg.dtype not in (torch.float32, torch.float64):
+            return f"model dtype {cfg.dtype}"
+        if cfg.normalization_type is not None:
+            ln = self.model.ln_final
+            if type(ln) not in (LayerNorm, LayerNormPre, RMSNorm, RMSNormPre) or _has_hooks(ln):
+                return f"final norm {type(ln).__name__}"
+        if _has_hooks(self.model.unembed):
+            return "hooks on the unembedding"
+        return None
+
+    def folded_unembed(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(W [d, V], bias [V])`` with ``norm(r) @ W_U + b_U == (r @ W) / scale(r) + bias`` for the final norm
+        (``final_scale``): ``W = diag(w) W_U``, centred over ``d`` for a LayerNorm (``c(r) @ A == r @ (A -
+        mean_d A)``), and ``bias = b @ W_U + b_U``; cached (rebuilt if a weight is written to)."""
+        from transformer_lens.components import LayerNorm, LayerNormPre
+
+        unembed, cfg = self.model.unembed, self.cfg
+        ln = self.model.ln_final if cfg.normalization_type is not None else None
+        params = [unembed.W_U, unembed.b_U] + ([ln.w, ln.b] if isinstance(ln, LayerNorm) else
+                                                [ln.w] if ln is not None and hasattr(ln, "w") else [])
+        key = ("unembed",) + tuple(p._version for p in params if p is not None)
+        if key not in self._fused:
+            self._fused = {k: v for k, v in self._fused.items() if k[0] != "unembed"}
+            W = unembed.W_U.detach().float()
+            bias = unembed.b_U.detach().float() if unembed.b_U is not None else torch.zeros(W.shape[1], device=W.device)
+            if ln is not None and hasattr(ln, "w"):
+                W = ln.w.detach().float()[:, None] * W
+            if isinstance(ln, LayerNorm):
+                bias = bias + ln.b.detach().float() @ unembed.W_U.detach().float()
+            if isinstance(ln, (LayerNorm, LayerNormPre)):
+                W = W - W.mean(0, keepdim=True)
+            self._fused[key] = (W, bias)
+        return self._fused[key]
+
+    def final_scale(self, resid: torch.Tensor) -> Optional[torch.Tensor]:
+        """``[...]`` the final norm's divisor of ``resid [..., d]`` (``sqrt(var + eps)`` for a LayerNorm, ``sqrt(mean
+        of squares + eps)`` for an RMSNorm); None without a final norm."""
+        from transformer_lens.components import LayerNorm, LayerNormPre
+
+        if self.cfg.normalization_type is None:
+            return None
+        ln = self.model.ln_final
+        if isinstance(ln, (LayerNorm, LayerNormPre)):
+            return (resid.var(-1, unbiased=False) + ln.eps).sqrt()
+        return (resid.pow(2).mean(-1) + ln.eps).sqrt()
+
+    def final_logit_parts(self, shared: SharedPass, layer: int, heads: torch.Tensor, rows: torch.Tensor,
+                          kind: Optional[str] = None) -> "LowRankLogits":
+        """The logits of ``R`` replicas of the last layer (``low_rank_reason(layer)`` None) in factored form, over
+        the ``M = N (T - 1)`` predicted positions: with ``A = resid_post @ W`` shared by all replicas,
+        ``logits_r = (A + z_r @ (W_O_r W) - z*_r @ (W_O*_r W)) / scale_r + bias`` (``folded_unembed``): each
+        replica's own part is a product of inner size ``K = k d_head`` instead of ``d_model``. Gradients flow to
+        ``rows`` through ``z``, ``M`` and ``scale``."""
+        own = self._own_heads(shared, layer, heads, rows, True, kind)
+        R, N, P, d = own.base.shape
+        W, bias = self.folded_unembed()
+        resid = own.base + torch.einsum("rntk,rkd->rntd", own.z, own.W_O)       # the replicas' final streams
+        scale = self.final_scale(resid)
+        K = own.z.shape[-1]
+        return LowRankLogits(
+            resid_post=own.resid_post.reshape(N * P, d), W=W, bias=bias,
+            z=own.z.reshape(R, N * P, K), M=own.W_O @ W,
+            z_star=own.z_star.reshape(R, N * P, K), M_star=self._minus_head_unembed(layer)[own.query_heads].view(R, K, -1),
+            scale=None if scale is None else scale.reshape(R, N * P))
+
+    def _minus_head_unembed(self, layer: int) -> torch.Tensor:
+        """``-W_O[h] @ W`` of every head of ``layer`` at ``w*`` (``folded_unembed``'s ``W``), ``[n_heads, d_head, V]``;
+        cached (rebuilt if a weight is written to)."""
+        W, _ = self.folded_unembed()
+        W_O = self.model.blocks[layer].attn.W_O
+        key = ("head_unembed", layer, W_O._version, W.data_ptr())
+        if key not in self._fused:
+            self._fused = {k: v for k, v in self._fused.items() if k[:2] != ("head_unembed", layer)}
+            self._fused[key] = (W_O.detach() @ W).neg_()
+        return self._fused[key]
+
+    def _own_heads(self, shared: SharedPass, layer: int, heads: torch.Tensor, rows: torch.Tensor, drop_last: bool,
+                   kind: Optional[str]) -> "OwnHeads":
+        """The replicas' own query heads and what they are added to (``OwnHeads``): everything of ``layer``'s
+        output but the replicas' own heads is at ``w*``."""
+        cfg = self.cfg
+        kind = self._kind(kind)
+        block = self.model.blocks[layer]
+        attn = block.attn
+        P = shared.tokens.shape[1] - (1 if drop_last else 0)
+        resid_pre = shared.resid_pre[layer][:, :P]                  # [N, P, d]
+        N, T, d = resid_pre.shape
+        R = rows.shape[0]
+        pos = shared.pos_embed[:, :P] if shared.pos_embed is not None else None
+        with torch.no_grad():
+            x = norm(block.ln1, resid_pre)                          # value input [N, T, d]
+            xqk = x + pos if pos is not None else x
+        if kind == "head":
+            z, W_O = self._own_head(attn, x, xqk, pos, rows)        # [R, N, T, d_head], [R, d_head, d]
+            query_heads = heads                                     # [R]
+        else:
+            z, W_O, query_heads = self._own_queries(block, x, xqk, heads, rows, kind)  # [R, N, T, k d_head], ...
+        with torch.no_grad():  # the layer's output with the w* heads taken out, per replica's heads
+            z_star = shared.z[layer][:, :P, query_heads]            # [N, T, R, (k,) d_head]
+            z_star = z_star.movedim(2, 0).reshape(R, N, T, -1)      # [R, N, T, K]
+            W_O_star = attn.W_O[query_heads].reshape(R, -1, d)      # [R, K, d]
+            resid_post = shared.attn_out[layer][:, :P] + resid_pre  # the w* stream after the layer [N, T, d]
+            if not cfg.attn_only and cfg.parallel_attn_mlp:
+                resid_post = resid_post + shared.mlp_out[layer][:, :P]
+            base = torch.einsum("rntk,rkd->rntd", z_star, W_O_star).neg_().add_(resid_post)  # [R, N, T, d]
+        return OwnHeads(z, W_O, z_star, W_O_star, base, resid_post, query_heads)
+
+    def _own_head(self, attn, x, xqk, pos, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(z [R, N, T, d_head], W_O [R, d_head, d])`` of each replica's own head with its own keys and values
+        (kind ``"head"``), from ``rows [R, numel]`` packed ``W_Q, W_K, W_V, b_Q, b_K, b_V, W_O``; its output
+        (``b_O`` left out) is ``z @ W_O``."""
         R, d = rows.shape[0], x.shape[-1]
         o = self.offsets
         W_QKV = rows[:, : o[3]].reshape(R, 3, d, -1).to(x.dtype)   # W_Q, W_K, W_V [R, 3, d, d_head]
@@ -335,13 +460,12 @@ class HeadReplicas:
         if self.cfg.positional_embedding_type == "rotary":  # rotary acts per position: replicas as heads
             q = attn.apply_rotary(q.permute(1, 2, 0, 3)).permute(2, 0, 1, 3)
             k = attn.apply_rotary(k.permute(1, 2, 0, 3)).permute(2, 0, 1, 3)
-        z = self._attend(attn, q, k, v)                              # [R, N, T, d_head]
-        return torch.einsum("rnte,red->rntd", z, W_O)                # [R, N, T, d]
+        return self._attend(attn, q, k, v), W_O                      # [R, N, T, d_head], [R, d_head, d]
 
     def _own_queries(self, block, x, xqk, heads: torch.Tensor, rows: torch.Tensor, kind: str
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Under grouped-query attention: ``(output [R, N, T, d] of each replica's own query heads (b_O left out),
-        their indices [R, k])``. Kind ``"query"`` (``k = 1``): query head ``heads[r]`` with its group's keys and
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Under grouped-query attention: ``(z [R, N, T, k d_head], W_O [R, k d_head, d], query head indices
+        [R, k])`` of each replica's own query heads (their output, ``b_O`` left out, is ``z @ W_O``). Kind ``"query"`` (``k = 1``): query head ``heads[r]`` with its group's keys and
         values at ``w*``; kind ``"group"`` (``k = n_heads / n_key_value_heads``): group ``heads[r]``'s own keys and
         values and its query heads."""
         attn, cfg = block.attn, self.cfg
@@ -377,7 +501,7 @@ class HeadReplicas:
             key = key[:, :, None].expand(R, N, k, T, -1).reshape(R, N * k, T, -1)
             value = value[:, :, None].expand(R, N, k, T, -1).reshape(R, N * k, T, -1)
         z = self._attend(attn, q.reshape(R, N * k, T, -1), key, value).view(R, N, k, T, -1)
-        return torch.einsum("rnjte,rjed->rntd", z, W_O), query_heads
+        return z.transpose(2, 3).reshape(R, N, T, -1), W_O.reshape(R, -1, d), query_heads
 
     def _attend(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention ``z [B, H, T, d_head]`` of ``q, k, v [B, H, T, d_head]`` with ``attn``'s scale (SDPA,

@@ -3,8 +3,9 @@
 - ``HeadProbeLosses`` (structured path): each probe set's ``w*`` pass below every needed layer is run
   once, when the run starts, and reused at every draw (the probe contexts never change and only the
   replica's own head differs from ``w*``); per draw, each chunk of head replicas computes its own head,
-  the layers above and the per-position unembedding losses (``unembed_position_losses``), in chunks that
-  fit the same memory budget as the gradients.
+  the layers above and the per-position unembedding losses (``unembed_position_losses``; for the last
+  layer the factored ``low_rank_position_losses``), in chunks that fit the same memory budget as the
+  gradients.
 - ``GenericProbeLosses``: any model and component, a loop that writes each replica's row into the
   model, scores every probe set and puts ``w*`` back.
 Both hand ``[r, N, P]`` losses to a ``rllc_fast.observables.ProbeRecorder``.
@@ -18,7 +19,7 @@ import torch
 
 from . import head_replicas
 from ..observables import ProbeRecorder
-from .unembed_loss import unembed_position_losses
+from .unembed_loss import low_rank_allowed, low_rank_position_losses, unembed_position_losses
 from .chunks import layer_chunks
 from .common import restore_slices, unpack_row
 
@@ -31,6 +32,8 @@ class HeadProbeLosses:
     def __init__(self, hr: head_replicas.HeadReplicas, recorder: ProbeRecorder, indices: List[int],
                  units: List[head_replicas.Unit], limit: int, block_bytes: Optional[int]):
         self.hr, self.recorder, self.block_bytes = hr, recorder, block_bytes
+        last = hr.cfg.n_layers - 1
+        self.low_rank = {last} if hr.low_rank_reason(last) is None else set()  # probes score the token loss
         layers = sorted({u.layer for u in units})
         device = next(hr.model.parameters()).device
         self.passes = []  # per probe group (sets of one context length scored together): its w* pass and chunks
@@ -47,8 +50,12 @@ class HeadProbeLosses:
             for (layer, kind), parts in chunks.items():
                 n = self.hr.numel_of(kind)
                 for rows, heads in parts:
-                    x = self.hr.replica_features(shared, layer, heads, w[rows, :n], kind=kind)
-                    losses = unembed_position_losses(x, unembed.W_U, unembed.b_U, shared.tokens, self.block_bytes)
+                    if layer in self.low_rank and low_rank_allowed(w.device):
+                        factored = self.hr.final_logit_parts(shared, layer, heads, w[rows, :n], kind=kind)
+                        losses = low_rank_position_losses(factored, shared.tokens, self.block_bytes)
+                    else:
+                        x = self.hr.replica_features(shared, layer, heads, w[rows, :n], kind=kind)
+                        losses = unembed_position_losses(x, unembed.W_U, unembed.b_U, shared.tokens, self.block_bytes)
                     for name, part in group.split(losses, dim=1).items():
                         self.recorder.put(name, rows, slot, part)
 

@@ -16,9 +16,11 @@ import torch
 from torch import nn
 
 from ..components import Component
-from ..losses import FeatureLoss
+from ..losses import FeatureLoss, NextTokenLoss
+from ..memory import default_budget, parse_bytes
 from . import head_replicas
 from .chunks import halves, layer_chunks
+from .unembed_loss import low_rank_allowed, low_rank_token_losses
 
 
 def plan(model: nn.Module, components: Dict[str, Component], loss_fn: Callable, structured: bool = True
@@ -45,22 +47,26 @@ def plan(model: nn.Module, components: Dict[str, Component], loss_fn: Callable, 
     return heads, rest, None if heads else "no component is a single attention head or key/value group"
 
 
-def optimum_loss_fn(model: nn.Module, components: Dict[str, Component], loss_fn: Callable, structured: bool = True
-                    ) -> Callable:
+def optimum_loss_fn(model: nn.Module, components: Dict[str, Component], loss_fn: Callable, structured: bool = True,
+                    max_memory=None) -> Callable:
     """The ``loss_fn(model, batch)`` that gives this engine's ``l(w*)``: when every component takes the
     structured path, the structured path's own blocks, norms and unembedding (``l(w*)`` and the replicas'
-    ``l(w_t)`` from one code path, and without TransformerLens's hooks and materialized attention); else
-    ``loss_fn`` itself."""
+    ``l(w_t)`` from one code path, and without TransformerLens's hooks and materialized attention), with the
+    unembedding's row blocks sized as the engine sizes them (``memory_plan``); else ``loss_fn`` itself."""
     heads, rest, _ = plan(model, components, loss_fn, structured)
-    return StructuredLoss(model, loss_fn) if heads and not rest else loss_fn
+    if not heads or rest:
+        return loss_fn
+    device = next(model.parameters()).device
+    return StructuredLoss(model, loss_fn, memory_plan(device, max_memory)[1])
 
 
 class StructuredLoss:
     """``loss_fn(model, batch)`` at ``w*`` from ``HeadReplicas.final_features`` and ``loss_fn.feature_losses``
-    (``loss_fn`` itself where the final features are not available)."""
+    (``loss_fn`` itself where the final features are not available); ``block_bytes`` as the engine's."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable):
+    def __init__(self, model: nn.Module, loss_fn: Callable, block_bytes: Optional[int] = None):
         self.hr, self.loss_fn = head_replicas.HeadReplicas(model), loss_fn
+        self.block_kw = {"block_bytes": block_bytes} if _takes_block_bytes(loss_fn) else {}
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, batch) -> torch.Tensor:
@@ -68,7 +74,8 @@ class StructuredLoss:
         if x is None:
             return self.loss_fn(model, batch)
         unembed = self.hr.model.unembed
-        return self.loss_fn.feature_losses(x[None], unembed.W_U, unembed.b_U, batch, self.loss_fn.prepare(batch))[0]
+        return self.loss_fn.feature_losses(x[None], unembed.W_U, unembed.b_U, batch, self.loss_fn.prepare(batch),
+                                           **self.block_kw)[0]
 
 UNEMBED_SHARE = 8
 """With a memory budget, the unembedding's row blocks get ``budget / UNEMBED_SHARE`` and replica chunks
@@ -78,6 +85,17 @@ the rest (``rllc_fast.engine.unembed_loss``)."""
 def unembed_block_bytes(budget: int) -> int:
     """Bytes for the unembedding's row-block temporaries out of a ``budget`` of bytes."""
     return budget // UNEMBED_SHARE
+
+def memory_plan(device, max_memory=None) -> Tuple[int, Optional[int]]:
+    """``(budget, block_bytes)``: the bytes replica chunks may hold (``max_memory``, else the device's default;
+    at most ``CPU_CHUNK_BYTES`` on a CPU) and the unembedding's row-block bytes out of it (None, the CPU-cache
+    default, on a CPU without ``max_memory``)."""
+    device = torch.device(device)
+    budget = default_budget(device) if max_memory is None else parse_bytes(max_memory)
+    if device.type == "cpu":
+        budget = min(budget, CPU_CHUNK_BYTES)
+    return budget, (None if device.type == "cpu" and max_memory is None else unembed_block_bytes(budget))
+
 
 CPU_CHUNK_BYTES = 256 * 2**20
 """On a CPU, replica chunks are also capped at this working set: measured on the paper's model
@@ -99,7 +117,9 @@ class HeadReplicaGrads:
                  budget: int, block_bytes: Optional[int] = None):
         self.hr = head_replicas.HeadReplicas(model)
         self.loss_fn = loss_fn
+        self.block_bytes = block_bytes
         self.block_kw = {"block_bytes": block_bytes} if _takes_block_bytes(loss_fn) else {}
+        self.low_rank_layers = low_rank_layers(self.hr, loss_fn)
         first = schedule[0]
         N, T = first.shape
         device = next(model.parameters()).device
@@ -140,12 +160,29 @@ class HeadReplicaGrads:
         unembed = self.hr.model.unembed
         leaf = w[rows, :n].detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            x = self.hr.replica_features(shared, layer, hs, leaf, kind=kind)
-            losses = self.loss_fn.feature_losses(x, unembed.W_U, unembed.b_U, batch, prepared, **self.block_kw)
-            del x
+            if layer in self.low_rank_layers and low_rank_allowed(leaf.device):
+                parts = self.hr.final_logit_parts(shared, layer, hs, leaf, kind=kind)
+                losses = low_rank_token_losses(parts, batch, self.block_bytes)
+                del parts
+            else:
+                x = self.hr.replica_features(shared, layer, hs, leaf, kind=kind)
+                losses = self.loss_fn.feature_losses(x, unembed.W_U, unembed.b_U, batch, prepared, **self.block_kw)
+                del x
             losses.sum().backward()
         grad[rows, :n] = leaf.grad
         values[rows] = losses.detach()
+
+
+def low_rank_layers(hr: head_replicas.HeadReplicas, loss_fn) -> frozenset:
+    """Layers whose replicas' token losses come from the factored last-layer logits
+    (``HeadReplicas.final_logit_parts``, ``unembed_loss.low_rank_token_losses``: the same losses, each replica's
+    own unembedding product of inner size ``k d_head`` instead of ``d_model``), when float32 products allow it
+    (``unembed_loss.low_rank_allowed``, checked per call): the last layer, for ``NextTokenLoss`` itself (not a
+    subclass, whose ``feature_losses`` may differ)."""
+    last = hr.cfg.n_layers - 1
+    if type(loss_fn) is not NextTokenLoss or hr.low_rank_reason(last) is not None:  # a subclass may change the loss
+        return frozenset()
+    return frozenset({last})
 
 
 def _takes_block_bytes(loss_fn) -> bool:

@@ -142,3 +142,102 @@ def unembed_position_losses(x: torch.Tensor, W_U: torch.Tensor, b_U: Optional[to
     targets = tokens[:, 1:].reshape(1, -1).expand(R, -1).reshape(-1)
     row_loss, _ = _row_losses(x.reshape(R * N * P, d), W_U, b_U, targets, None, block_bytes, need_grad=False)
     return row_loss.view(R, N, P)
+
+
+# --- the last layer's replicas in factored form (``HeadReplicas.final_logit_parts``) -----------------------------
+
+FACTORED_DEVICES = ("cuda", "meta")
+"""Device types where the last layer's replicas take the factored logits (``meta``: where the step-cost proxies
+count CUDA's step, tests/meta_cost.py). Not the CPU: at the benchmarks' shapes
+(d_model 64, d_head 8 and 16) the factored form measured 8-12% slower there for the last layer's heads (one
+thread, 2026-11-30: the passes over ``[R, M, vocab]`` logits, not the products, set a CPU's pace). On a GPU it
+removes about a quarter of the paper shape's per-step FLOPs (the last layer's per-replica unembedding at inner
+size 2 d_head instead of d_model): a projection until measured there (benchmarks/gpu_session.py)."""
+
+
+def low_rank_allowed(device) -> bool:
+    """Whether the factored last-layer losses replace the plain ones here: a device type in ``FACTORED_DEVICES``,
+    and float32 products only (no autocast, no TF32), because ``l(w*)`` is computed the plain way and the paired
+    difference must not carry the two orders' rounding at reduced precision."""
+    device = torch.device(device)
+    if device.type not in FACTORED_DEVICES:
+        return False
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return False
+    return device.type != "cuda" or torch.get_float32_matmul_precision() == "highest"
+
+
+def _low_rank_rows(parts, targets: torch.Tensor, block_bytes, need_grad: bool):
+    """``(row losses [R, M], d/dz [R, M, K], d/dM [R, K, V], d/dscale [R, M] or None)`` of the factored logits
+    ``parts`` (``LowRankLogits``) against ``targets [M]``, in blocks of positions for all replicas at once; the
+    gradients (None without ``need_grad``) are of the row losses' sum."""
+    z, M = parts.z.detach(), parts.M.detach()
+    scale = None if parts.scale is None else parts.scale.detach()
+    R, rows_total, K = z.shape
+    V = M.shape[2]
+    Zc = torch.cat([z, parts.z_star], dim=2)                       # [R, M, 2K]
+    Mc = torch.cat([M, parts.M_star], dim=1)                       # [R, 2K, V] (M_star holds -W_O* W)
+    block = max(1, min(rows_total, block_rows(V, block_bytes) // R))
+    row_loss = torch.empty(R, rows_total, dtype=torch.float32, device=z.device)
+    tgt_all = targets.view(1, -1, 1).expand(R, -1, 1)
+    gz = gM = gs = None
+    if need_grad:
+        gz, gM, Mt = torch.empty_like(z), torch.zeros_like(M), M.transpose(1, 2)
+        minus_one = torch.full((R, block, 1), -1.0, dtype=torch.float32, device=z.device)
+        if scale is not None:
+            gs, neg_scale = torch.empty(R, rows_total, dtype=torch.float32, device=z.device), scale.neg()
+    for start in range(0, rows_total, block):
+        end = min(start + block, rows_total)
+        logits = torch.baddbmm(parts.resid_post[start:end] @ parts.W, Zc[:, start:end], Mc)  # [R, rows, V], unscaled
+        if scale is not None:
+            logits.div_(scale[:, start:end, None])
+        logits.add_(parts.bias)
+        tgt = tgt_all[:, start:end]
+        picked = logits.gather(2, tgt)
+        top = logits.amax(dim=2, keepdim=True)
+        e = torch.sub(logits, top).exp_()
+        total = e.sum(dim=2, keepdim=True)
+        torch.sub(total.log().add_(top), picked, out=row_loss[:, start:end, None])
+        if need_grad:
+            dlogits = e.div_(total)                                                # softmax
+            dlogits.scatter_add_(2, tgt, minus_one[:, : end - start])
+            if gs is not None:  # d loss / d scale = - sum_v dlogits (logits - bias) / scale
+                torch.div(logits.sub_(parts.bias).mul_(dlogits).sum(2), neg_scale[:, start:end], out=gs[:, start:end])
+                dlogits.div_(scale[:, start:end, None])                            # d loss / d (A + z M - z* M*)
+            torch.bmm(dlogits, Mt, out=gz[:, start:end])
+            gM.add_(torch.bmm(z[:, start:end].transpose(1, 2), dlogits))  # (FlopCounterMode counts bmm, not baddbmm_)
+        del logits, e
+    return row_loss, gz, gM, gs
+
+
+class _LowRankTokenLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, M, scale, parts, targets, block_bytes, need_grad: bool):
+        row_loss, gz, gM, gs = _low_rank_rows(parts, targets, block_bytes, need_grad)
+        ctx.save_for_backward(gz, gM, gs)
+        ctx.rows = row_loss.shape[1]
+        return row_loss.mean(1)
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        gz, gM, gs = ctx.saved_tensors
+        f = grad_losses / ctx.rows                                                  # [R]
+        return (gz.mul_(f[:, None, None]), gM.mul_(f[:, None, None]), None if gs is None else gs.mul_(f[:, None]),
+                None, None, None, None)
+
+
+def low_rank_token_losses(parts, tokens: torch.Tensor, block_bytes: Optional[int] = None) -> torch.Tensor:
+    """Eq. (1) per replica ``[R]`` from the factored last-layer logits ``parts`` (``LowRankLogits`` over the
+    ``N (T - 1)`` predicted positions of ``tokens [N, T]``): the same losses as ``unembed_token_losses`` of the
+    replicas' final features, with each replica's own product of inner size ``K`` instead of ``d_model``."""
+    targets = tokens[:, 1:].reshape(-1)
+    need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (parts.z, parts.M, parts.scale))
+    return _LowRankTokenLoss.apply(parts.z, parts.M, parts.scale, parts, targets, block_bytes, need)
+
+
+@torch.no_grad()
+def low_rank_position_losses(parts, tokens: torch.Tensor, block_bytes: Optional[int] = None) -> torch.Tensor:
+    """Per-position next-token cross-entropy ``[R, N, T-1]`` from ``parts`` (as ``unembed_position_losses``)."""
+    N, T = tokens.shape
+    row_loss, _, _, _ = _low_rank_rows(parts, tokens[:, 1:].reshape(-1), block_bytes, need_grad=False)
+    return row_loss.view(-1, N, T - 1)
