@@ -48,8 +48,12 @@ Run:  pip install devinterp==2.0.1   (benchmark-only; never a runtime dependency
           --benchmark-json=benchmarks/results/susceptibility-cpu-<date>-<commit>.json
       (one torch thread for both sides: on the shared 2-core machine, 2 threads made devinterp's
       sampling about 25x slower, 68 s against 2.6 s for one restriction x 60 draws.)
+      RLLC_BENCH_OURS_THREADS=2 also times ours with 2 torch threads (set for that call and restored):
+      each tool at its faster thread count on this CPU. On a quiet machine (2026-11-30) devinterp took
+      20.6 s with 1 thread and 22.7 s with 2 for 3 restrictions x 50 draws, so it stays at 1.
 """
 import math
+import os
 import tempfile
 import time
 import warnings
@@ -79,6 +83,7 @@ DRAWS = 200
 CONFIG = r.SGLDConfig(step_size=1e-3, nbeta=30.0, localization=200.0, num_chains=4, num_draws=DRAWS,
                       num_burnin=1, batch_size=8, seed=0)
 OURS_ROUNDS = 2
+OURS_EXTRA_THREADS = [int(n) for n in os.environ.get("RLLC_BENCH_OURS_THREADS", "").split(",") if n.strip()]
 
 
 def probe_sets(context_length: int, n: int) -> dict:
@@ -269,6 +274,20 @@ def test_susceptibilities_vs_devinterp_all_heads(benchmark):
 
     result, ours_default = benchmark.pedantic(ours_run, rounds=OURS_ROUNDS, iterations=1)
     ours_s = benchmark.stats.stats.min
+    threads = torch.get_num_threads()
+    ours_by_threads = {threads: list(benchmark.stats.stats.data)}
+    for n in OURS_EXTRA_THREADS:  # ours again at another thread count, restored after
+        try:
+            torch.set_num_threads(n)
+            times = []
+            for _ in range(OURS_ROUNDS):
+                t0 = time.perf_counter()
+                ours_run()
+                times.append(time.perf_counter() - t0)
+            ours_by_threads[n] = times
+        finally:
+            torch.set_num_threads(threads)
+    best_threads = min(ours_by_threads, key=lambda n: min(ours_by_threads[n]))
     obs = result.observations
     ours = r.susceptibilities(result, sampling=SAMPLING, whole="whole", init_loss=l_star_devinterp)
     assert ours.components == heads
@@ -284,6 +303,9 @@ def test_susceptibilities_vs_devinterp_all_heads(benchmark):
         devinterp_seconds=devinterp_s, ours_seconds=ours_s, ours_rounds=OURS_ROUNDS,
         ours_seconds_all=list(benchmark.stats.stats.data), speedup=devinterp_s / ours_s,
         torch_threads=torch.get_num_threads(),
+        ours_seconds_by_threads={str(n): v for n, v in ours_by_threads.items()},
+        speedup_best_thread_counts=dict(devinterp_threads=threads, ours_threads=best_threads,
+                                        ratio=devinterp_s / min(ours_by_threads[best_threads])),
         init_loss=dict(devinterp=l_star_devinterp, sampling_probe_at_w_star=at_w_star,
                        offset_devinterp=at_w_star - l_star_devinterp),
         formula_check_max_abs=formula_max_abs,
@@ -295,5 +317,7 @@ def test_susceptibilities_vs_devinterp_all_heads(benchmark):
               f"({s['within_2se_with_whole']} with the whole run's noise), max z {s['max_z']:.2f} "
               f"({s['max_z_with_whole']:.2f}); per-token Pearson min {s['min_pearson_all_probes']:.3f} all probes, "
               f"{s['min_pearson_per_probe']:.3f} per probe")
+    for n, v in ours_by_threads.items():
+        print(f"ours with {n} thread(s): best {min(v):.1f} s: {devinterp_s / min(v):.1f}x devinterp's {threads}-thread time")
     print(f"devinterp {devinterp_s:.1f} s, ours {ours_s:.1f} s: {devinterp_s / ours_s:.1f}x; "
           f"formula check max |diff| {formula_max_abs:.2e}")
