@@ -152,6 +152,9 @@ def estimate_llc(
     schedule = BatchSchedule(data, config.batch_size, config.num_steps, config.seed)
     if token_loss:
         check_tokens(schedule[0], model, what="data (first batch)")
+    if cuda_graph and not schedule.uniform:
+        raise CudaGraphUnsupported("cuda_graph=True needs minibatches of one shape: give the data as a token tensor "
+                                   "[N, T] (a Dataset or an iterable of batches may end an epoch with a smaller batch)")
     batches = _OnDevice(schedule, device)
     observer = None
     if observables is not None:

@@ -140,6 +140,10 @@ MUTANTS: List[Mutant] = [
            "rllc_fast/engine/head_replicas.py",
            "            self._fused[key] = (W_O.detach() @ W).neg_()", "            self._fused[key] = W_O.detach() @ W",
            ("tests/test_factored_unembedding.py",)),
+    Mutant("the cached -W_O W keyed on W's storage, not on the weights it is folded from",
+           "rllc_fast/engine/head_replicas.py",
+           "        key = (\"head_unembed\", layer) + _identity([W_O]) + folded\n",
+           "        key = (\"head_unembed\", layer, W_O._version, W.data_ptr())\n", ("tests/test_factored_unembedding.py",)),
 ]
 
 

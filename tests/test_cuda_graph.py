@@ -86,7 +86,7 @@ class _RecordingGraphs:
 
     streams = {}
 
-    def __init__(self, enabled: bool, warmup: int = WARMUP_STEPS):
+    def __init__(self, enabled: bool, warmup: int = WARMUP_STEPS, device=None):
         assert enabled is False  # the CPU run: the closures the GPU would capture
         type(self).streams = {}
 
@@ -198,3 +198,16 @@ def test_under_cuda_graphs_divergence_is_flagged_at_the_eager_runs_steps(small_t
     for name in eager.components:
         np.testing.assert_array_equal(graphed[name].diverged_at, eager[name].diverged_at)
         np.testing.assert_allclose(graphed[name].loss_trace, eager[name].loss_trace, rtol=1e-6, atol=1e-7)
+
+
+def test_cuda_graph_needs_minibatches_of_one_shape(small_tl, monkeypatch):
+    """Checked before sampling (a DataLoader may end an epoch with a smaller batch); the device check is passed
+    here so that the data check is reached on this CPU."""
+    from rllc_fast import llc
+
+    model, tokens, _ = small_tl
+    monkeypatch.setattr(llc, "cuda_graph_problem", lambda *a: None)
+    loader = torch.utils.data.DataLoader(tokens, batch_size=10)
+    with pytest.raises(r.CudaGraphUnsupported, match="minibatches of one shape"):
+        r.estimate_llc(model, loader, r.SGLDConfig(num_chains=1, num_draws=2, batch_size=None),
+                       components=r.heads(model), cuda_graph=True)

@@ -154,3 +154,39 @@ def test_factored_chains_and_probe_losses_equal_the_reference_engines(factored_o
     if observed:
         torch.testing.assert_close(torch.from_numpy(bat.observations["p"]), torch.from_numpy(ref.observations["p"]),
                                    rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["no final norm", "RMSPre", "LN"])
+def test_cached_foldings_follow_weights_written_to_or_replaced(name):
+    """One ``HeadReplicas`` kept across a change of ``W_U`` (in place, or a new parameter object) or of a head's
+    ``W_O``: the factored losses follow it (the cached ``W`` and ``-W_O W`` are keyed on each weight's identity,
+    storage and write count; with no final norm ``W`` is ``W_U`` itself, so a key on ``W``'s storage alone
+    would not see an in-place write)."""
+    model = _model(**MODELS[name])
+    hr = HeadReplicas(model)
+    tokens = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(7))
+    units = torch.tensor([0, 2])
+    comps = [r.head(model, 1, h) for h in (0, 2)]
+
+    def both():
+        shared = hr.shared(tokens, [1])
+        rows = _replica_rows(model, comps)
+        plain = unembed_token_losses(hr.replica_features(shared, 1, units, rows), model.unembed.W_U,
+                                     model.unembed.b_U, tokens)
+        return low_rank_token_losses(hr.final_logit_parts(shared, 1, units, rows), tokens), plain
+
+    torch.testing.assert_close(*both(), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        model.unembed.W_U.mul_(1.5)
+    torch.testing.assert_close(*both(), rtol=1e-6, atol=1e-6)
+    model.unembed.W_U = torch.nn.Parameter(model.unembed.W_U.detach() * 0.5)
+    torch.testing.assert_close(*both(), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        model.blocks[1].attn.W_O.add_(0.2)
+    torch.testing.assert_close(*both(), rtol=1e-6, atol=1e-6)
+
+
+def test_a_float64_model_keeps_the_plain_form():
+    model = _model().double()
+    model.cfg.dtype = torch.float64
+    assert HeadReplicas(model).low_rank_reason(1) == "model dtype torch.float64"

@@ -82,3 +82,55 @@ def test_memory_model_bounds_the_meta_peak_of_a_chunk(kind, attention):
                 modelled = R * hr.bytes_per_replica(N, T, layer, unit) + BLOCK
                 assert pk.peak > 0.3 * modelled, (unit, layer, pk.peak, modelled)  # the bound is not vacuous
                 assert pk.peak <= modelled, (unit, layer, pk.peak, modelled)
+
+
+def _meta_factored_model(kind, vocab):
+    import warnings
+
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = dict(n_layers=2, d_model=64, n_heads=4, d_head=16, n_ctx=128, d_vocab=vocab, act_fn="gelu",
+               normalization_type="LN", seed=0, attn_only=True)
+    if kind == "neox":
+        cfg.update(attn_only=False, d_mlp=256, parallel_attn_mlp=True, positional_embedding_type="rotary", rotary_dim=4)
+    if kind == "gqa":
+        cfg.update(n_heads=8, n_key_value_heads=2, normalization_type="RMS")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = HookedTransformer(HookedTransformerConfig(**cfg))
+    model.to("meta", print_details=False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("tokens_shape", [(1, 16), (4, 128)], ids=["few tokens", "more tokens"])
+@pytest.mark.parametrize("kind", ["attn_only", "neox", "gqa"])
+def test_memory_model_bounds_the_meta_peak_of_a_factored_last_layer_chunk(kind, tokens_shape):
+    """The factored last layer (``final_logit_parts``, ``low_rank_token_losses``: what CUDA runs) holds about
+    ``FACTORED_WORDS_PER_KV x k d_head x vocab`` words per replica whatever the tokens; with a large vocabulary and
+    few tokens that dominates, and ``bytes_per_replica`` counts it."""
+    from rllc_fast.engine.unembed_loss import low_rank_token_losses
+
+    model = _meta_factored_model(kind, vocab=32000)
+    N, T = tokens_shape
+    R, BLOCK = 3, 2 * 10**6
+    tokens = torch.zeros(N, T, dtype=torch.long, device="meta")
+    hr = HeadReplicas(model)
+    last = model.cfg.n_layers - 1
+    assert hr.low_rank_reason(last) is None
+    with cuda_like_sdpa():
+        shared = hr.shared(tokens, [last])
+        hr.final_logit_parts(shared, last, torch.arange(R, device="meta") % 2,
+                             torch.zeros(R, hr.numel_of(), device="meta"))  # the caches, built once per run
+        for unit in hr.kinds:
+            w = torch.zeros(R, hr.numel_of(unit), device="meta")
+            with peak_bytes() as pk:
+                leaf = w.clone().requires_grad_(True)
+                parts = hr.final_logit_parts(shared, last, torch.arange(R, device="meta") % 2, leaf, kind=unit)
+                losses = low_rank_token_losses(parts, tokens, BLOCK)
+                del parts
+                losses.sum().backward()
+            modelled = R * hr.bytes_per_replica(N, T, last, unit) + BLOCK
+            assert pk.peak <= modelled, (unit, pk.peak, modelled)
+            assert pk.peak > 0.2 * modelled, (unit, pk.peak, modelled)  # the bound is not vacuous

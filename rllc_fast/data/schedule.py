@@ -67,6 +67,12 @@ class BatchSchedule:
             self._iterator = iter(self._iterable)
             return next(self._iterator)
 
+    @property
+    def uniform(self) -> bool:
+        """Whether every step's batch has one shape (rows of tensor data: fixed-size minibatches or the whole
+        set); a Dataset's DataLoader or an iterable of batches may end an epoch with a smaller one."""
+        return self._rows is not None
+
     def distinct_batch_ids(self) -> List[int]:
         """For each step, the id of its batch's first occurrence (steps with equal ids share a batch).
 

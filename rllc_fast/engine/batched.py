@@ -39,7 +39,7 @@ from ..sgld import replica_generator, replica_seed
 from ..progress import Progress
 from .probes import GenericProbeLosses, HeadProbeLosses
 from .common import frozen_parameters, pack, pack_grad, restore_slices, unpack_row
-from .graph import StepGraphs
+from .graph import CudaGraphUnsupported, StepGraphs
 from .structured import HeadReplicaGrads, memory_plan, plan
 
 Replica = Tuple[str, Component, int]
@@ -100,7 +100,7 @@ def run_batched(
                 probes.append(GenericProbeLosses(model, params, originals, observer, replicas, generic))
         updater = _Updater(replicas, w, w_star, grad, lengths, config, device)
         trace = _DeviceTrace(R, draws, steps, device, progress, [config.draw_index(t) for t in range(steps)])
-        graphs = StepGraphs(cuda_graph)
+        graphs = StepGraphs(cuda_graph, device=device)
         batch = schedule[0]
         static = batch  # the tokens every step's closure reads (a fixed buffer when graphs replay it)
 
@@ -272,9 +272,9 @@ def _into_static(static, batch, t: int, strict: bool):
         static.copy_(batch, non_blocking=True)
         return static
     if strict and not isinstance(batch, torch.Tensor):
-        raise TypeError(f"cuda_graph=True needs token-tensor batches, got {type(batch).__name__} at step {t}")
+        raise CudaGraphUnsupported(f"cuda_graph=True needs token-tensor batches, got {type(batch).__name__} at step {t}")
     if strict and t > 0:
-        raise ValueError(f"cuda_graph=True needs every minibatch to have one shape: step {t}'s is "
+        raise CudaGraphUnsupported(f"cuda_graph=True needs every minibatch to have one shape: step {t}'s is "
                          f"{tuple(batch.shape)} {batch.dtype}, the first was {tuple(static.shape)} {static.dtype}; "
                          "use a batch_size that divides the data, or leave cuda_graph off")
     return batch.clone() if isinstance(batch, torch.Tensor) else batch

@@ -51,14 +51,20 @@ class StepGraphs:
     """Run named step closures eagerly, or (``enabled``) capture each once after ``WARMUP_STEPS`` eager calls
     and replay it; ``captured`` names the closures that run as graphs."""
 
-    def __init__(self, enabled: bool, warmup: int = WARMUP_STEPS):
+    def __init__(self, enabled: bool, warmup: int = WARMUP_STEPS, device=None):
+        """device: the model's CUDA device (streams, the memory pool and capture belong to it, whatever the
+        current device is)."""
         self.enabled = enabled
         self.warmup = warmup
+        self.device = torch.device(device) if device is not None else None
         self.graphs: Dict[str, torch.cuda.CUDAGraph] = {}
         self.outputs: Dict[str, object] = {}
         self.calls: Dict[str, int] = {}
-        self.pool = torch.cuda.graph_pool_handle() if enabled else None
-        self.side = torch.cuda.Stream() if enabled else None
+        self.pool = self.side = None
+        if enabled:
+            with torch.cuda.device(self.device):
+                self.pool = torch.cuda.graph_pool_handle()
+                self.side = torch.cuda.Stream()
 
     @property
     def captured(self) -> List[str]:
@@ -68,26 +74,28 @@ class StepGraphs:
         """``fn()``'s result: eagerly, or by replaying its graph (the same static output tensors every step)."""
         if not self.enabled:
             return fn()
-        if name in self.graphs:
-            self.graphs[name].replay()
-            return self.outputs[name]
-        calls = self.calls.get(name, 0)
-        self.calls[name] = calls + 1
-        if calls < self.warmup:
-            return self._on_side_stream(fn)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = fn()
-        except Exception as err:  # noqa: BLE001 - any capture failure: warn and go on eagerly
-            self.enabled = False
-            warnings.warn(f"CUDA graph capture of the engine's {name} failed ({type(err).__name__}: {err}); the run "
-                          "continues without CUDA graphs from this step", RuntimeWarning, stacklevel=3)
-            torch.cuda.synchronize()
-            return fn()
-        self.graphs[name], self.outputs[name] = graph, out
-        graph.replay()  # capture ran nothing: this is the step's work
-        return out
+        with torch.cuda.device(self.device):
+            if name in self.graphs:
+                self.graphs[name].replay()
+                return self.outputs[name]
+            calls = self.calls.get(name, 0)
+            self.calls[name] = calls + 1
+            if calls < self.warmup:
+                return self._on_side_stream(fn)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = fn()
+            except Exception as err:  # noqa: BLE001 - any capture failure: warn and go on eagerly
+                self.enabled = False
+                self.graphs, self.outputs = {}, {}  # the other closure's graph and its pool go too
+                warnings.warn(f"CUDA graph capture of the engine's {name} failed ({type(err).__name__}: {err}); the "
+                              "run continues without CUDA graphs from this step", RuntimeWarning, stacklevel=3)
+                torch.cuda.synchronize()
+                return fn()
+            self.graphs[name], self.outputs[name] = graph, out
+            graph.replay()  # capture ran nothing: this is the step's work
+            return out
 
     def _on_side_stream(self, fn: Callable[[], object]) -> object:
         current = torch.cuda.current_stream()

@@ -38,6 +38,11 @@ from torch import nn
 from ..components import GROUP_KV_PARAMS, HEAD_PARAMS, QUERY_HEAD_PARAMS, Component, group, head, kv_groups
 
 ATTENTION = ("sdpa", "materialized")
+FACTORED_WORDS_PER_KV = 8
+"""Float32 words per (own query-head dimension x vocabulary entry) a factored last-layer replica holds at its
+peak (``final_logit_parts`` and ``unembed_loss._low_rank_rows``): ``M``, its ``w*`` counterpart, their
+concatenation (two), the gradient ``d M`` and one block's product added to it, and what autograd keeps beside
+them; about 7.2 measured on the meta device (tests/test_step_cost.py)."""
 DEFAULT_ATTENTION = "sdpa"  # the engine's choice; "materialized" is kept as the checked alternative
 _QK_NORM_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
@@ -142,6 +147,12 @@ def head_of(model: nn.Module, component: Component) -> Optional[Unit]:
         if s.param.rsplit(".", 1)[1].lstrip("_") != name or s.numel != math.prod(shape):
             return None
     return Unit(layer, index, kind)
+
+
+def _identity(params) -> tuple:
+    """What a cache built from ``params`` is valid for: each one's object, storage and in-place write count (a
+    parameter written to, or replaced by another tensor, gives another key)."""
+    return tuple((id(p), p.data_ptr(), p._version) for p in params if p is not None)
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -335,7 +346,7 @@ class HeadReplicas:
             return "not the last layer"
         if not cfg.attn_only and not cfg.parallel_attn_mlp:
             return "the last layer's MLP reads its attention output"
-        if cfg.dtype not in (torch.float32, torch.float64):
+        if cfg.dtype != torch.float32:  # the factored products are float32 (the plain path's logits are too)
             return f"model dtype {cfg.dtype}"
         if cfg.normalization_type is not None:
             ln = self.model.ln_final
@@ -355,7 +366,7 @@ class HeadReplicas:
         ln = self.model.ln_final if cfg.normalization_type is not None else None
         params = [unembed.W_U, unembed.b_U] + ([ln.w, ln.b] if isinstance(ln, LayerNorm) else
                                                 [ln.w] if ln is not None and hasattr(ln, "w") else [])
-        key = ("unembed",) + tuple(p._version for p in params if p is not None)
+        key = ("unembed",) + _identity(params)
         if key not in self._fused:
             self._fused = {k: v for k, v in self._fused.items() if k[0] != "unembed"}
             W = unembed.W_U.detach().float()
@@ -391,8 +402,9 @@ class HeadReplicas:
         own = self._own_heads(shared, layer, heads, rows, True, kind)
         R, N, P, d = own.base.shape
         W, bias = self.folded_unembed()
-        resid = own.base + torch.einsum("rntk,rkd->rntd", own.z, own.W_O)       # the replicas' final streams
-        scale = self.final_scale(resid)
+        scale = None
+        if self.cfg.normalization_type is not None:  # the norm's divisor of the replicas' final streams
+            scale = self.final_scale(own.base + torch.einsum("rntk,rkd->rntd", own.z, own.W_O))
         K = own.z.shape[-1]
         return LowRankLogits(
             resid_post=own.resid_post.reshape(N * P, d), W=W, bias=bias,
@@ -402,10 +414,12 @@ class HeadReplicas:
 
     def _minus_head_unembed(self, layer: int) -> torch.Tensor:
         """``-W_O[h] @ W`` of every head of ``layer`` at ``w*`` (``folded_unembed``'s ``W``), ``[n_heads, d_head, V]``;
-        cached (rebuilt if a weight is written to)."""
+        cached under ``W_O``'s identity and that of every weight ``W`` is folded from (rebuilt if one is written to
+        or replaced)."""
         W, _ = self.folded_unembed()
         W_O = self.model.blocks[layer].attn.W_O
-        key = ("head_unembed", layer, W_O._version, W.data_ptr())
+        folded = next(k for k in self._fused if k[0] == "unembed")  # the key W was built under
+        key = ("head_unembed", layer) + _identity([W_O]) + folded
         if key not in self._fused:
             self._fused = {k: v for k, v in self._fused.items() if k[:2] != ("head_unembed", layer)}
             self._fused[key] = (W_O.detach() @ W).neg_()
@@ -521,7 +535,7 @@ class HeadReplicas:
         a = block.attn
         kv = (a._W_K, a._W_V, a._b_K, a._b_V) if self.n_groups is not None else (a.W_K, a.W_V, a.b_K, a.b_V)
         params = (a.W_Q, kv[0], kv[1], a.b_Q, kv[2], kv[3], a.W_O, a.b_O)
-        key = (id(block),) + tuple(p._version for p in params)  # rebuilt if a weight was written to
+        key = (id(block),) + _identity(params)  # rebuilt if a weight was written to or replaced
         if key not in self._fused:
             self._fused = {k: v for k, v in self._fused.items() if k[0] != id(block)}
             W_Q, W_K, W_V, b_Q, b_K, b_V, W_O, b_O = (p.detach() for p in params)
@@ -618,7 +632,9 @@ class HeadReplicas:
         query heads, ``4 d_model + m`` for the own layer's MLP in a sequential block (plus ``4 k T`` with
         materialized scores); and per layer above ``4 d_model + 2 n_heads d_head + m`` (``4 n_heads d_head``
         under grouped-query attention: the keys and values repeated per query head; plus ``5 n_heads T`` with
-        materialized scores). Checked against the peak of live tensors on the meta device
+        materialized scores); for the last layer's replicas where the factored logits may be used
+        (``low_rank_reason``), ``FACTORED_WORDS_PER_KV * k d_head * vocab`` more, whatever the tokens. Checked
+        against the peak of live tensors on the meta device
         (tests/test_step_cost.py) at the paper's and Pythia-70m's shapes and on a Llama-style model with and
         without grouped-query attention, with attention as CUDA's fused kernel."""
         cfg = self.cfg
@@ -633,4 +649,7 @@ class HeadReplicas:
         if not cfg.attn_only and not cfg.parallel_attn_mlp:  # the own layer's MLP runs per replica
             own += 4 * cfg.d_model + mlp
         per_token = 16 * cfg.d_model + own + above * per_layer
-        return 4 * N * T * per_token
+        factored = 0
+        if self.low_rank_reason(layer) is None:  # final_logit_parts: M, M*, their concatenation, d M and a temporary
+            factored = FACTORED_WORDS_PER_KV * k * cfg.d_head * cfg.d_vocab
+        return 4 * (N * T * per_token + factored)

@@ -149,8 +149,8 @@ class HeadReplicaGrads:
             self._run_chunk(shared, prepared, batch, layer, kind, rows, hs, w, grad, values)
             return True
         except torch.OutOfMemoryError:
-            if len(hs) == 1:
-                raise
+            if len(hs) == 1 or (w.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+                raise  # a single replica cannot be halved; under CUDA-graph capture, capture fails and goes eager
         if w.device.type == "cuda":  # the failed chunk's tensors are released now that the handler is left
             torch.cuda.empty_cache()
         return False

@@ -167,6 +167,16 @@ def low_rank_allowed(device) -> bool:
     return device.type != "cuda" or torch.get_float32_matmul_precision() == "highest"
 
 
+def factored_block_rows(vocab: int, replicas: int, block_bytes: Optional[int] = None) -> int:
+    """Positions per block of the factored losses, for all ``replicas`` at once: each holds two ``[replicas, rows,
+    vocab]`` float32 temporaries (the logits, kept for the scale's gradient, and their exponential) and a third's
+    worth for the shared product and the in-place passes (12 bytes a logit); ``BLOCK_ELEMENTS`` logits without
+    ``block_bytes``."""
+    if block_bytes is None:
+        return max(1, BLOCK_ELEMENTS // (replicas * vocab))
+    return max(1, int(block_bytes) // (replicas * (12 * vocab + 64)))
+
+
 def _low_rank_rows(parts, targets: torch.Tensor, block_bytes, need_grad: bool):
     """``(row losses [R, M], d/dz [R, M, K], d/dM [R, K, V], d/dscale [R, M] or None)`` of the factored logits
     ``parts`` (``LowRankLogits``) against ``targets [M]``, in blocks of positions for all replicas at once; the
@@ -177,7 +187,7 @@ def _low_rank_rows(parts, targets: torch.Tensor, block_bytes, need_grad: bool):
     V = M.shape[2]
     Zc = torch.cat([z, parts.z_star], dim=2)                       # [R, M, 2K]
     Mc = torch.cat([M, parts.M_star], dim=1)                       # [R, 2K, V] (M_star holds -W_O* W)
-    block = max(1, min(rows_total, block_rows(V, block_bytes) // R))
+    block = max(1, min(rows_total, factored_block_rows(V, R, block_bytes)))
     row_loss = torch.empty(R, rows_total, dtype=torch.float32, device=z.device)
     tgt_all = targets.view(1, -1, 1).expand(R, -1, 1)
     gz = gM = gs = None
