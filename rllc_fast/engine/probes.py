@@ -18,9 +18,11 @@ import numpy as np
 import torch
 
 from . import head_replicas
+from ..losses import next_token_loss
 from ..observables import ProbeRecorder
 from .unembed_loss import low_rank_allowed, low_rank_position_losses, unembed_position_losses
 from .chunks import layer_chunks
+from .structured import low_rank_layers
 from .common import restore_slices, unpack_row
 
 
@@ -32,8 +34,7 @@ class HeadProbeLosses:
     def __init__(self, hr: head_replicas.HeadReplicas, recorder: ProbeRecorder, indices: List[int],
                  units: List[head_replicas.Unit], limit: int, block_bytes: Optional[int]):
         self.hr, self.recorder, self.block_bytes = hr, recorder, block_bytes
-        last = hr.cfg.n_layers - 1
-        self.low_rank = {last} if hr.low_rank_reason(last) is None else set()  # probes score the token loss
+        self.low_rank = low_rank_layers(hr, next_token_loss)  # probes score the token loss
         layers = sorted({u.layer for u in units})
         device = next(hr.model.parameters()).device
         self.passes = []  # per probe group (sets of one context length scored together): its w* pass and chunks

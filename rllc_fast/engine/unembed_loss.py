@@ -40,6 +40,22 @@ def block_rows(vocab: int, block_bytes: Optional[int] = None, kl: bool = False) 
     return max(MIN_BLOCK_ROWS, int(block_bytes) // block_row_bytes(vocab, kl))
 
 
+def _token_cross_entropy(logits, tgt, out, minus_one, need_grad: bool, keep_logits: bool = False):
+    """Next-token cross-entropy of each row of ``logits [..., V]`` against ``tgt [..., 1]`` into ``out [..., 1]``,
+    in one exp pass (``log(sum exp(l - max)) + max - l[target]``); with ``need_grad`` returns ``softmax - onehot``
+    ``[..., V]`` (``minus_one``: ``-1`` shaped as ``tgt``), else None. The logits are overwritten unless
+    ``keep_logits``."""
+    picked = logits.gather(-1, tgt)
+    top = logits.amax(dim=-1, keepdim=True)
+    e = (torch.sub(logits, top) if keep_logits else logits.sub_(top)).exp_()   # exp(l - max)
+    total = e.sum(dim=-1, keepdim=True)
+    torch.sub(total.log().add_(top), picked, out=out)
+    if not need_grad:
+        return None
+    e.div_(total)                                                                # softmax
+    return e.scatter_add_(-1, tgt, minus_one)
+
+
 def _row_losses(x, W_U, b_U, target_ids, target_logp, block_bytes, need_grad: bool):
     """``(row losses [rows] float32, d loss_row / d x [rows, d] float32 or None)`` of ``x [rows, d]``, block by
     block; token loss against ``target_ids [rows]``, or KL to ``target_logp`` (whose rows repeat over ``x``'s).
@@ -60,16 +76,9 @@ def _row_losses(x, W_U, b_U, target_ids, target_logp, block_bytes, need_grad: bo
         end = min(start + block, rows_total)
         xb = x[start:end].float()
         logits = (torch.addmm(b, xb, W) if b is not None else xb @ W).float()   # [rows, V]
-        if not kl:  # one exp pass over the block: loss = log(sum exp(l - max)) + max - l[target]
-            tgt = target_ids[start:end, None]
-            picked = logits.gather(1, tgt)
-            top = logits.amax(dim=1, keepdim=True)
-            dlogits = logits.sub_(top).exp_()                                  # exp(l - max)
-            total = dlogits.sum(dim=1, keepdim=True)
-            torch.sub(total.log().add_(top), picked, out=row_loss[start:end, None])
-            if need_grad:
-                dlogits.div_(total)                                            # softmax
-                dlogits.scatter_add_(1, tgt, minus_one[: end - start])
+        if not kl:
+            dlogits = _token_cross_entropy(logits, target_ids[start:end, None], row_loss[start:end, None],
+                                           minus_one[: end - start] if need_grad else None, need_grad)
         else:  # KL(p_ref || softmax(logits)); reference rows repeat for every replica
             lse = torch.logsumexp(logits, dim=1, keepdim=True)
             if end - start == rows_total or (start % n_ref == 0 and end - start == n_ref):
@@ -190,7 +199,7 @@ def _low_rank_rows(parts, targets: torch.Tensor, block_bytes, need_grad: bool):
     block = max(1, min(rows_total, factored_block_rows(V, R, block_bytes)))
     row_loss = torch.empty(R, rows_total, dtype=torch.float32, device=z.device)
     tgt_all = targets.view(1, -1, 1).expand(R, -1, 1)
-    gz = gM = gs = None
+    gz = gM = gs = minus_one = None
     if need_grad:
         gz, gM, Mt = torch.empty_like(z), torch.zeros_like(M), M.transpose(1, 2)
         minus_one = torch.full((R, block, 1), -1.0, dtype=torch.float32, device=z.device)
@@ -202,21 +211,16 @@ def _low_rank_rows(parts, targets: torch.Tensor, block_bytes, need_grad: bool):
         if scale is not None:
             logits.div_(scale[:, start:end, None])
         logits.add_(parts.bias)
-        tgt = tgt_all[:, start:end]
-        picked = logits.gather(2, tgt)
-        top = logits.amax(dim=2, keepdim=True)
-        e = torch.sub(logits, top).exp_()
-        total = e.sum(dim=2, keepdim=True)
-        torch.sub(total.log().add_(top), picked, out=row_loss[:, start:end, None])
+        dlogits = _token_cross_entropy(logits, tgt_all[:, start:end], row_loss[:, start:end, None],
+                                       None if minus_one is None else minus_one[:, : end - start], need_grad,
+                                       keep_logits=gs is not None)  # the scale's gradient reads the logits
         if need_grad:
-            dlogits = e.div_(total)                                                # softmax
-            dlogits.scatter_add_(2, tgt, minus_one[:, : end - start])
             if gs is not None:  # d loss / d scale = - sum_v dlogits (logits - bias) / scale
                 torch.div(logits.sub_(parts.bias).mul_(dlogits).sum(2), neg_scale[:, start:end], out=gs[:, start:end])
                 dlogits.div_(scale[:, start:end, None])                            # d loss / d (A + z M - z* M*)
             torch.bmm(dlogits, Mt, out=gz[:, start:end])
             gM.add_(torch.bmm(z[:, start:end].transpose(1, 2), dlogits))  # (FlopCounterMode counts bmm, not baddbmm_)
-        del logits, e
+        del logits, dlogits
     return row_loss, gz, gM, gs
 
 
