@@ -1,6 +1,7 @@
 """Build of rllc_fast's extension ``rllc_fast._C``.
 
-- CPU part (``csrc/ops.cpp``: the op schemas) is built everywhere.
+- CPU part (``csrc/ops.cpp``: the op schemas; ``csrc/cpu/*.cpp``: CPU kernels) is built everywhere
+  (with OpenMP on Linux, torch's own runtime, so the CPU kernels use torch's threads).
 - CUDA kernels (``csrc/cuda/*.cu``) are built where torch has CUDA and nvcc is found.
 
 Environment switches:
@@ -13,6 +14,7 @@ Install without build isolation so the installed torch is used: pip install --no
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -32,14 +34,15 @@ def extensions():
         with_cuda = False
     if with_cuda and torch.version.cuda is None:
         raise RuntimeError("FORCE_CUDA=1 needs a CUDA build of torch (this torch is CPU-only)")
-    sources = ["csrc/ops.cpp"]
-    args = {"cxx": ["-O3", "-std=c++20"]}
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    args = {"cxx": ["-O3", "-std=c++20", "-Wno-psabi"] + openmp}
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         args["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
-        ext = CUDAExtension("rllc_fast._C", sources, extra_compile_args=args)
+        ext = CUDAExtension("rllc_fast._C", sources, extra_compile_args=args, extra_link_args=openmp)
     else:
-        ext = CppExtension("rllc_fast._C", sources, extra_compile_args=args)
+        ext = CppExtension("rllc_fast._C", sources, extra_compile_args=args, extra_link_args=openmp)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

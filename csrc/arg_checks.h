@@ -1,5 +1,5 @@
 // Argument checks of the rllc_fast ops in plain C++ (no torch headers): the CUDA ops call them
-// through csrc/cuda/tensor_info.cuh, and tests/test_emulated_kernels.py calls them through the CPU
+// through csrc/tensor_info.h, and tests/test_emulated_kernels.py calls them through the CPU
 // emulation build. They make the checks of rllc_fast/ops.py (check_sgld_args and the others), in the
 // same order and with the same messages; a test compares the two on every bad input it can make.
 // Each returns "" when the arguments are fine, else the message of the first failed check. Only
@@ -19,6 +19,7 @@ struct TensorInfo {
   std::string dtype;           // as torch names it, without "torch.": float32, bfloat16, int64, ...
   std::string device;          // as torch prints it: cpu, cuda:0, meta
   bool contiguous = true;
+  bool unit_last_stride = true;  // stride 1 along the last dimension (or a last dimension of size <= 1)
   int64_t dim() const { return static_cast<int64_t>(sizes.size()); }
 };
 
@@ -116,6 +117,75 @@ inline std::string check_blocked_dot_args(const TensorInfo& v, const TensorInfo&
   if (!hv.contiguous) return contiguous_message(op, "hv");
   if (!offsets.contiguous) return contiguous_message(op, "offsets");
   return "";
+}
+
+// causal_attention (CPU kernel: csrc/cpu/causal_attention.cpp): q, k, v float32 [batch, heads, T, D] of one
+// shape, on one device, with stride 1 along D (any other strides); T <= 128 and D one of 8, 16, 32, 64 (the
+// kernel's sizes; longer sequences and other head sizes take torch's scaled_dot_product_attention in the
+// engine).
+inline std::string check_attention_tensor(const std::string& op, const std::string& name, const TensorInfo& t,
+                                          const TensorInfo& q) {
+  if (t.sizes != q.sizes) return op + ": " + name + " must have q's shape " + shape_str(q) + ", got " + shape_str(t);
+  if (t.dtype != "float32") return op + ": " + name + " must be float32, got " + t.dtype;
+  if (t.device != q.device) return op + ": " + name + " must be on q's device " + q.device + ", got " + t.device;
+  if (!t.unit_last_stride)
+    return op + ": " + name + " must have stride 1 along its last dimension (pass " + name + ".contiguous())";
+  return "";
+}
+
+inline std::string check_attention_qkv(const std::string& op, const TensorInfo& q, const TensorInfo& k,
+                                       const TensorInfo& v) {
+  if (q.dim() != 4) return op + ": q must be 4-D [batch, heads, T, D], got shape " + shape_str(q);
+  if (q.sizes[2] > 128) return op + ": T must be at most 128 positions, got " + std::to_string(q.sizes[2]);
+  const int64_t d = q.sizes[3];
+  if (!(d == 8 || d == 16 || d == 32 || d == 64)) return op + ": D must be 8, 16, 32 or 64, got " + std::to_string(d);
+  for (const auto& [name, t] : {std::pair<std::string, const TensorInfo*>{"q", &q}, {"k", &k}, {"v", &v}}) {
+    const std::string message = check_attention_tensor(op, name, *t, q);
+    if (!message.empty()) return message;
+  }
+  return "";
+}
+
+inline std::string check_causal_attention_args(const TensorInfo& q, const TensorInfo& k, const TensorInfo& v) {
+  return check_attention_qkv("causal_attention", q, k, v);
+}
+
+inline std::string check_causal_attention_backward_args(const TensorInfo& grad_out, const TensorInfo& q,
+                                                        const TensorInfo& k, const TensorInfo& v,
+                                                        const TensorInfo& out, const TensorInfo& lse) {
+  const std::string op = "causal_attention_backward";
+  std::string message = check_attention_qkv(op, q, k, v);
+  if (message.empty()) message = check_attention_tensor(op, "out", out, q);
+  if (message.empty()) message = check_attention_tensor(op, "grad_out", grad_out, q);
+  if (!message.empty()) return message;
+  const std::vector<int64_t> rows(q.sizes.begin(), q.sizes.end() - 1);
+  if (lse.sizes != rows) return op + ": lse must be [batch, heads, T] = " + shape_str(rows) + ", got " + shape_str(lse);
+  if (lse.dtype != "float32") return op + ": lse must be float32, got " + lse.dtype;
+  if (lse.device != q.device) return op + ": lse must be on q's device " + q.device + ", got " + lse.device;
+  if (!lse.contiguous) return contiguous_message(op, "lse");
+  return "";
+}
+
+// token_cross_entropy_ (CPU kernel: csrc/cpu/token_cross_entropy.cpp): logits float32 [rows, V], V >= 1,
+// contiguous (overwritten by the gradient when asked); targets int64 [rows] on its device, contiguous. The
+// target values are checked by the op itself (token_targets_message).
+inline std::string check_token_cross_entropy_args(const TensorInfo& logits, const TensorInfo& targets) {
+  const std::string op = "token_cross_entropy_";
+  if (!(logits.dim() == 2 && logits.sizes[1] >= 1))
+    return op + ": logits must be 2-D [rows, vocabulary] with a vocabulary >= 1, got shape " + shape_str(logits);
+  if (logits.dtype != "float32") return op + ": logits must be float32, got " + logits.dtype;
+  if (!logits.contiguous) return contiguous_message(op, "logits");
+  if (!(targets.dim() == 1 && targets.sizes[0] == logits.sizes[0]))
+    return op + ": targets must be [rows] = [" + std::to_string(logits.sizes[0]) + "], got shape " + shape_str(targets);
+  if (targets.dtype != "int64") return op + ": targets must be int64, got " + targets.dtype;
+  if (targets.device != logits.device)
+    return op + ": targets must be on logits' device " + logits.device + ", got " + targets.device;
+  if (!targets.contiguous) return contiguous_message(op, "targets");
+  return "";
+}
+
+inline std::string token_targets_message(int64_t vocab) {
+  return "token_cross_entropy_: targets must be token ids in [0, " + std::to_string(vocab) + ")";
 }
 
 }  // namespace rllc_fast

@@ -1,6 +1,6 @@
-// Schemas of the rllc_fast ops. Kernels: csrc/cuda/*.cu (CUDA); the CPU implementation is the
-// pure-PyTorch fallback registered from rllc_fast/ops.py, which keeps a copy of these strings
-// (tests/test_ops.py checks that the two agree).
+// Schemas of the rllc_fast ops. Kernels: csrc/cuda/*.cu (CUDA), csrc/cpu/*.cpp (CPU: causal_attention, token_cross_entropy_);
+// the other implementations are the pure-PyTorch fallbacks registered from rllc_fast/ops.py, which
+// keeps a copy of these strings (tests/test_ops.py checks that the two agree).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -10,6 +10,9 @@ TORCH_LIBRARY(rllc_fast, m) {
   m.def("rademacher(int num_probes, int n, Tensor rng_state) -> Tensor",
         {at::Tag::nondeterministic_seeded});
   m.def("blocked_dot(Tensor v, Tensor hv, Tensor offsets) -> Tensor");
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  m.def("causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("token_cross_entropy_(Tensor(a!) logits, Tensor targets, bool need_grad) -> Tensor");
 }
 
 // `import rllc_fast._C` loads this library, which runs the registrations above.

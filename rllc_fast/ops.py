@@ -25,6 +25,20 @@ compiled extension is absent, and a test keeps the two identical):
   that do not rise from 0 to ``n`` raise on CPU; on CUDA they are checked by the kernel, without a
   host sync, and the blocks they make bad come out NaN.
 
+- ``causal_attention(q, k, v, scale) -> (out, lse)``: causal softmax attention of ``q, k, v [B, H, T, D]``
+  (float32, stride 1 along ``D``, ``T <= 128``, ``D`` in 8, 16, 32, 64): ``out [B, H, T, D]`` (dense, in
+  the order of ``q``'s strides, so ``q = x.transpose(1, 2)`` gives ``out.transpose(1, 2)`` contiguous) and the row
+  log-sum-exp of the scaled scores ``lse [B, H, T]``; ``causal_attention_backward(grad_out, q, k, v, out,
+  lse, scale) -> (dq, dk, dv)``. A compiled CPU kernel (``csrc/cpu/causal_attention.cpp``, for the short
+  sequences and small heads where torch's CPU flash attention is slow); elsewhere the PyTorch fallback
+  below (materialized scores), the reference the kernel is tested against. ``causal_attention`` (the
+  Python function) is the differentiable entry point.
+- ``token_cross_entropy_(logits, targets, need_grad) -> losses [rows]``: per row of ``logits [rows, V]``
+  (float32, contiguous), ``log sum_j exp(logits_j) - logits[target]`` against ``targets [rows]`` (int64 token
+  ids in ``[0, V)``, checked); with ``need_grad`` the logits are overwritten by ``softmax - onehot(target)``
+  (the loss's gradient), else left as they are. A compiled CPU kernel (``csrc/cpu/token_cross_entropy.cpp``);
+  elsewhere the PyTorch fallback below.
+
 Argument checks (shapes, dtypes, devices, contiguity) are written once here (``check_*_args``, run by
 the fake kernels and the fallbacks) and once in ``csrc/arg_checks.h`` for the CUDA ops, with the same
 messages; tests/test_emulated_kernels.py compares the two.
@@ -48,6 +62,12 @@ SCHEMAS = {
     ),
     "rademacher": "rademacher(int num_probes, int n, Tensor rng_state) -> Tensor",
     "blocked_dot": "blocked_dot(Tensor v, Tensor hv, Tensor offsets) -> Tensor",
+    "causal_attention": "causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)",
+    "causal_attention_backward": (
+        "causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "float scale) -> (Tensor, Tensor, Tensor)"
+    ),
+    "token_cross_entropy_": "token_cross_entropy_(Tensor(a!) logits, Tensor targets, bool need_grad) -> Tensor",
 }
 SEEDED = ("sgld_step", "rademacher")
 
@@ -65,14 +85,19 @@ except ImportError:
 
 # Whether compiled CUDA kernels were registered, read before the fallback is registered below.
 CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("rllc_fast::sgld_step", "CUDA")
+# Whether the compiled CPU kernels were registered (an extension built from older sources has not).
+CPU_KERNELS = _EXTENSION and all(torch._C._dispatch_has_kernel_for_dispatch_key(f"rllc_fast::{name}", "CPU")
+                                 for name in ("causal_attention", "causal_attention_backward", "token_cross_entropy_"))
 
 
 def backend() -> str:
-    """Which implementation serves the ops: compiled CUDA kernels or the PyTorch fallback."""
+    """Which implementation serves the ops: compiled CUDA kernels, the compiled CPU kernels (attention and
+    token cross-entropy), or the PyTorch fallback."""
+    cpu = "" if CPU_KERNELS else " (no CPU kernels: rebuild the extension)"
     if CUDA_KERNELS:
-        return "compiled extension: CUDA kernels on GPU, PyTorch fallback on CPU"
+        return "compiled extension: CUDA kernels on GPU, PyTorch fallback on CPU but its two kernels" + cpu
     if _EXTENSION:
-        return "compiled extension without CUDA: PyTorch fallback on every device"
+        return "compiled extension without CUDA: PyTorch fallback on every device but the two CPU kernels" + cpu
     return "PyTorch fallback on every device (extension not built)"
 
 
@@ -191,6 +216,65 @@ def check_blocked_dot_args(v, hv, offsets) -> None:
         _check(t.is_contiguous(), lambda: _contiguous(op, name))
 
 
+ATTENTION_MAX_T = 128
+ATTENTION_HEAD_SIZES = (8, 16, 32, 64)
+
+
+def _check_attention_tensor(op: str, name: str, t, q) -> None:
+    _check(t.shape == q.shape, lambda: f"{op}: {name} must have q's shape {_shape(q)}, got {_shape(t)}")
+    _check(t.dtype == torch.float32, lambda: f"{op}: {name} must be float32, got {_dtype(t)}")
+    _check(t.device == q.device, lambda: f"{op}: {name} must be on q's device {q.device}, got {t.device}")
+    _check(t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1,
+           lambda: f"{op}: {name} must have stride 1 along its last dimension (pass {name}.contiguous())")
+
+
+def _check_attention_qkv(op: str, q, k, v) -> None:
+    _check(q.dim() == 4, lambda: f"{op}: q must be 4-D [batch, heads, T, D], got shape {_shape(q)}")
+    _check(q.shape[2] <= ATTENTION_MAX_T,
+           lambda: f"{op}: T must be at most {ATTENTION_MAX_T} positions, got {int(q.shape[2])}")
+    _check(q.shape[3] in ATTENTION_HEAD_SIZES, lambda: f"{op}: D must be 8, 16, 32 or 64, got {int(q.shape[3])}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_attention_tensor(op, name, t, q)
+
+
+def check_causal_attention_args(q, k, v) -> None:
+    """The checks of ``causal_attention`` (csrc/arg_checks.h makes the same for the CPU kernel)."""
+    _check_attention_qkv("causal_attention", q, k, v)
+
+
+def check_causal_attention_backward_args(grad_out, q, k, v, out, lse) -> None:
+    """The checks of ``causal_attention_backward`` (csrc/arg_checks.h makes the same for the CPU kernel)."""
+    op = "causal_attention_backward"
+    _check_attention_qkv(op, q, k, v)
+    _check_attention_tensor(op, "out", out, q)
+    _check_attention_tensor(op, "grad_out", grad_out, q)
+    rows = str([int(x) for x in q.shape[:-1]])
+    _check(lse.shape == q.shape[:-1], lambda: f"{op}: lse must be [batch, heads, T] = {rows}, got {_shape(lse)}")
+    _check(lse.dtype == torch.float32, lambda: f"{op}: lse must be float32, got {_dtype(lse)}")
+    _check(lse.device == q.device, lambda: f"{op}: lse must be on q's device {q.device}, got {lse.device}")
+    _check(lse.is_contiguous(), lambda: _contiguous(op, "lse"))
+
+
+def check_token_cross_entropy_args(logits, targets) -> None:
+    """The checks of ``token_cross_entropy_`` (csrc/arg_checks.h makes the same for the CPU kernel); the target
+    values are checked by the op (``token_targets_message``)."""
+    op = "token_cross_entropy_"
+    _check(logits.dim() == 2 and logits.shape[1] >= 1,
+           lambda: f"{op}: logits must be 2-D [rows, vocabulary] with a vocabulary >= 1, got shape {_shape(logits)}")
+    _check(logits.dtype == torch.float32, lambda: f"{op}: logits must be float32, got {_dtype(logits)}")
+    _check(logits.is_contiguous(), lambda: _contiguous(op, "logits"))
+    _check(targets.dim() == 1 and targets.shape[0] == logits.shape[0],
+           lambda: f"{op}: targets must be [rows] = [{int(logits.shape[0])}], got shape {_shape(targets)}")
+    _check(targets.dtype == torch.int64, lambda: f"{op}: targets must be int64, got {_dtype(targets)}")
+    _check(targets.device == logits.device,
+           lambda: f"{op}: targets must be on logits' device {logits.device}, got {targets.device}")
+    _check(targets.is_contiguous(), lambda: _contiguous(op, "targets"))
+
+
+def token_targets_message(vocab: int) -> str:
+    return f"token_cross_entropy_: targets must be token ids in [0, {vocab})"
+
+
 def check_offsets(offsets, n: int) -> None:
     """``offsets`` rise from 0 to ``n`` (reads the values: a host sync on CUDA, so the CUDA op does not
     call it; its kernel writes NaN for the blocks of bad offsets instead)."""
@@ -267,10 +351,54 @@ def _blocked_dot_fallback(v, hv, offsets):
     return torch.stack([part.sum(dim=1) for part in torch.split(v * hv, sizes, dim=1)], dim=1)
 
 
+def _causal_probabilities(q, k, lse_or_none, scale):
+    """``(probabilities [B, H, T, T], lse [B, H, T])`` of the causal scaled scores ``scale q k^T``."""
+    T = q.shape[2]
+    scores = (q @ k.transpose(-1, -2)).mul_(scale)
+    scores.masked_fill_(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1) if lse_or_none is None else lse_or_none
+    return scores.sub_(lse[..., None]).exp_(), lse
+
+
+def _causal_attention_fallback(q, k, v, scale):
+    check_causal_attention_args(q, k, v)
+    p, lse = _causal_probabilities(q, k, None, scale)
+    return torch.empty_like(q).copy_(p @ v), lse  # in q's stride order, as the kernel's
+
+
+def _causal_attention_backward_fallback(grad_out, q, k, v, out, lse, scale):
+    check_causal_attention_backward_args(grad_out, q, k, v, out, lse)
+    p, _ = _causal_probabilities(q, k, lse, scale)
+    dv = p.transpose(-1, -2) @ grad_out
+    delta = (grad_out * out).sum(-1, keepdim=True)                   # sum_j P_ij dP_ij
+    ds = (grad_out @ v.transpose(-1, -2)).sub_(delta).mul_(p).mul_(scale)
+    return tuple(torch.empty_like(t).copy_(d) for t, d in ((q, ds @ k), (k, ds.transpose(-1, -2) @ q), (v, dv)))
+
+
+def _token_cross_entropy_fallback(logits, targets, need_grad):
+    check_token_cross_entropy_args(logits, targets)
+    V = logits.shape[1]
+    _check(bool(((targets >= 0) & (targets < V)).all()), lambda: token_targets_message(V))  # reads: a sync on CUDA
+    tgt = targets[:, None]
+    picked = logits.gather(1, tgt)
+    top = logits.amax(dim=1, keepdim=True)
+    e = (logits.sub_(top) if need_grad else logits - top).exp_()      # exp(x - max)
+    total = e.sum(dim=1, keepdim=True)
+    losses = total.log().add_(top).sub_(picked)[:, 0]
+    if need_grad:                                                      # softmax - onehot, over the logits
+        e.div_(total).scatter_add_(1, tgt, torch.full_like(picked, -1.0))
+    return losses
+
+
 _DEVICES = ["cpu"] if CUDA_KERNELS else ["cpu", "cuda"]
 torch.library.register_kernel("rllc_fast::sgld_step", _DEVICES, _sgld_step_fallback)
 torch.library.register_kernel("rllc_fast::rademacher", _DEVICES, _rademacher_fallback)
 torch.library.register_kernel("rllc_fast::blocked_dot", _DEVICES, _blocked_dot_fallback)
+_CPU_KERNEL_DEVICES = ["cuda"] if CPU_KERNELS else ["cpu", "cuda"]  # ops with compiled CPU kernels
+torch.library.register_kernel("rllc_fast::causal_attention", _CPU_KERNEL_DEVICES, _causal_attention_fallback)
+torch.library.register_kernel("rllc_fast::causal_attention_backward", _CPU_KERNEL_DEVICES,
+                              _causal_attention_backward_fallback)
+torch.library.register_kernel("rllc_fast::token_cross_entropy_", _CPU_KERNEL_DEVICES, _token_cross_entropy_fallback)
 
 
 # The fake kernels (shapes only, for torch.compile / FakeTensor) make the same argument checks.
@@ -291,6 +419,24 @@ def _(num_probes, n, rng_state):
 def _(v, hv, offsets):
     check_blocked_dot_args(v, hv, offsets)
     return v.new_empty((v.shape[0], offsets.shape[0] - 1), dtype=torch.float32)
+
+
+@torch.library.register_fake("rllc_fast::causal_attention")
+def _(q, k, v, scale):
+    check_causal_attention_args(q, k, v)
+    return torch.empty_like(q), q.new_empty(q.shape[:-1])
+
+
+@torch.library.register_fake("rllc_fast::causal_attention_backward")
+def _(grad_out, q, k, v, out, lse, scale):
+    check_causal_attention_backward_args(grad_out, q, k, v, out, lse)
+    return tuple(torch.empty_like(t) for t in (q, k, v))
+
+
+@torch.library.register_fake("rllc_fast::token_cross_entropy_")
+def _(logits, targets, need_grad):
+    check_token_cross_entropy_args(logits, targets)
+    return logits.new_empty(logits.shape[:1])
 
 
 # ---------------------------------------------------------------------------- Python entry points
@@ -324,3 +470,57 @@ def blocked_dot(v: torch.Tensor, hv: torch.Tensor, offsets: torch.Tensor) -> tor
     """``[P, B]``: per probe and block ``offsets[b]:offsets[b+1]``, the dot product of v and hv."""
     return torch.ops.rllc_fast.blocked_dot(v, hv, offsets)
 
+
+
+class _CausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float):
+        out, lse = torch.ops.rllc_fast.causal_attention(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        if grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
+        dq, dk, dv = torch.ops.rllc_fast.causal_attention_backward(grad_out, q, k, v, out, lse, ctx.scale)
+        return dq, dk, dv, None
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal softmax attention ``softmax(scale q k^T + causal mask) v`` of ``q, k, v [B, H, T, D]`` (float32,
+    ``T <= ATTENTION_MAX_T``, ``D`` in ``ATTENTION_HEAD_SIZES``) -> ``[B, H, T, D]``, differentiable in ``q, k,
+    v`` (once). Any strides (an input without stride 1 along ``D`` is copied)."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _CausalAttention.apply(q, k, v, float(scale))
+
+
+def token_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, need_grad: bool) -> torch.Tensor:
+    """Next-token losses ``[rows]`` of ``logits [rows, V]`` against ``targets [rows]``; with ``need_grad`` the
+    logits are overwritten by ``softmax - onehot`` (the gradient of each row's loss)."""
+    return torch.ops.rllc_fast.token_cross_entropy_(logits, targets, bool(need_grad))
+
+
+CPU_KERNEL_CAPABILITIES = ("AVX2", "AVX512")
+"""``torch.backends.cpu.get_cpu_capability()`` values on which the engine uses the compiled CPU kernels (x86
+with AVX2 or AVX-512, the kernels' vector clones; measured on AVX-512, docs/benchmarks.md)."""
+
+
+def cpu_kernels_serve(t: torch.Tensor) -> bool:
+    """Whether the engine should hand float32 CPU tensor ``t`` to the compiled CPU kernels (built, and an x86
+    CPU with AVX2 or AVX-512); the callers add each op's own shape limits."""
+    return (CPU_KERNELS and t.device.type == "cpu" and t.dtype == torch.float32
+            and _cpu_capability() in CPU_KERNEL_CAPABILITIES)
+
+
+_CAPABILITY = []
+
+
+def _cpu_capability() -> str:
+    """The CPU's vector capability as torch reports it (read once)."""
+    if not _CAPABILITY:
+        _CAPABILITY.append(torch.backends.cpu.get_cpu_capability())
+    return _CAPABILITY[0]

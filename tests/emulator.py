@@ -127,7 +127,8 @@ def describe(t: torch.Tensor | None) -> bytes:
         return b"none"
     dtype = str(t.dtype).split(".")[-1]
     sizes = ",".join(str(s) for s in t.shape)
-    return f"{dtype}|{t.device}|{int(t.is_contiguous())}|{sizes}".encode()
+    unit_last = t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1
+    return f"{dtype}|{t.device}|{int(t.is_contiguous())}|{sizes}|{int(unit_last)}".encode()
 
 
 class Emulator:

@@ -8,7 +8,7 @@
 #include <torch/library.h>
 
 #include "hutchinson_kernels.cuh"
-#include "tensor_info.cuh"
+#include "../tensor_info.h"
 
 namespace rllc_fast {
 namespace {

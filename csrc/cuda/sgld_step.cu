@@ -9,7 +9,7 @@
 #include <torch/library.h>
 
 #include "sgld_step_kernel.cuh"
-#include "tensor_info.cuh"
+#include "../tensor_info.h"
 
 namespace rllc_fast {
 namespace {

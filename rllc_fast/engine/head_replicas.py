@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import causal as causal_attention
 from ..components import GROUP_KV_PARAMS, HEAD_PARAMS, QUERY_HEAD_PARAMS, Component, group, head, kv_groups
 
 ATTENTION = ("sdpa", "materialized")
@@ -224,7 +225,7 @@ class HeadReplicas:
     """Per-replica logits of head-perturbed copies of one ``HookedTransformer``."""
 
     def __init__(self, model: nn.Module, attention: Optional[str] = None):
-        """attention: ``DEFAULT_ATTENTION`` when None; ``"sdpa"`` (``scaled_dot_product_attention``, causal: for the replica's own head and
+        """attention: ``DEFAULT_ATTENTION`` when None; ``"sdpa"`` (``attention.causal``: the CPU kernel or SDPA, causal, for the replica's own head and
         for every layer above it that has no hooks attached) or ``"materialized"`` (full ``[.., T, T]``
         scores, and TransformerLens's own blocks above)."""
         reason = unsupported_reason(model)
@@ -521,7 +522,7 @@ class HeadReplicas:
         """Causal attention ``z [B, H, T, d_head]`` of ``q, k, v [B, H, T, d_head]`` with ``attn``'s scale (SDPA,
         or materialized scores)."""
         if self.sdpa:  # the scores never exist whole
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / attn.attn_scale)
+            return causal_attention(q, k, v, 1.0 / attn.attn_scale)
         T = q.shape[-2]
         scores = q @ k.transpose(-1, -2) / attn.attn_scale           # [B, H, T, T]
         causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).triu(1)
@@ -572,8 +573,8 @@ class HeadReplicas:
             q, k = attn.apply_rotary(q), attn.apply_rotary(k)
         if G != H:
             k, v = k.repeat_interleave(H // G, dim=2), v.repeat_interleave(H // G, dim=2)
-        z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, scale=1.0 / attn.attn_scale).transpose(1, 2)
+        z = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 1.0 / attn.attn_scale
+                             ).transpose(1, 2)
         attn_out = F.linear(z.reshape(B, T, H * dh), W_o, b_o)
         out = resid + attn_out
         mlp_out = None

@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from .. import ops
+
 BLOCK_ELEMENTS = 1 << 20  # logits per row block by default (4 MiB of float32): sized for a CPU cache
 MIN_BLOCK_ROWS = 64       # at least 64 rows: keeps the products efficient for big vocabularies
 
@@ -45,6 +47,10 @@ def _token_cross_entropy(logits, tgt, out, minus_one, need_grad: bool, keep_logi
     in one exp pass (``log(sum exp(l - max)) + max - l[target]``); with ``need_grad`` returns ``softmax - onehot``
     ``[..., V]`` (``minus_one``: ``-1`` shaped as ``tgt``), else None. The logits are overwritten unless
     ``keep_logits``."""
+    if logits.dim() == 2 and not keep_logits and logits.is_contiguous() and ops.cpu_kernels_serve(logits):
+        # the compiled CPU kernel: the same losses, each row in cache for its three passes
+        out.copy_(ops.token_cross_entropy_(logits, tgt.reshape(-1).long().contiguous(), need_grad)[:, None])
+        return logits if need_grad else None
     picked = logits.gather(-1, tgt)
     top = logits.amax(dim=-1, keepdim=True)
     e = (torch.sub(logits, top) if keep_logits else logits.sub_(top)).exp_()   # exp(l - max)

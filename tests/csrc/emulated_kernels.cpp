@@ -35,7 +35,7 @@ const char* guarded(F&& f) {
   }
 }
 
-// "none", or "dtype|device|contiguous (0/1)|size,size,..." -> TensorInfo
+// "none", or "dtype|device|contiguous (0/1)|size,size,...|unit last stride (0/1)" -> TensorInfo
 rllc_fast::TensorInfo parse_info(const char* text) {
   rllc_fast::TensorInfo t;
   const std::string s(text);
@@ -44,11 +44,12 @@ rllc_fast::TensorInfo parse_info(const char* text) {
   std::stringstream in(s);
   for (std::string f; std::getline(in, f, '|');) fields.push_back(f);
   if (s.back() == '|') fields.emplace_back();
-  if (fields.size() != 4) throw std::invalid_argument("bad tensor description: " + s);
+  if (fields.size() != 5) throw std::invalid_argument("bad tensor description: " + s);
   t.defined = true;
   t.dtype = fields[0];
   t.device = fields[1];
   t.contiguous = fields[2] == "1";
+  t.unit_last_stride = fields[4] == "1";
   std::stringstream sizes(fields[3]);
   for (std::string d; std::getline(sizes, d, ',');) t.sizes.push_back(std::stoll(d));
   return t;

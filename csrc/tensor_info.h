@@ -7,7 +7,7 @@
 #include <optional>
 #include <string>
 
-#include "../arg_checks.h"
+#include "arg_checks.h"
 
 namespace rllc_fast {
 
@@ -32,7 +32,8 @@ inline std::string dtype_name(at::ScalarType t) {
 
 inline TensorInfo tensor_info(const at::Tensor& t) {
   if (!t.defined()) return TensorInfo{};
-  return TensorInfo{true, t.sizes().vec(), dtype_name(t.scalar_type()), t.device().str(), t.is_contiguous()};
+  const bool unit_last = t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1;
+  return TensorInfo{true, t.sizes().vec(), dtype_name(t.scalar_type()), t.device().str(), t.is_contiguous(), unit_last};
 }
 
 inline TensorInfo tensor_info(const std::optional<at::Tensor>& t) {
