@@ -504,14 +504,16 @@ def token_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, need_grad:
     return torch.ops.rllc_fast.token_cross_entropy_(logits, targets, bool(need_grad))
 
 
-CPU_KERNEL_CAPABILITIES = ("AVX2", "AVX512")
-"""``torch.backends.cpu.get_cpu_capability()`` values on which the engine uses the compiled CPU kernels (x86
-with AVX2 or AVX-512, the kernels' vector clones; measured on AVX-512, docs/benchmarks.md)."""
+CPU_KERNEL_CAPABILITIES = ("AVX512",)
+"""``torch.backends.cpu.get_cpu_capability()`` values on which the engine uses the compiled CPU kernels: x86
+with AVX-512 (their x86-64-v4 build, 1.5-4x faster than torch's passes at the benchmarks' shapes). Their
+AVX2 and baseline builds compute the same numbers but measured 2-8x slower than torch's (the 16-lane vectors
+split into halves, 2026-11-30), so on those CPUs the engine keeps torch's SDPA and cross-entropy passes."""
 
 
 def cpu_kernels_serve(t: torch.Tensor) -> bool:
     """Whether the engine should hand float32 CPU tensor ``t`` to the compiled CPU kernels (built, and an x86
-    CPU with AVX2 or AVX-512); the callers add each op's own shape limits."""
+    CPU with AVX-512); the callers add each op's own shape limits."""
     return (CPU_KERNELS and t.device.type == "cpu" and t.dtype == torch.float32
             and _cpu_capability() in CPU_KERNEL_CAPABILITIES)
 

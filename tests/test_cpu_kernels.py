@@ -21,6 +21,8 @@ from rllc_fast.engine import attention
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_kernels = pytest.mark.skipif(not ops.CPU_KERNELS, reason="the extension was built without its CPU kernels")
+engine_uses_kernels = pytest.mark.skipif(ops._cpu_capability() not in ops.CPU_KERNEL_CAPABILITIES,
+                                         reason="the engine uses the CPU kernels on AVX-512 CPUs only")
 TOL = dict(rtol=1e-4, atol=1e-5)  # float32 rounding of sums of up to 128 x 64 terms (both sides ~4e-6 from float64)
 
 
@@ -269,7 +271,7 @@ def _rllc_ops_called(fn):
 
 
 @needs_kernels
-@pytest.mark.skipif(ops._cpu_capability() not in ops.CPU_KERNEL_CAPABILITIES, reason="CPU without AVX2")
+@engine_uses_kernels
 def test_the_engine_takes_the_kernels_on_the_cpu_and_not_under_autocast():
     model = _small_model()
     tokens = torch.randint(0, 61, (16, 32), generator=torch.Generator().manual_seed(0))
@@ -287,6 +289,7 @@ def test_the_engine_takes_the_kernels_on_the_cpu_and_not_under_autocast():
 
 
 @needs_kernels
+@engine_uses_kernels
 def test_an_estimate_with_the_kernels_equals_one_without(monkeypatch):
     """The engine's estimates with the compiled kernels equal those with torch's SDPA and cross-entropy passes
     to float rounding (the chains see the same noise; the kernels change only the evaluation order)."""

@@ -1,13 +1,14 @@
 // CPU kernel of rllc_fast::causal_attention and its backward: causal softmax attention of
-// q, k, v [batch, heads, T, D] (float32, T <= 128, D in 8, 16, 32, 64) for the engine's short sequences
-// and small heads, where torch's CPU flash attention runs far below the machine's rate (its tiles are
-// sized for long sequences). Per (batch, head), in one thread, with the keys and values transposed into
-// a [D, T] scratch so that a query's scores against 16 keys are D multiply-adds of 16-lane vectors;
-// the forward keeps the row log-sum-exp, the backward recomputes the probabilities from it (as flash
-// attention does) and forms dV = P^T dO, dK = dS^T Q in a second pass over the keys.
-// Vectors are GCC's generic vectors; on x86-64 GCC builds each entry function is compiled for
-// x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and the baseline, picked at load time (target_clones).
-// The reference it is tested against is the PyTorch fallback in rllc_fast/ops.py (tests/test_attention.py).
+// q, k, v [batch, heads, T, D] (float32, T <= 128, D in 8, 16, 32, 64, any strides but stride 1 along D)
+// for the engine's short sequences and small heads, where torch's CPU flash attention runs far below the
+// machine's rate (its tiles are sized for long sequences). Each (batch, head) pair is one thread's work,
+// with the keys and values transposed into a [D, T] scratch; queries (and, in the backward's second pass,
+// keys) go in register tiles of a few rows, so that each vector load of 16 keys serves every row of the
+// tile. The forward keeps the row log-sum-exp; the backward recomputes the probabilities from it (as
+// flash attention does), keeps P and dS of the pair in scratch, and forms dV = P^T dO, dK = dS^T Q by key
+// tiles. Vectors are GCC's generic vectors (csrc/cpu/vec.h); on x86-64 GCC builds each entry function is
+// compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and the baseline, picked at load time.
+// The reference it is tested against is the PyTorch fallback in rllc_fast/ops.py (tests/test_cpu_kernels.py).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -54,17 +55,8 @@ RLLC_INLINE void transpose(const float* x, int64_t st, float* xt, int T, int TP,
   }
 }
 
-// scale * (q_i . k_j) for the 16 keys j of block blk, from K^T [D, TP] (four accumulation chains)
-template <int D> RLLC_INLINE vf scores(const float* qi, const float* kt, int TP, int blk, float scale) {
-  vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
-  for (int e = 0; e + 4 <= D; e += 4) {
-    a0 += qi[e] * load(kt + e * TP + blk * W);
-    a1 += qi[e + 1] * load(kt + (e + 1) * TP + blk * W);
-    a2 += qi[e + 2] * load(kt + (e + 2) * TP + blk * W);
-    a3 += qi[e + 3] * load(kt + (e + 3) * TP + blk * W);
-  }
-  return ((a0 + a1) + (a2 + a3)) * scale;
-}
+// Rows per register tile: QT query (or key) rows share every vector load of the other operand.
+template <int D> constexpr int tile_rows() { return D <= 16 ? 8 : 4; }
 
 RLLC_INLINE vf lane_index(int blk) {  // the key positions of block blk
   vf v;
@@ -72,86 +64,139 @@ RLLC_INLINE vf lane_index(int blk) {  // the key positions of block blk
   return v;
 }
 
-// sum_{j < n} w[j sw] x_j over rows x_j = x + j sx of D floats (four accumulation chains)
-template <int D>
-RLLC_INLINE typename Row<D>::type weighted_rows(const float* w, int64_t sw, const float* x, int64_t sx, int n) {
-  typedef typename Row<D>::type R;
-  R a0 = {}, a1 = {}, a2 = {}, a3 = {};
-  int j = 0;
-  for (; j + 4 <= n; j += 4) {
-    a0 += w[j * sw] * load_row<D>(x + j * sx);
-    a1 += w[(j + 1) * sw] * load_row<D>(x + (j + 1) * sx);
-    a2 += w[(j + 2) * sw] * load_row<D>(x + (j + 2) * sx);
-    a3 += w[(j + 3) * sw] * load_row<D>(x + (j + 3) * sx);
+// acc[u] = a_u . b_j for the 16 columns j of block blk of b^T [D, TP], for rows a_u = arow[u] (QT rows)
+template <int D, int QT> RLLC_INLINE void tile_dots(const float* const* arow, const float* bt, int TP, int blk, vf* acc) {
+  for (int u = 0; u < QT; ++u) acc[u] = vf{};
+  for (int e = 0; e < D; ++e) {
+    const vf col = load(bt + e * TP + blk * W);
+    for (int u = 0; u < QT; ++u) acc[u] += arow[u][e] * col;
   }
-  for (; j < n; ++j) a0 += w[j * sw] * load_row<D>(x + j * sx);
-  return (a0 + a1) + (a2 + a3);
 }
 
-// (batch, head) pairs [b0, b1): out and the row log-sum-exp lse [B*H, T] (contiguous)
+// acc[u] = sum_{j < n} w[u ws + j] x_j over rows x_j = x + j sx of D floats (QT weighted sums at once)
+template <int D, int QT>
+RLLC_INLINE void tile_weighted(const float* w, int64_t ws, const float* x, int64_t sx, int n, typename Row<D>::type* acc) {
+  for (int u = 0; u < QT; ++u) acc[u] = typename Row<D>::type{};
+  for (int j = 0; j < n; ++j) {
+    const typename Row<D>::type xj = load_row<D>(x + j * sx);
+    for (int u = 0; u < QT; ++u) acc[u] += w[u * ws + j] * xj;
+  }
+}
+
+// (batch, head) pairs [b0, b1): out and the row log-sum-exp lse [B*H, T] (contiguous). Queries in tiles of
+// QT rows: scores tile by key block of 16 (masked past the diagonal), softmax rows, then P V.
 template <int D>
 RLLC_CLONES void forward_range(View<const float> q, View<const float> k, View<const float> v, View<float> out,
                                float* lse, int64_t b0, int64_t b1, int T, float scale) {
+  constexpr int QT = tile_rows<D>();
   const int TP = (T + W - 1) / W * W;
-  std::vector<float> kt(D * TP), p(TP);
+  std::vector<float> kt(D * TP), S(QT * TP);
   for (int64_t bh = b0; bh < b1; ++bh) {
     const float *qb = q.rows(bh), *vb = v.rows(bh);
     float* ob = out.rows(bh);
     transpose(k.rows(bh), k.st, kt.data(), T, TP, D);
-    for (int i = 0; i < T; ++i) {
-      const int nb = i / W + 1;  // key blocks with a key at or before i
-      vf s[MAX_T / W];
-      vf mv = splat(-INFINITY);
+    for (int i0 = 0; i0 < T; i0 += QT) {
+      const int rows = std::min(QT, T - i0), last = i0 + rows - 1, nb = last / W + 1;
+      const float* qrow[QT];
+      for (int u = 0; u < QT; ++u) qrow[u] = qb + std::min(i0 + u, last) * q.st;  // rows past T repeat the last
+      vf mv[QT];
+      for (int u = 0; u < QT; ++u) mv[u] = splat(-INFINITY);
       for (int blk = 0; blk < nb; ++blk) {
-        vf x = scores<D>(qb + i * q.st, kt.data(), TP, blk, scale);
-        x = lane_index(blk) <= (float)i ? x : splat(-INFINITY);
-        s[blk] = x;
-        mv = x > mv ? x : mv;
+        vf acc[QT];
+        tile_dots<D, QT>(qrow, kt.data(), TP, blk, acc);
+        const vf key = lane_index(blk);
+        for (int u = 0; u < QT; ++u) {
+          const vf x = key <= (float)(i0 + u) ? acc[u] * scale : splat(-INFINITY);
+          store(S.data() + u * TP + blk * W, x);
+          mv[u] = x > mv[u] ? x : mv[u];
+        }
       }
-      const float m = hmax(mv);
-      vf sum = {};
-      for (int blk = 0; blk < nb; ++blk) {
-        vf e = exp_nonpositive(s[blk] - m);
-        e = lane_index(blk) <= (float)i ? e : (vf){};
-        sum += e;
-        store(p.data() + blk * W, e);
+      float m[QT], total[QT];
+      for (int u = 0; u < QT; ++u) {
+        m[u] = hmax(mv[u]);
+        vf sum = {};
+        for (int blk = 0; blk < nb; ++blk) {
+          vf e = exp_nonpositive(load(S.data() + u * TP + blk * W) - m[u]);
+          e = lane_index(blk) <= (float)(i0 + u) ? e : vf{};
+          sum += e;
+          store(S.data() + u * TP + blk * W, e);
+        }
+        total[u] = hsum(sum);
       }
-      const float total = hsum(sum);
-      store_row<D>(ob + i * out.st, weighted_rows<D>(p.data(), 1, vb, v.st, i + 1) * (1.f / total));
-      lse[bh * T + i] = m + std::log(total);
+      typename Row<D>::type acc[QT];
+      tile_weighted<D, QT>(S.data(), TP, vb, v.st, last + 1, acc);
+      for (int u = 0; u < rows; ++u) {
+        store_row<D>(ob + (i0 + u) * out.st, acc[u] * (1.f / total[u]));
+        lse[bh * T + i0 + u] = m[u] + std::log(total[u]);
+      }
     }
   }
 }
 
-// (batch, head) pairs [b0, b1): dq, dk, dv. Probabilities P and score gradients dS = P (dP - delta) scale of
-// the pair are kept in [T, TP] scratch; dQ = dS K row by row, then dV = P^T dO and dK = dS^T Q key by key.
+// (batch, head) pairs [b0, b1): dq, dk, dv. Pass 1, by query tiles: P = exp(scores - lse) and dS = P (dP - delta)
+// scale (dP = dO V^T, delta = sum_j P dP = dO . out) into [T, TP] scratch, and dQ = dS K. Pass 2, by key tiles:
+// dV = P^T dO, dK = dS^T Q. Scratch entries past the diagonal are zero, as far as a key tile reaches.
 template <int D>
 RLLC_CLONES void backward_range(View<const float> q, View<const float> k, View<const float> v,
                                 View<const float> o, View<const float> g, const float* lse, View<float> dq,
                                 View<float> dk, View<float> dv, int64_t b0, int64_t b1, int T, float scale) {
+  constexpr int QT = tile_rows<D>();
+  typedef typename Row<D>::type R;
   const int TP = (T + W - 1) / W * W;
-  std::vector<float> kt(D * TP), vt(D * TP), P(T * TP), S(T * TP);
+  std::vector<float> kt(D * TP), vt(D * TP), P((T + QT) * TP), S((T + QT) * TP);
   for (int64_t bh = b0; bh < b1; ++bh) {
     const float *qb = q.rows(bh), *kb = k.rows(bh), *ob = o.rows(bh), *gb = g.rows(bh);
     transpose(kb, k.st, kt.data(), T, TP, D);
     transpose(v.rows(bh), v.st, vt.data(), T, TP, D);
-    for (int i = 0; i < T; ++i) {
-      const int nb = i / W + 1;
-      const float* gi = gb + i * g.st;
-      const float delta = lane_sum(load_row<D>(gi) * load_row<D>(ob + i * o.st));  // sum_j P_ij dP_ij
-      const float li = lse[bh * T + i];
-      for (int blk = 0; blk < nb; ++blk) {
-        vf pr = exp_nonpositive(scores<D>(qb + i * q.st, kt.data(), TP, blk, scale) - li);
-        pr = lane_index(blk) <= (float)i ? pr : (vf){};
-        const vf dp = scores<D>(gi, vt.data(), TP, blk, 1.f);
-        store(P.data() + i * TP + blk * W, pr);
-        store(S.data() + i * TP + blk * W, pr * (dp - delta) * scale);
+    for (int i0 = 0; i0 < T; i0 += QT) {
+      const int rows = std::min(QT, T - i0), last = i0 + rows - 1, nb = last / W + 1;
+      const int nz = std::min(TP / W, (last + QT - 1) / W + 1);  // blocks a key tile of pass 2 reads
+      const float *qrow[QT], *grow[QT];
+      float delta[QT], li[QT];
+      for (int u = 0; u < QT; ++u) {
+        const int i = std::min(i0 + u, last);
+        qrow[u] = qb + i * q.st;
+        grow[u] = gb + i * g.st;
+        delta[u] = lane_sum(load_row<D>(grow[u]) * load_row<D>(ob + i * o.st));
+        li[u] = lse[bh * T + i];
       }
-      store_row<D>(dq.rows(bh) + i * dq.st, weighted_rows<D>(S.data() + i * TP, 1, kb, k.st, i + 1));
+      for (int blk = 0; blk < nb; ++blk) {
+        vf sacc[QT], dacc[QT];
+        tile_dots<D, QT>(qrow, kt.data(), TP, blk, sacc);
+        tile_dots<D, QT>(grow, vt.data(), TP, blk, dacc);
+        const vf key = lane_index(blk);
+        for (int u = 0; u < QT; ++u) {
+          vf p = exp_nonpositive(sacc[u] * scale - li[u]);
+          p = key <= (float)(i0 + u) ? p : vf{};
+          store(P.data() + (i0 + u) * TP + blk * W, p);
+          store(S.data() + (i0 + u) * TP + blk * W, p * (dacc[u] - delta[u]) * scale);
+        }
+      }
+      for (int blk = nb; blk < nz; ++blk)
+        for (int u = 0; u < QT; ++u) {
+          store(P.data() + (i0 + u) * TP + blk * W, vf{});
+          store(S.data() + (i0 + u) * TP + blk * W, vf{});
+        }
+      R acc[QT];
+      tile_weighted<D, QT>(S.data() + i0 * TP, TP, kb, k.st, last + 1, acc);
+      for (int u = 0; u < rows; ++u) store_row<D>(dq.rows(bh) + (i0 + u) * dq.st, acc[u]);
     }
-    for (int j = 0; j < T; ++j) {  // dV_j = sum_{i >= j} P_ij dO_i, dK_j = sum_{i >= j} dS_ij Q_i
-      store_row<D>(dv.rows(bh) + j * dv.st, weighted_rows<D>(P.data() + j * TP + j, TP, gb + j * g.st, g.st, T - j));
-      store_row<D>(dk.rows(bh) + j * dk.st, weighted_rows<D>(S.data() + j * TP + j, TP, qb + j * q.st, q.st, T - j));
+    for (int j0 = 0; j0 < T; j0 += QT) {  // keys j0 .. j0 + QT - 1: dV_j = sum_{i >= j} P_ij dO_i, dK_j = sum dS_ij Q_i
+      const int cols = std::min(QT, T - j0);
+      R av[QT], ak[QT];
+      for (int u = 0; u < QT; ++u) av[u] = ak[u] = R{};
+      for (int i = j0; i < T; ++i) {
+        const R gi = load_row<D>(gb + i * g.st), qi = load_row<D>(qb + i * q.st);
+        const float *pi = P.data() + i * TP + j0, *si = S.data() + i * TP + j0;
+        for (int u = 0; u < QT; ++u) {
+          av[u] += pi[u] * gi;
+          ak[u] += si[u] * qi;
+        }
+      }
+      for (int u = 0; u < cols; ++u) {
+        store_row<D>(dv.rows(bh) + (j0 + u) * dv.st, av[u]);
+        store_row<D>(dk.rows(bh) + (j0 + u) * dk.st, ak[u]);
+      }
     }
   }
 }

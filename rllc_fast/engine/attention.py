@@ -2,7 +2,7 @@
 
 ``causal(q, k, v, scale)`` takes ``q, k, v [B, H, T, D]`` and returns ``softmax(scale q k^T + causal mask) v``
 ``[B, H, T, D]``. For float32 CPU tensors the compiled kernels serve (``ops.cpu_kernels_serve``: built, x86
-with AVX2 or AVX-512), sequences of at most ``ops.ATTENTION_MAX_T`` positions, head sizes in
+with AVX-512), sequences of at most ``ops.ATTENTION_MAX_T`` positions, head sizes in
 ``ops.ATTENTION_HEAD_SIZES`` and no autocast, it runs ``rllc_fast.ops.causal_attention``
 (``csrc/cpu/causal_attention.cpp``): measured 2.2-4.2x faster than torch's CPU flash attention, forward and
 backward, at the benchmarks' shapes (docs/benchmarks.md). Everything else (GPUs, the meta device, bf16, long
