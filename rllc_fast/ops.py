@@ -51,6 +51,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch.utils.flop_counter import register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
 from .sgld import rmsprop_sgld_delta, sgld_delta
 
@@ -437,6 +438,18 @@ def _(grad_out, q, k, v, out, lse, scale):
 def _(logits, targets, need_grad):
     check_token_cross_entropy_args(logits, targets)
     return logits.new_empty(logits.shape[:1])
+
+
+# FlopCounterMode counts the attention ops as it counts SDPA (the two products, the causal half included), so a
+# step's FLOP count does not depend on which of the two served (tests/test_cost_model.py compares it to the model).
+@register_flop_formula(torch.ops.rllc_fast.causal_attention)
+def _(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+@register_flop_formula(torch.ops.rllc_fast.causal_attention_backward)
+def _(grad_out_shape, q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs):
+    return sdpa_backward_flop_count(grad_out_shape, q_shape, k_shape, v_shape)
 
 
 # ---------------------------------------------------------------------------- Python entry points

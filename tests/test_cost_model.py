@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 import rllc_fast as r
 from rllc_fast import cost_model as cm
+from rllc_fast import ops
 from rllc_fast.models import PAPER_CONFIG
 
 N, T, CHAINS = 3, 20, 2
@@ -61,12 +62,25 @@ def _counted(model, tokens, draws):
 
 @pytest.fixture(scope="module", params=list(TINY))
 def one_step(request):
-    """(model, counted FLOPs, counted bytes) of one SGLD step of all heads x 2 chains."""
+    """(model, counted FLOPs, counted bytes) of one SGLD step of all heads x 2 chains, by torch's SDPA and
+    cross-entropy passes (what a GPU runs, and what the model describes), not the CPU kernels."""
     model = TINY[request.param]()
     tokens = torch.randint(0, model.cfg.d_vocab, (40, T), generator=torch.Generator().manual_seed(0))
-    f1, b1 = _counted(model, tokens, 1)
-    f2, b2 = _counted(model, tokens, 2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "cpu_kernels_serve", lambda t: False)
+        f1, b1 = _counted(model, tokens, 1)
+        f2, b2 = _counted(model, tokens, 2)
     return model, f2 - f1, b2 - b1
+
+
+def test_the_cpu_kernels_leave_the_flop_count_unchanged(monkeypatch):
+    """FlopCounterMode counts the CPU attention kernel's ops as torch's SDPA (rllc_fast.ops registers the same
+    formulas), so a step counts the same FLOPs whichever serves."""
+    model = TINY["paper-like"]()
+    tokens = torch.randint(0, model.cfg.d_vocab, (40, T), generator=torch.Generator().manual_seed(0))
+    with_kernels = _counted(model, tokens, 1)[0]
+    monkeypatch.setattr(ops, "cpu_kernels_serve", lambda t: False)
+    assert with_kernels == _counted(model, tokens, 1)[0]
 
 
 def _modelled(model, **kwargs):
