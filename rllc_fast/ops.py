@@ -519,7 +519,8 @@ def token_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, need_grad:
 
 CPU_KERNEL_CAPABILITIES = ("AVX512",)
 """``torch.backends.cpu.get_cpu_capability()`` values on which the engine uses the compiled CPU kernels: x86
-with AVX-512 (their x86-64-v4 build, 1.5-4x faster than torch's passes at the benchmarks' shapes). Their
+with AVX-512 (their x86-64-v4 build, 3-6x faster than torch's passes at the benchmarks' shapes,
+``benchmarks/cpu_kernels_time.py``). Their
 AVX2 and baseline builds compute the same numbers but measured 2-8x slower than torch's (the 16-lane vectors
 split into halves, 2026-11-30), so on those CPUs the engine keeps torch's SDPA and cross-entropy passes."""
 

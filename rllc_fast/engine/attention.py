@@ -4,8 +4,8 @@
 ``[B, H, T, D]``. For float32 CPU tensors the compiled kernels serve (``ops.cpu_kernels_serve``: built, x86
 with AVX-512), sequences of at most ``ops.ATTENTION_MAX_T`` positions, head sizes in
 ``ops.ATTENTION_HEAD_SIZES`` and no autocast, it runs ``rllc_fast.ops.causal_attention``
-(``csrc/cpu/causal_attention.cpp``): measured 2.2-4.2x faster than torch's CPU flash attention, forward and
-backward, at the benchmarks' shapes (docs/benchmarks.md). Everything else (GPUs, the meta device, bf16, long
+(``csrc/cpu/causal_attention.cpp``): measured 3-6x faster than torch's CPU flash attention, forward and
+backward, at the benchmarks' shapes (``benchmarks/cpu_kernels_time.py``, docs/benchmarks.md). Everything else (GPUs, the meta device, bf16, long
 sequences, an extension built without the kernel) takes ``torch.nn.functional.scaled_dot_product_attention``.
 Both compute the same function; their results differ by float rounding (tests/test_cpu_kernels.py).
 """
