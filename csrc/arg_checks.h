@@ -1,6 +1,6 @@
-// Argument checks of the rllc_fast ops in plain C++ (no torch headers): the CUDA ops call them
-// through csrc/tensor_info.h, and tests/test_emulated_kernels.py calls them through the CPU
-// emulation build. They make the checks of rllc_fast/ops.py (check_sgld_args and the others), in the
+// Argument checks of the rllc_fast ops in plain C++ (no torch headers): the CUDA ops and the CPU kernels
+// (csrc/cpu/) call them through csrc/tensor_info.h; tests/test_emulated_kernels.py calls the CUDA ops' checks
+// through the CPU emulation build, tests/test_cpu_kernels.py the CPU kernels' through the ops themselves. They make the checks of rllc_fast/ops.py (check_sgld_args and the others), in the
 // same order and with the same messages; a test compares the two on every bad input it can make.
 // Each returns "" when the arguments are fine, else the message of the first failed check. Only
 // metadata is read (dims before sizes), never data.

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cctype>
 #include <optional>
 #include <string>
 
@@ -26,7 +27,12 @@ inline std::string dtype_name(at::ScalarType t) {
     case at::kBool: return "bool";
     case at::kComplexFloat: return "complex64";
     case at::kComplexDouble: return "complex128";
-    default: return c10::toString(t);
+    case at::kComplexHalf: return "complex32";
+    default: {  // c10's other names are Python's with capitals (Float8_e4m3fn, UInt16, QInt8)
+      std::string name = c10::toString(t);
+      for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      return name;
+    }
   }
 }
 

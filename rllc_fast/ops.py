@@ -27,7 +27,8 @@ compiled extension is absent, and a test keeps the two identical):
 
 - ``causal_attention(q, k, v, scale) -> (out, lse)``: causal softmax attention of ``q, k, v [B, H, T, D]``
   (float32, stride 1 along ``D``, ``T <= 128``, ``D`` in 8, 16, 32, 64): ``out [B, H, T, D]`` (dense, in
-  the order of ``q``'s strides, so ``q = x.transpose(1, 2)`` gives ``out.transpose(1, 2)`` contiguous) and the row
+  the order of ``q``'s strides, so ``q = x.transpose(1, 2)`` gives ``out.transpose(1, 2)`` contiguous; contiguous
+  when that order would not put ``D`` innermost) and the row
   log-sum-exp of the scaled scores ``lse [B, H, T]``; ``causal_attention_backward(grad_out, q, k, v, out,
   lse, scale) -> (dq, dk, dv)``. A compiled CPU kernel (``csrc/cpu/causal_attention.cpp``, for the short
   sequences and small heads where torch's CPU flash attention is slow); elsewhere the PyTorch fallback
@@ -40,8 +41,9 @@ compiled extension is absent, and a test keeps the two identical):
   elsewhere the PyTorch fallback below.
 
 Argument checks (shapes, dtypes, devices, contiguity) are written once here (``check_*_args``, run by
-the fake kernels and the fallbacks) and once in ``csrc/arg_checks.h`` for the CUDA ops, with the same
-messages; tests/test_emulated_kernels.py compares the two.
+the fake kernels and the fallbacks) and once in ``csrc/arg_checks.h`` for the compiled ops, with the same
+messages; tests/test_emulated_kernels.py (CUDA ops) and tests/test_cpu_kernels.py (CPU kernels) compare the
+two.
 
 ``new_rng_state(device, generator=None)`` makes an ``rng_state`` whose seed comes from torch's
 generator (so ``torch.manual_seed`` fixes the noise).
@@ -361,10 +363,17 @@ def _causal_probabilities(q, k, lse_or_none, scale):
     return scores.sub_(lse[..., None]).exp_(), lse
 
 
+def _attention_output_like(t):
+    """An output like ``t`` as the CPU kernel allocates it: dense in the order of ``t``'s strides, unless that
+    order would not put the last dimension innermost (then contiguous)."""
+    out = torch.empty_like(t)
+    return out if out.stride(-1) == 1 else torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 def _causal_attention_fallback(q, k, v, scale):
     check_causal_attention_args(q, k, v)
     p, lse = _causal_probabilities(q, k, None, scale)
-    return torch.empty_like(q).copy_(p @ v), lse  # in q's stride order, as the kernel's
+    return _attention_output_like(q).copy_(p @ v), lse
 
 
 def _causal_attention_backward_fallback(grad_out, q, k, v, out, lse, scale):
@@ -373,7 +382,7 @@ def _causal_attention_backward_fallback(grad_out, q, k, v, out, lse, scale):
     dv = p.transpose(-1, -2) @ grad_out
     delta = (grad_out * out).sum(-1, keepdim=True)                   # sum_j P_ij dP_ij
     ds = (grad_out @ v.transpose(-1, -2)).sub_(delta).mul_(p).mul_(scale)
-    return tuple(torch.empty_like(t).copy_(d) for t, d in ((q, ds @ k), (k, ds.transpose(-1, -2) @ q), (v, dv)))
+    return tuple(_attention_output_like(t).copy_(d) for t, d in ((q, ds @ k), (k, ds.transpose(-1, -2) @ q), (v, dv)))
 
 
 def _token_cross_entropy_fallback(logits, targets, need_grad):
@@ -425,13 +434,13 @@ def _(v, hv, offsets):
 @torch.library.register_fake("rllc_fast::causal_attention")
 def _(q, k, v, scale):
     check_causal_attention_args(q, k, v)
-    return torch.empty_like(q), q.new_empty(q.shape[:-1])
+    return _attention_output_like(q), q.new_empty(q.shape[:-1])
 
 
 @torch.library.register_fake("rllc_fast::causal_attention_backward")
 def _(grad_out, q, k, v, out, lse, scale):
     check_causal_attention_backward_args(grad_out, q, k, v, out, lse)
-    return tuple(torch.empty_like(t) for t in (q, k, v))
+    return tuple(_attention_output_like(t) for t in (q, k, v))
 
 
 @torch.library.register_fake("rllc_fast::token_cross_entropy_")

@@ -103,6 +103,28 @@ def test_attention_kernel_equals_the_fallback(shape, strided):
 
 
 @needs_kernels
+def test_attention_outputs_of_an_input_that_overlaps_itself():
+    """Sliding windows of one buffer (stride 1 along T as well as D): the stride order would put T innermost, so
+    the outputs are contiguous, as the fallback's; the values are the fallback's (found by review: the kernel
+    wrote rows of D floats into an output laid out with T innermost)."""
+    base = torch.randn(200, generator=torch.Generator().manual_seed(7))
+    shape, strides = (2, 2, 40, 8), (3, 1, 1, 1)
+    q, k, v = (base[i:].as_strided(shape, strides) for i in range(3))
+    assert torch.empty_like(q).stride(-1) != 1  # the case: the inferred order puts another dimension innermost
+    out, lse = torch.ops.rllc_fast.causal_attention(q, k, v, 0.3)
+    ref_out, ref_lse = ops._causal_attention_fallback(q, k, v, 0.3)
+    assert out.stride(-1) == 1 and out.is_contiguous() and ref_out.is_contiguous()
+    torch.testing.assert_close(out, ref_out, **TOL)
+    torch.testing.assert_close(lse, ref_lse, **TOL)
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(8))
+    got = torch.ops.rllc_fast.causal_attention_backward(g, q, k, v, out, lse, 0.3)
+    want = ops._causal_attention_backward_fallback(g, q, k, v, ref_out, ref_lse, 0.3)
+    for a, b in zip(got, want):
+        assert a.is_contiguous()
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@needs_kernels
 def test_attention_kernel_through_autograd_equals_sdpa():
     """``ops.causal_attention`` (the differentiable entry point) against SDPA, through views as the engine uses it."""
     q, k, v = _qkv(3, 4, 63, 16, seed=3, strided=True)
@@ -134,20 +156,23 @@ def test_attention_kernel_is_the_same_on_any_thread_count():
 
 @needs_kernels
 def test_a_nan_pair_leaves_the_other_pairs_bit_identical():
-    """A diverged replica's NaN stays in its own (batch, head) pair, forward and backward."""
+    """A diverged replica's NaN (in q, k or v) stays in its own (batch, head) pair, forward and backward. Within
+    the pair it may reach other positions (as ``p @ v`` of the reference does: a zero weight times NaN)."""
     q, k, v = _qkv(3, 2, 40, 16, seed=6)
     out, lse = torch.ops.rllc_fast.causal_attention(q, k, v, 0.3)
     grads = torch.ops.rllc_fast.causal_attention_backward(torch.ones_like(q), q, k, v, out, lse, 0.3)
-    q2 = q.clone()
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
     q2[1, 0, 7, 3] = float("nan")
-    out2, lse2 = torch.ops.rllc_fast.causal_attention(q2, k, v, 0.3)
-    grads2 = torch.ops.rllc_fast.causal_attention_backward(torch.ones_like(q), q2, k, v, out2, lse2, 0.3)
+    k2[2, 1, 30, 0] = float("nan")
+    v2[0, 1, 12, 5] = float("inf")
+    out2, lse2 = torch.ops.rllc_fast.causal_attention(q2, k2, v2, 0.3)
+    grads2 = torch.ops.rllc_fast.causal_attention_backward(torch.ones_like(q), q2, k2, v2, out2, lse2, 0.3)
     keep = torch.ones(3, 2, dtype=torch.bool)
-    keep[1, 0] = False
+    keep[1, 0] = keep[2, 1] = keep[0, 1] = False
     for a, b in zip((out, lse, *grads), (out2, lse2, *grads2)):
         assert torch.equal(a[keep], b[keep])
     assert out2[1, 0, 7].isnan().all() and lse2[1, 0, 7].isnan()
-    assert not out2[1, 0, :7].isnan().any()  # earlier queries do not see position 7
+    assert out2[2, 1, 30:].isnan().all()  # the NaN key reaches the queries that attend to it
 
 
 def _ce_reference(x, t):
@@ -185,8 +210,11 @@ def test_token_cross_entropy_is_torchs(shape, kernel):
 def test_token_cross_entropy_refuses_targets_outside_the_vocabulary(bad, kernel):
     op = torch.ops.rllc_fast.token_cross_entropy_ if kernel else ops._token_cross_entropy_fallback
     t = torch.tensor([0, 3, bad, 6])
+    x = torch.randn(4, 7)
+    y = x.clone()
     with pytest.raises(ValueError, match=r"targets must be token ids in \[0, 7\)"):
-        op(torch.randn(4, 7), t, True)
+        op(y, t, True)
+    assert torch.equal(y, x)  # refused before any row was written
 
 
 BAD_ATTENTION = {
@@ -196,6 +224,7 @@ BAD_ATTENTION = {
     "k shape": (torch.ones(1, 2, 5, 8), torch.ones(1, 2, 4, 8), torch.ones(1, 2, 5, 8)),
     "v float64": (torch.ones(1, 2, 5, 8), torch.ones(1, 2, 5, 8), torch.ones(1, 2, 5, 8).double()),
     "q bfloat16": (torch.ones(1, 2, 5, 8).bfloat16(), torch.ones(1, 2, 5, 8), torch.ones(1, 2, 5, 8)),
+    "k float8": (torch.ones(1, 2, 5, 8), torch.ones(1, 2, 5, 8).to(torch.float8_e4m3fn), torch.ones(1, 2, 5, 8)),
     "k strided along D": (torch.ones(1, 2, 5, 8), torch.ones(1, 2, 5, 16)[..., ::2], torch.ones(1, 2, 5, 8)),
 }
 BAD_CE = {
@@ -205,6 +234,7 @@ BAD_CE = {
     "logits strided": (torch.ones(5, 6)[:, ::2], torch.zeros(5, dtype=torch.long)),
     "targets rows": (torch.ones(5, 3), torch.zeros(4, dtype=torch.long)),
     "targets int32": (torch.ones(5, 3), torch.zeros(5, dtype=torch.int32)),
+    "targets uint16": (torch.ones(5, 3), torch.zeros(5, dtype=torch.uint16)),
     "targets strided": (torch.ones(5, 3), torch.zeros(10, dtype=torch.long)[::2]),
 }
 

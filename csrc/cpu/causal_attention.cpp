@@ -203,13 +203,20 @@ RLLC_CLONES void backward_range(View<const float> q, View<const float> k, View<c
 
 int64_t grain(int64_t T, int64_t D) { return std::max<int64_t>(1, 16384 / (T * T + T * D)); }
 
-// Outputs keep the order of their input's strides (empty_like: dense, so a [B, T, H, D] layout stays one).
+// An output like `t`: dense, in the order of t's strides (so a [B, T, H, D] layout stays one), unless that order
+// would not put D innermost (an input that overlaps itself with stride 1 along another dimension): then contiguous.
+// ops.py's fallback and fake kernel allocate by the same rule (_attention_output_like).
+at::Tensor output_like(const at::Tensor& t) {
+  at::Tensor out = at::empty_like(t);
+  return out.stride(-1) == 1 ? out : at::empty_like(t, at::MemoryFormat::Contiguous);
+}
+
 std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                     double scale) {
   using rllc_fast::tensor_info;
   rllc_fast::raise_value_error(rllc_fast::check_causal_attention_args(tensor_info(q), tensor_info(k), tensor_info(v)));
   const int64_t BH = q.size(0) * q.size(1), T = q.size(2), D = q.size(3);
-  at::Tensor out = at::empty_like(q);
+  at::Tensor out = output_like(q);
   at::Tensor lse = at::empty({q.size(0), q.size(1), T}, q.options());
   if (BH == 0 || T == 0) return {out, lse};
   const auto qv = view(q, q.const_data_ptr<float>()), kv = view(k, k.const_data_ptr<float>()),
@@ -236,7 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(
   rllc_fast::raise_value_error(rllc_fast::check_causal_attention_backward_args(
       tensor_info(grad_out), tensor_info(q), tensor_info(k), tensor_info(v), tensor_info(out), tensor_info(lse)));
   const int64_t BH = q.size(0) * q.size(1), T = q.size(2), D = q.size(3);
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor dq = output_like(q), dk = output_like(k), dv = output_like(v);
   if (BH == 0 || T == 0) return {dq, dk, dv};
   const auto qv = view(q, q.const_data_ptr<float>()), kv = view(k, k.const_data_ptr<float>()),
              vv = view(v, v.const_data_ptr<float>()), ov = view(out, out.const_data_ptr<float>()),

@@ -20,8 +20,9 @@
 namespace {
 using namespace rllc_fast::vec;
 
-// Rows [r0, r1): losses into loss[r]; with grad, x <- softmax(x) - onehot. A target outside [0, V) gives
-// a NaN loss, leaves the row as it is, and returns false.
+// Rows [r0, r1): losses into loss[r]; with grad, x <- softmax(x) - onehot. A target outside [0, V) (checked
+// before the call; kept as a guard against reading outside the row) gives a NaN loss, leaves the row as it
+// is, and returns false.
 RLLC_CLONES bool rows_cross_entropy(float* logits, const int64_t* targets, float* loss, int64_t r0, int64_t r1,
                                     int64_t V, bool grad) {
   const int64_t VB = V / W * W;
@@ -73,6 +74,8 @@ at::Tensor token_cross_entropy_(at::Tensor& logits, const at::Tensor& targets, b
   if (rows == 0) return loss;
   float* x = logits.mutable_data_ptr<float>();
   const int64_t* t = targets.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r)  // every target before any row is written: a bad one leaves the logits as they were
+    if (t[r] < 0 || t[r] >= V) rllc_fast::raise_value_error(rllc_fast::token_targets_message(V));
   float* l = loss.mutable_data_ptr<float>();
   std::atomic<bool> ok{true};
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / V), [&](int64_t r0, int64_t r1) {

@@ -63,7 +63,8 @@ RLLC_INLINE float hmax(vf v) {
 }
 
 // exp(x) for x <= 0 as 2^n p(r), n = round(x / ln 2), |r| <= ln 2 / 2, with Cephes' expf polynomial
-// (relative error about 1e-7); x < -87 is taken as -87 (about 1.6e-38). NaN stays NaN.
+// (relative error about 1e-7); x < -87, -inf included, is taken as -87 (about 1.6e-38, not 0: callers that
+// need an exact 0, such as masked attention scores, select it). NaN stays NaN.
 RLLC_INLINE vf exp_nonpositive(vf x) {
   x = x < -87.f ? splat(-87.f) : x;
   const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
