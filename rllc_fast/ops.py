@@ -50,6 +50,7 @@ generator (so ``torch.manual_seed`` fixes the noise).
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -385,19 +386,32 @@ def _causal_attention_backward_fallback(grad_out, q, k, v, out, lse, scale):
     return tuple(_attention_output_like(t).copy_(d) for t, d in ((q, ds @ k), (k, ds.transpose(-1, -2) @ q), (v, dv)))
 
 
+def token_cross_entropy_rows(logits, tgt, out, minus_one, need_grad: bool, keep_logits: bool = False):
+    """The PyTorch form of the next-token cross-entropy (``token_cross_entropy_``'s fallback, and the engine's
+    blocks where the CPU kernel does not serve): per row of ``logits [..., V]`` against ``tgt [..., 1]``, into
+    ``out [..., 1]``, in one exp pass (``log(sum exp(l - max)) + max - l[target]``); with ``need_grad`` returns
+    ``softmax - onehot`` ``[..., V]`` (``minus_one``: ``-1`` shaped as ``tgt``), else None. The logits are
+    overwritten unless ``keep_logits``."""
+    picked = logits.gather(-1, tgt)
+    top = logits.amax(dim=-1, keepdim=True)
+    e = (torch.sub(logits, top) if keep_logits else logits.sub_(top)).exp_()   # exp(l - max)
+    total = e.sum(dim=-1, keepdim=True)
+    torch.sub(total.log().add_(top), picked, out=out)
+    if not need_grad:
+        return None
+    e.div_(total)                                                                # softmax
+    return e.scatter_add_(-1, tgt, minus_one)
+
+
 def _token_cross_entropy_fallback(logits, targets, need_grad):
     check_token_cross_entropy_args(logits, targets)
     V = logits.shape[1]
     _check(bool(((targets >= 0) & (targets < V)).all()), lambda: token_targets_message(V))  # reads: a sync on CUDA
     tgt = targets[:, None]
-    picked = logits.gather(1, tgt)
-    top = logits.amax(dim=1, keepdim=True)
-    e = (logits.sub_(top) if need_grad else logits - top).exp_()      # exp(x - max)
-    total = e.sum(dim=1, keepdim=True)
-    losses = total.log().add_(top).sub_(picked)[:, 0]
-    if need_grad:                                                      # softmax - onehot, over the logits
-        e.div_(total).scatter_add_(1, tgt, torch.full_like(picked, -1.0))
-    return losses
+    losses = logits.new_empty(tgt.shape)
+    token_cross_entropy_rows(logits, tgt, losses, torch.full(tgt.shape, -1.0, device=logits.device), need_grad,
+                             keep_logits=not need_grad)  # without need_grad the logits are left as they are
+    return losses[:, 0]
 
 
 _DEVICES = ["cpu"] if CUDA_KERNELS else ["cpu", "cuda"]
@@ -541,11 +555,7 @@ def cpu_kernels_serve(t: torch.Tensor) -> bool:
             and _cpu_capability() in CPU_KERNEL_CAPABILITIES)
 
 
-_CAPABILITY = []
-
-
+@functools.cache
 def _cpu_capability() -> str:
     """The CPU's vector capability as torch reports it (read once)."""
-    if not _CAPABILITY:
-        _CAPABILITY.append(torch.backends.cpu.get_cpu_capability())
-    return _CAPABILITY[0]
+    return torch.backends.cpu.get_cpu_capability()

@@ -519,8 +519,8 @@ class HeadReplicas:
         return z.transpose(2, 3).reshape(R, N, T, -1), W_O.reshape(R, -1, d), query_heads
 
     def _attend(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention ``z [B, H, T, d_head]`` of ``q, k, v [B, H, T, d_head]`` with ``attn``'s scale (SDPA,
-        or materialized scores)."""
+        """Causal attention ``z [B, H, T, d_head]`` of ``q, k, v [B, H, T, d_head]`` with ``attn``'s scale
+        (``attention.causal``: the CPU kernel or SDPA; or materialized scores)."""
         if self.sdpa:  # the scores never exist whole
             return causal_attention(q, k, v, 1.0 / attn.attn_scale)
         T = q.shape[-2]

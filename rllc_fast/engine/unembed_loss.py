@@ -43,23 +43,13 @@ def block_rows(vocab: int, block_bytes: Optional[int] = None, kl: bool = False) 
 
 
 def _token_cross_entropy(logits, tgt, out, minus_one, need_grad: bool, keep_logits: bool = False):
-    """Next-token cross-entropy of each row of ``logits [..., V]`` against ``tgt [..., 1]`` into ``out [..., 1]``,
-    in one exp pass (``log(sum exp(l - max)) + max - l[target]``); with ``need_grad`` returns ``softmax - onehot``
-    ``[..., V]`` (``minus_one``: ``-1`` shaped as ``tgt``), else None. The logits are overwritten unless
-    ``keep_logits``."""
+    """``ops.token_cross_entropy_rows`` (same arguments and result), by the compiled CPU kernel where it serves:
+    2-D contiguous float32 logits that may be overwritten, on an AVX-512 CPU (``ops.cpu_kernels_serve``)."""
     if logits.dim() == 2 and not keep_logits and logits.is_contiguous() and ops.cpu_kernels_serve(logits):
         # the compiled CPU kernel: the same losses, each row in cache for its three passes
         out.copy_(ops.token_cross_entropy_(logits, tgt.reshape(-1).long().contiguous(), need_grad)[:, None])
         return logits if need_grad else None
-    picked = logits.gather(-1, tgt)
-    top = logits.amax(dim=-1, keepdim=True)
-    e = (torch.sub(logits, top) if keep_logits else logits.sub_(top)).exp_()   # exp(l - max)
-    total = e.sum(dim=-1, keepdim=True)
-    torch.sub(total.log().add_(top), picked, out=out)
-    if not need_grad:
-        return None
-    e.div_(total)                                                                # softmax
-    return e.scatter_add_(-1, tgt, minus_one)
+    return ops.token_cross_entropy_rows(logits, tgt, out, minus_one, need_grad, keep_logits)
 
 
 def _row_losses(x, W_U, b_U, target_ids, target_logp, block_bytes, need_grad: bool):
